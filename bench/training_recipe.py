@@ -1,0 +1,836 @@
+#!/usr/bin/env python3
+"""LoRA SFT throughput on one GPU: the reference recipe against the packed recipe, in one run.
+
+Runs on the device machine (PyTorch, transformers and peft; no LLaMA-Factory, no network):
+
+    PYTHONUNBUFFERED=1 python3 bench/training_recipe.py --out "$OUT"
+
+LLaMA-Factory itself is not run here. Version 0.9.4 pins transformers <= 4.57.1 (the device has 5.x),
+refuses `neat_packing` on transformers >= 4.53, and its boundary-respecting packing on those versions needs
+the flash-attn package (not on the device, no wheel for its torch). The script therefore reproduces what the
+rendered config does with transformers + peft, step for step:
+
+* Qwen2.5-7B architecture from a hand-written config, random bf16 weights made on the GPU (no download).
+* LoRA r=8, alpha=16, dropout 0 on every linear layer of the decoder (LLaMA-Factory's `lora_target: all`);
+  adapter weights in fp32 under bf16 autocast, as LLaMA-Factory's default (not `pure_bf16`) leaves them.
+* Loss summed over label tokens and divided by the label tokens of the whole optimizer step (what the HF
+  Trainer does under gradient accumulation), AdamW, gradient clipping at 1.0.
+* reference: one sample per micro-batch padded to a multiple of 8, 8 accumulation steps, reentrant
+  gradient checkpointing, SDPA attention.
+* packed: samples packed into `cutoff_len` rows by LLaMA-Factory's greedy rule (capacity cutoff_len - 1,
+  padded to cutoff_len), position ids restarting at every sample. Attention stays inside each sample through
+  the position ids: `varlen` runs PyTorch's FlashAttention-2 variable-length kernel on the sample boundaries
+  (what `flash_attn: fa2` does with transformers 4.57 in production); `sdpa-mask` lets transformers build a
+  block-diagonal mask for SDPA instead.
+
+The synthetic samples follow ViGGO's shape (a fixed ~127-token instruction, a short input, a short
+structured answer; ~194 tokens) and the answers are learnable: a function token, then a chain of attribute
+tokens where each token fixes the next (a seeded permutation), then <|im_end|>.
+
+Prints a table last and writes everything to <out>/training_recipe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+GIB = 2**30
+IGNORE = -100
+PAD_ID = 151643  # <|endoftext|>
+IM_START, IM_END, NEWLINE = 151644, 151645, 198
+ROLE = {"system": 8948, "user": 872, "assistant": 77091}
+
+QWEN25_7B = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "attention_dropout": 0.0,
+    "use_cache": False,
+    "use_sliding_window": False,
+}
+ROPE_THETA = 1_000_000.0
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LEARNING_RATE = 1e-4  # the reference's
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class ViggoLikeTask:
+    """ViGGO-shaped samples whose answers a LoRA adapter can learn from random base weights."""
+
+    SYSTEM_LEN = 127
+    N_ATTRIBUTES = 256
+
+    def __init__(self, seed: int):
+        rng = np.random.default_rng(seed)
+        self.system = rng.integers(1000, 100_000, size=self.SYSTEM_LEN).tolist()
+        self.words = rng.choice(np.arange(1000, 100_000), size=4000, replace=False)
+        self.functions = rng.choice(np.arange(100_000, 101_000), size=9, replace=False).tolist()
+        self.attributes = rng.choice(np.arange(101_000, 140_000), size=self.N_ATTRIBUTES, replace=False).tolist()
+        self.successor = rng.permutation(self.N_ATTRIBUTES).tolist()
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        n_input = int(np.clip(round(rng.normal(28, 9)), 6, 70))
+        n_answer = int(np.clip(round(rng.normal(26, 8)), 6, 64))
+        prompt = (
+            [IM_START, ROLE["system"], NEWLINE] + self.system + [IM_END, NEWLINE]
+            + [IM_START, ROLE["user"], NEWLINE] + rng.choice(self.words, size=n_input).tolist() + [IM_END, NEWLINE]
+            + [IM_START, ROLE["assistant"], NEWLINE]
+        )
+        answer = [self.functions[int(rng.integers(len(self.functions)))]]
+        index = int(rng.integers(self.N_ATTRIBUTES))
+        for _ in range(n_answer - 2):
+            answer.append(self.attributes[index])
+            index = self.successor[index]
+        answer.append(IM_END)
+        return Sample(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+    def stream(self, seed: int, n: int) -> list[Sample]:
+        rng = np.random.default_rng(seed)
+        return [self.sample(rng) for _ in range(n)]
+
+
+def greedy_pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices per row: each row repeatedly takes the longest remaining sample that still fits."""
+    pool = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    pool_lengths = [lengths[i] for i in pool]
+    rows = []
+    while pool:
+        row, room = [], capacity
+        while pool:
+            pos = bisect.bisect_right(pool_lengths, room) - 1
+            if pos < 0:
+                break
+            room -= pool_lengths.pop(pos)
+            row.append(pool.pop(pos))
+        if not row:
+            raise ValueError(f"a sample is longer than the row capacity {capacity}")
+        rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int
+    n_samples: int
+    n_tokens: int  # real (non-pad) tokens
+    n_labels: int  # label tokens after the one-token shift
+
+    @property
+    def n_slots(self) -> int:
+        return self.input_ids.numel()
+
+
+def _segments_from_positions(position_ids: np.ndarray) -> tuple[torch.Tensor, int]:
+    flat = position_ids.reshape(-1)
+    starts = np.flatnonzero(flat == 0).tolist() + [flat.size]
+    lengths = np.diff(starts)
+    return torch.tensor(starts, dtype=torch.int32, device="cuda"), int(lengths.max())
+
+
+def packed_microbatch(rows: list[list[Sample]], row_len: int) -> MicroBatch:
+    ids = np.full((len(rows), row_len), PAD_ID, dtype=np.int64)
+    labels = np.full((len(rows), row_len), IGNORE, dtype=np.int64)
+    positions = np.zeros((len(rows), row_len), dtype=np.int64)  # padding keeps position 0, as LLaMA-Factory's
+    n_tokens = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s.input_ids)
+            ids[r, at:at + n] = s.input_ids
+            labels[r, at:at + n] = s.labels
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+        if at > row_len:
+            raise ValueError("row overflow")
+        n_tokens += at
+    cu, max_len = _segments_from_positions(positions)
+    return MicroBatch(
+        input_ids=torch.from_numpy(ids).cuda(), labels=torch.from_numpy(labels).cuda(),
+        position_ids=torch.from_numpy(positions).cuda(), attention_mask=None, cu_seqlens=cu, max_seqlen=max_len,
+        n_samples=sum(len(r) for r in rows), n_tokens=n_tokens, n_labels=int((labels[:, 1:] != IGNORE).sum()),
+    )
+
+
+def padded_microbatch(sample: Sample, multiple: int = 8) -> MicroBatch:
+    """One sample, right-padded to a multiple of 8 with a 0/1 attention mask (LLaMA-Factory's SFT collator)."""
+    n = len(sample.input_ids)
+    length = -(-n // multiple) * multiple
+    ids = sample.input_ids + [PAD_ID] * (length - n)
+    labels = sample.labels + [IGNORE] * (length - n)
+    mask = [1] * n + [0] * (length - n)
+    return MicroBatch(
+        input_ids=torch.tensor([ids], device="cuda"), labels=torch.tensor([labels], device="cuda"),
+        position_ids=None, attention_mask=torch.tensor([mask], device="cuda"), cu_seqlens=None, max_seqlen=n,
+        n_samples=1, n_tokens=n, n_labels=sum(1 for x in labels[1:] if x != IGNORE),
+    )
+
+
+def pack_rows(samples: list[Sample], row_len: int, seed: int) -> list[list[Sample]]:
+    """LLaMA-Factory's packing: capacity cutoff_len - 1, then the trainer's sampler shuffles the rows."""
+    rows = greedy_pack([len(s.input_ids) for s in samples], row_len - 1)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return [[samples[i] for i in rows[j]] for j in order]
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+class Varlen:
+    """Variable-length FlashAttention through torch.nn.attention.varlen, boundaries from cu_seqlens."""
+
+    available = False
+    native_gqa = False
+    detail = ""
+    cu: torch.Tensor | None = None
+    max_len = 0
+    _fn = None
+    _kwargs: dict = {}
+
+    @classmethod
+    def call(cls, q, k, v, cu, max_len):
+        return cls._fn(q, k, v, cu, cu, max_len, max_len, **cls._kwargs)
+
+
+def _reference_varlen(q, k, v, cu):
+    """fp32 per-segment causal attention with repeated kv heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    outs = []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1).double() for t in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def setup_varlen() -> dict:
+    report = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception as exc:  # noqa: BLE001
+        Varlen.detail = f"torch.nn.attention.varlen unavailable: {exc!r}"
+        return {"available": False, "detail": Varlen.detail}
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    elif "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    report["signature"] = str(inspect.signature(varlen_attn))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cu = torch.tensor([0, 180, 390, 391, 700], dtype=torch.int32, device="cuda")
+    heads, kv_heads, dim, total = 28, 4, 128, 700
+    for native_gqa in (True, False):
+        try:
+            q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            k = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            v = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            extra = dict(kwargs)
+            if native_gqa and "enable_gqa" in params:
+                extra["enable_gqa"] = True
+            kk, vv = (k, v) if native_gqa else (k.repeat_interleave(heads // kv_heads, 1),
+                                                  v.repeat_interleave(heads // kv_heads, 1))
+            out = varlen_attn(q, kk, vv, cu, cu, 310, 310, **extra)
+            grad = torch.randn_like(out)
+            gq, gk, gv = torch.autograd.grad(out, (q, k, v), grad)
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            ref = _reference_varlen(q64, k64, v64, cu)
+            rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+            errs = {name: float((a.double() - b).norm() / b.norm())
+                    for name, a, b in (("out", out, ref), ("dq", gq, rq), ("dk", gk, rk), ("dv", gv, rv))}
+            report["gqa_native" if native_gqa else "gqa_repeated"] = errs
+            if max(errs.values()) < 2e-2:
+                Varlen.available, Varlen.native_gqa, Varlen._fn, Varlen._kwargs = True, native_gqa, varlen_attn, extra
+                break
+        except Exception as exc:  # noqa: BLE001
+            report["gqa_native" if native_gqa else "gqa_repeated"] = f"error: {exc!r}"[:400]
+    report["available"] = Varlen.available
+    report["native_gqa"] = Varlen.native_gqa
+    return report
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: (b, h, l, d) in, (b, l, h, d) out; sample bounds from Varlen.cu."""
+    b, h, length, d = query.shape
+    hk = key.shape[1]
+    q = query.transpose(1, 2).reshape(b * length, h, d)
+    k = key.transpose(1, 2).reshape(b * length, hk, d)
+    v = value.transpose(1, 2).reshape(b * length, hk, d)
+    if hk != h and not Varlen.native_gqa:
+        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+    out = Varlen.call(q, k, v, Varlen.cu, Varlen.max_len)
+    return out.view(b, length, h, d), None
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def build_model():
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
+
+    AttentionInterface.register("llmops_varlen", varlen_attention)
+    config_kwargs = dict(QWEN25_7B)
+    if "rope_parameters" in inspect.signature(Qwen2Config.__init__).parameters:
+        config_kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": ROPE_THETA}
+    else:
+        config_kwargs["rope_theta"] = ROPE_THETA
+    config = Qwen2Config(**config_kwargs)
+    config._attn_implementation = "sdpa"
+    t0 = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():  # our own seeded init: normal(0, 0.02) weights, zero biases, unit norms
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, config.initializer_range, generator=gen)
+    model.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", None)}
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    torch.cuda.synchronize()
+    info = {
+        "params": n_params,
+        "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "build_s": round(time.perf_counter() - t0, 1),
+        "rope_theta": rope.get("rope_theta"),
+        "transformers": transformers.__version__,
+        "dtype": str(next(model.get_base_model().parameters()).dtype),
+        "config": dict(QWEN25_7B, rope_theta=ROPE_THETA),
+    }
+    return model, info
+
+
+def set_attention(model, name: str) -> str:
+    base = model.get_base_model()
+    try:
+        base.set_attn_implementation(name)
+    except Exception:  # noqa: BLE001
+        base.config._attn_implementation = name
+    return base.config._attn_implementation
+
+
+def set_checkpointing(model, on: bool) -> None:
+    base = model.get_base_model()
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        base.enable_input_require_grads()
+    else:
+        base.gradient_checkpointing_disable()
+        with contextlib.suppress(Exception):
+            base.disable_input_require_grads()
+    base.config.use_cache = False
+
+
+class Adapter:
+    """Holds the adapter's initial weights so every run starts from the same point."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.initial = {n: p.detach().clone() for n, p in self.params}
+
+    def reset(self, dtype=torch.float32) -> list[torch.nn.Parameter]:
+        for n, p in self.params:
+            p.data = self.initial[n].to(dtype).clone()
+            p.grad = None
+        return [p for _, p in self.params]
+
+
+def forward_loss(model, mb: MicroBatch, num_items: int, mode: str):
+    kwargs = {"input_ids": mb.input_ids, "labels": mb.labels, "num_items_in_batch": num_items}
+    if mode in ("varlen", "sdpa-mask", "sdpa-leaky"):
+        kwargs["position_ids"] = mb.position_ids
+    if mode == "sdpa-leaky":  # all-ones mask: transformers then ignores the sample bounds
+        kwargs["attention_mask"] = torch.ones_like(mb.input_ids)
+    elif mb.attention_mask is not None:
+        kwargs["attention_mask"] = mb.attention_mask
+    if mode == "varlen":
+        Varlen.cu, Varlen.max_len = mb.cu_seqlens, mb.max_seqlen
+    return model(**kwargs).loss
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    description: str
+    packed: bool
+    attention: str  # varlen | sdpa-mask | sdpa (unpacked)
+    micro_batch: int  # rows (packed) or samples (unpacked)
+    accumulation: int
+    checkpointing: bool
+    lora_dtype: str = "fp32"  # fp32 under bf16 autocast (LLaMA-Factory default) or bf16 (pure_bf16)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return LEARNING_RATE * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return LEARNING_RATE * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]], schedule: bool = False,
+          on_step=None):
+    """Optimizer steps over prepared micro-batches; returns per-step loss tensors (no host syncs)."""
+    lora_dtype = torch.bfloat16 if recipe.lora_dtype == "bf16" else torch.float32
+    params = adapter.reset(lora_dtype)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, fused=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.lora_dtype == "fp32"
+                else contextlib.nullcontext())
+    mode = recipe.attention
+    warmup = max(1, math.ceil(0.1 * len(steps)))
+    losses = []
+    for i, step in enumerate(steps):
+        if on_step:
+            on_step(i)
+        num_items = sum(mb.n_labels for mb in step)
+        total = torch.zeros((), device="cuda")
+        for mb in step:
+            with autocast:
+                loss = forward_loss(model, mb, num_items, mode)
+            loss.backward()
+            total += loss.detach().float()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if schedule:
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(i, len(steps), warmup)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+def make_steps(recipe: Recipe, samples: list[Sample], rows: list[list[Sample]], n_steps: int, row_len: int):
+    steps = []
+    if recipe.packed:
+        per_step = recipe.micro_batch * recipe.accumulation
+        for s in range(n_steps):
+            chunk = rows[s * per_step:(s + 1) * per_step]
+            if len(chunk) < per_step:
+                raise ValueError("not enough packed rows")
+            steps.append([packed_microbatch(chunk[m * recipe.micro_batch:(m + 1) * recipe.micro_batch], row_len)
+                          for m in range(recipe.accumulation)])
+    else:
+        if recipe.micro_batch != 1:
+            raise ValueError("unpacked recipes here use one sample per micro-batch")
+        for s in range(n_steps):
+            chunk = samples[s * recipe.accumulation:(s + 1) * recipe.accumulation]
+            steps.append([padded_microbatch(x) for x in chunk])
+    return steps
+
+
+def measure(model, adapter, recipe: Recipe, steps, warmup: int, n_params: int) -> dict:
+    set_checkpointing(model, recipe.checkpointing)
+    set_attention(model, "llmops_varlen" if recipe.attention == "varlen" else "sdpa")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    train(model, adapter, recipe, steps[:warmup])
+    torch.cuda.synchronize()
+    timed = steps[warmup:]
+    t0 = time.perf_counter()
+    losses = train(model, adapter, recipe, timed)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    samples = sum(mb.n_samples for st in timed for mb in st)
+    tokens = sum(mb.n_tokens for st in timed for mb in st)
+    slots = sum(mb.n_slots for st in timed for mb in st)
+    return {
+        **dataclasses.asdict(recipe),
+        "timed_steps": len(timed),
+        "timed_samples": samples,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(samples / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "model_tflops": round(4 * n_params * tokens / seconds / 1e12, 1),
+        "mfu_vs_790": round(4 * n_params * tokens / seconds / 790e12, 3),
+        "pad_fraction": round(1 - tokens / slots, 4),
+        "tokens_per_microbatch": round(slots / sum(len(st) for st in timed)),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+        "last_loss": round(float(losses[-1]), 4) if losses else None,
+    }
+
+
+def profile_recipe(model, adapter, recipe: Recipe, steps) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    set_checkpointing(model, recipe.checkpointing)
+    set_attention(model, "llmops_varlen" if recipe.attention == "varlen" else "sdpa")
+    train(model, adapter, recipe, steps[:1])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        train(model, adapter, recipe, steps[1:])
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = []
+    for evt in prof.key_averages():
+        if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+            t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            kernels.append((evt.key, t / 1e6, evt.count))
+    kernels.sort(key=lambda x: -x[1])
+    total = sum(k[1] for k in kernels)
+
+    def category(name: str) -> str:
+        low = name.lower()
+        if "flash" in low or "fmha" in low or "attention" in low or "efficient_attention" in low:
+            return "attention"
+        if any(s in low for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "matmul")):
+            return "matmul"
+        if "memcpy" in low or "memset" in low:
+            return "copy"
+        if any(s in low for s in ("softmax", "cross_entropy", "nll_loss", "log_softmax")):
+            return "loss"
+        if "reduce" in low:
+            return "reduction"
+        return "elementwise/other"
+
+    categories: dict[str, float] = {}
+    for name, t, _ in kernels:
+        categories[category(name)] = categories.get(category(name), 0.0) + t
+    n_steps = len(steps) - 1
+    return {
+        "recipe": recipe.name,
+        "profiled_steps": n_steps,
+        "wall_s_per_step": round(wall / n_steps, 4),
+        "gpu_kernel_s_per_step": round(total / n_steps, 4),
+        "gpu_busy_fraction": round(total / wall, 3),
+        "kernel_launches_per_step": int(sum(k[2] for k in kernels) / n_steps),
+        "categories_s_per_step": {k: round(v / n_steps, 4) for k, v in sorted(categories.items(), key=lambda x: -x[1])},
+        "top_kernels": [{"name": n[:120], "s_per_step": round(t / n_steps, 4), "calls_per_step": c // n_steps}
+                        for n, t, c in kernels[:20]],
+    }
+
+
+def logits_memory_per_token(model, tokens: int = 2048) -> float:
+    """Peak bytes per token of lm_head + fp32 cross-entropy forward and backward (the vocab-sized part)."""
+    base = model.get_base_model()
+    hidden = torch.randn(1, tokens, base.config.hidden_size, device="cuda", dtype=torch.bfloat16,
+                         requires_grad=True)
+    labels = torch.randint(0, base.config.vocab_size, (1, tokens), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = base.lm_head(hidden)
+        loss = base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    del hidden, logits, loss
+    return peak / tokens
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[list[Sample]], row_len: int) -> float:
+    set_attention(model, "llmops_varlen")
+    total, count = 0.0, 0
+    for row in rows:
+        mb = packed_microbatch([row], row_len)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward_loss(model, mb, 1, "varlen")  # num_items=1: the summed loss
+        total += float(loss)
+        count += mb.n_labels
+    return total / count
+
+
+@torch.no_grad()
+def equivalence(model, samples: list[Sample]) -> dict:
+    """The same 8 samples: one at a time (reference path) against one packed row (each attention mode)."""
+    n_items = sum(padded_microbatch(s).n_labels for s in samples)
+    set_attention(model, "sdpa")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        unpacked = sum(float(forward_loss(model, padded_microbatch(s), n_items, "sdpa")) for s in samples)
+    row_len = -(-sum(len(s.input_ids) for s in samples) // 8) * 8
+    mb = packed_microbatch([samples], row_len)
+    out = {"unpacked_loss": unpacked}
+    for mode in ("varlen", "sdpa-mask", "sdpa-leaky"):
+        if mode == "varlen" and not Varlen.available:
+            continue
+        set_attention(model, "llmops_varlen" if mode == "varlen" else "sdpa")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = float(forward_loss(model, mb, n_items, mode))
+        out[f"packed_{mode}_loss"] = loss
+        out[f"packed_{mode}_rel_diff"] = abs(loss - unpacked) / abs(unpacked)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / GIB, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("flash_attn", "liger_kernel", "llamafactory"):
+        try:
+            __import__(name)
+            env[name] = "present"
+        except Exception:  # noqa: BLE001
+            env[name] = "absent"
+    return env
+
+
+def write(out_dir: str, results: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "training_recipe.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--cutoff-len", type=int, default=2048)
+    parser.add_argument("--loss-samples", type=int, default=1024)
+    parser.add_argument("--skip", default="", help="comma-separated recipe names to skip")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    row_len = args.cutoff_len
+    t_start = time.perf_counter()
+
+    results: dict = {
+        "what": "LoRA SFT throughput, reference vs packed recipe, transformers+peft reproduction of the "
+                "LLaMA-Factory 0.9.4 config (LLaMA-Factory itself not run on the device)",
+        "env": environment(),
+    }
+    print(json.dumps(results["env"]), flush=True)
+    results["attention_selftest"] = setup_varlen()
+    print("varlen self-test:", json.dumps(results["attention_selftest"]), flush=True)
+
+    task = ViggoLikeTask(seed=7)
+    pool = task.stream(seed=11, n=3000)  # throughput samples
+    lengths = np.array([len(s.input_ids) for s in pool])
+    labels = np.array([sum(1 for x in s.labels if x != IGNORE) for s in pool])
+    rows = pack_rows(pool, row_len, seed=3)
+    results["data"] = {
+        "mean_tokens": round(float(lengths.mean()), 1),
+        "p5_p50_p95_tokens": [int(np.percentile(lengths, q)) for q in (5, 50, 95)],
+        "mean_label_tokens": round(float(labels.mean()), 1),
+        "rows": len(rows),
+        "samples_per_row": round(len(pool) / len(rows), 2),
+        "row_fill": round(float(lengths.sum()) / (len(rows) * row_len), 4),
+    }
+    print("data:", json.dumps(results["data"]), flush=True)
+
+    model, info = build_model()
+    results["model"] = info
+    n_params = info["params"]
+    print("model:", json.dumps({k: v for k, v in info.items() if k != "config"}), flush=True)
+    adapter = Adapter(model)
+    write(args.out, results)
+
+    packed_attention = "varlen" if Varlen.available else "sdpa-mask"
+    recipes = [
+        (Recipe("reference", "1 sample/micro-batch, accum 8, gradient checkpointing, SDPA", False, "sdpa", 1, 8,
+                True), 1, 3),
+        (Recipe("packed-sdpa-mask", "packed rows x1, accum 1, no checkpointing, SDPA + block-diagonal mask", True,
+                "sdpa-mask", 1, 1, False), 2, 6),
+        (Recipe("default", f"packed rows x1, accum 1, no checkpointing, {packed_attention}", True,
+                packed_attention, 1, 1, False), 2, 10),
+        (Recipe("packed-x2", "packed rows x2, accum 1, no checkpointing", True, packed_attention, 2, 1, False),
+         1, 5),
+        (Recipe("packed-ckpt", "packed rows x1, accum 1, gradient checkpointing", True, packed_attention, 1, 1,
+                True), 1, 6),
+        (Recipe("packed-x4-ckpt", "packed rows x4, accum 1, gradient checkpointing", True, packed_attention, 4, 1,
+                True), 1, 3),
+        (Recipe("default-pure-bf16", "as default, adapter weights bf16 without autocast (pure_bf16)", True,
+                packed_attention, 1, 1, False, "bf16"), 2, 8),
+    ]
+    results["variants"] = []
+    row_cursor = 0
+    for recipe, warmup, timed in recipes:
+        if recipe.name in skip:
+            continue
+        try:
+            n_steps = warmup + timed
+            need = n_steps * recipe.micro_batch * recipe.accumulation
+            if recipe.packed and row_cursor + need > len(rows):
+                row_cursor = 0
+            steps = make_steps(recipe, pool, rows[row_cursor:], n_steps, row_len)
+            if recipe.packed:
+                row_cursor += need
+            row = measure(model, adapter, recipe, steps, warmup, n_params)
+        except Exception as exc:  # noqa: BLE001
+            row = {**dataclasses.asdict(recipe), "error": f"{exc!r}"[:500]}
+            traceback.print_exc()
+        results["variants"].append(row)
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {json.dumps(row)}", flush=True)
+        torch.cuda.empty_cache()
+        write(args.out, results)
+
+    by_name = {v["name"]: v for v in results["variants"] if "samples_per_s" in v}
+    if "reference" in by_name and "default" in by_name:
+        ref, default = by_name["reference"], by_name["default"]
+        speedup = default["samples_per_s"] / ref["samples_per_s"]
+        results["targets"] = {
+            "speedup_vs_reference": round(speedup, 1),
+            "speedup_target": 20,
+            "samples_per_s": default["samples_per_s"],
+            "samples_per_s_target": 50,
+            "met": bool(speedup >= 20 and default["samples_per_s"] >= 50),
+        }
+
+    # memory model calibration: peak = intercept + tokens x per-token, per checkpointing mode
+    calibration = {}
+    for mode, names in (("no_checkpointing", ("default", "packed-x2")),
+                        ("checkpointing", ("packed-ckpt", "packed-x4-ckpt"))):
+        a, b = (by_name.get(n) for n in names)
+        if a and b:
+            per_token = (b["peak_alloc_gib"] - a["peak_alloc_gib"]) / (b["tokens_per_microbatch"]
+                                                                      - a["tokens_per_microbatch"])
+            calibration[mode] = {
+                "per_token_mib": round(per_token * 1024, 3),
+                "intercept_gib": round(a["peak_alloc_gib"] - per_token * a["tokens_per_microbatch"], 2),
+            }
+    try:
+        calibration["logits_loss_mib_per_token"] = round(logits_memory_per_token(model) / 2**20, 3)
+    except Exception as exc:  # noqa: BLE001
+        calibration["logits_loss_error"] = repr(exc)[:300]
+    calibration["weights_gib"] = round(n_params * 2 / GIB, 2)
+    results["memory_calibration"] = calibration
+    print("memory calibration:", json.dumps(calibration), flush=True)
+    write(args.out, results)
+
+    default_recipe = next(r for r, _, _ in recipes if r.name == "default")
+    try:
+        prof_steps = make_steps(default_recipe, pool, rows, 3, row_len)
+        results["profile"] = profile_recipe(model, adapter, default_recipe, prof_steps)
+        print("profile:", json.dumps(results["profile"]), flush=True)
+    except Exception as exc:  # noqa: BLE001
+        results["profile"] = {"error": repr(exc)[:500]}
+        traceback.print_exc()
+    write(args.out, results)
+
+    # learning: the same samples, the reference's 8 samples per optimizer step against the default's rows
+    try:
+        held_out = task.stream(seed=13, n=96)
+        eval_rows = pack_rows(held_out, row_len, seed=5)
+        learn = task.stream(seed=17, n=args.loss_samples)
+        results["equivalence"] = equivalence(model, learn[:8])
+        print("equivalence:", json.dumps(results["equivalence"]), flush=True)
+        adapter.reset()
+        loss_report = {"samples": len(learn), "learning_rate": LEARNING_RATE, "schedule": "cosine, 10% warmup",
+                       "eval_samples": len(held_out), "initial_eval_loss": round(eval_loss(model, eval_rows, row_len), 4)}
+        # Reference schedule: 8 samples per step. Executed as one packed varlen row per step, which gives the
+        # same gradient as 8 one-sample micro-batches (no cross-attention, same token-sum normalization).
+        ref_recipe = Recipe("reference-schedule", "8 samples per optimizer step", True, packed_attention, 1, 1,
+                            False)
+        ref_steps = [[packed_microbatch([learn[i:i + 8]], -(-sum(len(s.input_ids) for s in learn[i:i + 8]) // 8) * 8)]
+                     for i in range(0, len(learn), 8)]
+        default_rows = pack_rows(learn, row_len, seed=19)
+        default_steps = [[packed_microbatch([r], row_len)] for r in default_rows]
+        for label, recipe, steps in (("reference", ref_recipe, ref_steps), ("default", default_recipe,
+                                                                               default_steps)):
+            set_checkpointing(model, False)
+            set_attention(model, "llmops_varlen" if recipe.attention == "varlen" else "sdpa")
+            t0 = time.perf_counter()
+            losses = [float(x) for x in train(model, adapter, recipe, steps, schedule=True)]
+            seconds = time.perf_counter() - t0
+            tail = losses[-max(1, len(losses) // 10):]
+            loss_report[label] = {
+                "optimizer_steps": len(steps),
+                "samples_per_step": round(len(learn) / len(steps), 2),
+                "first_step_loss": round(losses[0], 4),
+                "last_10pct_mean_loss": round(sum(tail) / len(tail), 4),
+                "eval_loss": round(eval_loss(model, eval_rows, row_len), 4),
+                "curve_every_10pct": [round(losses[min(len(losses) - 1, int(f * len(losses)))], 3)
+                                      for f in np.linspace(0, 1, 11)],
+                "seconds": round(seconds, 1),
+            }
+            print(f"loss {label}:", json.dumps(loss_report[label]), flush=True)
+        results["loss"] = loss_report
+    except Exception as exc:  # noqa: BLE001
+        results["loss"] = {"error": repr(exc)[:500]}
+        traceback.print_exc()
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    write(args.out, results)
+
+    print()
+    print(f"GPU: {results['env']['gpu']}  torch {results['env']['torch']}  transformers "
+          f"{results['env']['transformers']}  peft {results['env']['peft']}  (N = {n_params / 1e9:.2f} B)")
+    header = f"{'recipe':<20} {'mb x acc':>8} {'ckpt':>5} {'attn':>10} {'samples/s':>10} {'tokens/s':>9} " \
+             f"{'TFLOP/s':>8} {'peak GiB':>9}"
+    print(header)
+    for v in results["variants"]:
+        if "error" in v:
+            print(f"{v['name']:<20} ERROR {v['error'][:80]}")
+            continue
+        print(f"{v['name']:<20} {str(v['micro_batch']) + 'x' + str(v['accumulation']):>8} "
+              f"{'yes' if v['checkpointing'] else 'no':>5} {v['attention']:>10} {v['samples_per_s']:>10.2f} "
+              f"{v['tokens_per_s']:>9.0f} {v['model_tflops']:>8.1f} {v['peak_alloc_gib']:>9.2f}")
+    if "targets" in results:
+        print("targets:", json.dumps(results["targets"]))
+    if "reference" in results.get("loss", {}):
+        lr = results["loss"]
+        print(f"loss after {lr['samples']} samples (eval, initial {lr['initial_eval_loss']}): reference "
+              f"{lr['reference']['eval_loss']}  default {lr['default']['eval_loss']}")
+    print(f"wall {results['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

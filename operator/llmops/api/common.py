@@ -1,0 +1,178 @@
+"""Building blocks shared by the three kinds: base model config, secrets, resources, status.
+
+Every model here is the single source of truth for its part of the API: the CRD's OpenAPI schema, its
+descriptions (``kubectl explain``), its defaults and the operator's own validation all come from it.
+Cross-field rules carry both a pydantic validator (the operator's check) and a CEL rule (the API server's
+check) through :func:`cel`, so the two sit side by side and are tested from one table.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "llmops.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+OBJECT_STORE_SCHEMES = ("s3://", "gs://")
+STORAGE_URI_PATTERN = r"^(s3://|gs://|pvc://)[^\s]+$"
+STORAGE_URI_HELP = "must start with s3://, gs:// or pvc://<claim>/<path>"
+MODEL_SOURCE_PATTERN = r"^((s3://|gs://|pvc://)[^\s]+|[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+)$"
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+
+# Bounds keep the CEL cost estimator happy and stop runaway specs; they are generous for real use.
+MAX_LIST = 64
+MAX_MAP = 64
+MAX_STRING = 2048
+MAX_TEXT = 32768
+
+
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              use_attribute_docstrings=True)
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML: camelCase, unset optional fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def validations(*rules: dict[str, str]) -> ConfigDict:
+    """Model config carrying CEL rules into the generated schema."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
+
+
+class LocalRef(ApiModel):
+    name: str = Field(pattern=K8S_NAME_PATTERN, max_length=253)
+    """Name of the resource in the same namespace."""
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(pattern=K8S_NAME_PATTERN, max_length=253)
+    """Name of the Secret in the resource's namespace."""
+    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """Key inside the Secret."""
+
+
+class SecretRef(ApiModel):
+    name: str = Field(pattern=K8S_NAME_PATTERN, max_length=253)
+    """Name of a Secret whose keys become environment variables of the Ray pods (e.g. AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)."""
+
+
+class Secrets(ApiModel):
+    """Credentials, always as references to Secrets: values never appear in specs, children or status."""
+
+    hugging_face_token: SecretKeyRef | None = None
+    """Secret key holding a Hugging Face token; exposed to the Ray pods as HF_TOKEN."""
+    storage: SecretRef | None = None
+    """Secret with object-storage credentials, exposed to the Ray pods as environment variables."""
+
+
+class RuntimeEnv(ApiModel):
+    pip: list[str] | None = Field(default=None, max_length=MAX_LIST)
+    """Extra pip requirements installed by Ray's runtime environment (e.g. `llamafactory==0.9.4`)."""
+    env_vars: dict[str, str] | None = Field(default=None, max_length=MAX_MAP)
+    """Environment variables for the Ray job. Secret values belong in `secrets`, not here."""
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=MAX_STRING)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(ApiModel):
+    """Where and how big the Ray GPU workers are."""
+
+    workers: int = Field(default=1, ge=1, le=512)
+    """Number of Ray GPU worker pods."""
+    gpus_per_worker: int = Field(default=1, ge=1, le=16)
+    """GPUs per worker pod."""
+    accelerator: str = Field(default="L4", max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Accelerator profile (e.g. L4, A10G, L40S, A100, H100): the operator settings map it to node selectors,
+    tolerations, Ray's accelerator_type and GPU memory."""
+    cpus_per_worker: int = Field(default=8, ge=1, le=512)
+    """CPU cores requested per worker pod."""
+    memory_per_worker: str = Field(default="32Gi", pattern=QUANTITY_PATTERN, max_length=32)
+    """Memory requested per worker pod (a Kubernetes quantity, e.g. 32Gi)."""
+    node_selector: dict[str, str] | None = Field(default=None, max_length=MAX_MAP)
+    """Extra node selector labels for the worker pods, merged over the accelerator profile's."""
+    tolerations: list[Toleration] | None = Field(default=None, max_length=MAX_LIST)
+    """Extra tolerations for the worker pods, added to the accelerator profile's."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy for the training workers."""
+
+
+class Storage(ApiModel):
+    uri: str = Field(pattern=STORAGE_URI_PATTERN, max_length=MAX_STRING)
+    """Location: s3://bucket/prefix, gs://bucket/prefix or pvc://<claim>/<path>."""
+
+
+class WorkloadControls(ApiModel):
+    """What every Ray workload takes: image, runtime environment, credentials, suspension."""
+
+    image: str | None = Field(default=None, max_length=MAX_STRING)
+    """Ray image for head and workers; the operator settings hold the default."""
+    runtime_env: RuntimeEnv | None = None
+    """Ray runtime environment additions."""
+    secrets: Secrets | None = None
+    """Credentials as Secret references."""
+    suspend: bool = False
+    """Suspend: no Ray cluster exists while true; resuming starts it again."""
+
+
+class JobControls(WorkloadControls):
+    """Knobs passed through to the RayJob."""
+
+    backoff_limit: int = Field(default=0, ge=0, le=10)
+    """Retries of a failed Ray job before the resource fails."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job if it runs longer than this."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the finished RayJob (not this resource) after this many seconds."""
+
+
+class Condition(ApiModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+
+
+class StatusBase(ApiModel):
+    phase: str | None = None
+    """One-word summary: Pending, Waiting, Running, Succeeded, Ready, Failed, Suspended."""
+    conditions: list[Condition] | None = None
+    """Ready, Reconciling and Stalled, as metav1.Condition (kstatus)."""
+    observed_generation: int | None = None
+    """The spec generation the status describes."""
+    message: str | None = None
+    """What is happening and, when stuck, what to do."""
+
+
+def exactly_one(fields: list[str], where: str) -> dict[str, str]:
+    terms = " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
+    names = ", ".join(f"{where}.{f}" for f in fields)
+    return cel(f"{terms} == 1", f"set exactly one of {names}")
+
