@@ -1,31 +1,35 @@
 #!/usr/bin/env python3
-"""LoRA SFT throughput on one GPU: the reference recipe against the packed recipe, in one run.
+"""LoRA SFT throughput and learning on one GPU: the reference recipe against the packed recipe, in one run.
 
-Runs on the device machine (PyTorch, transformers and peft; no LLaMA-Factory, no network):
+Runs on the device machine (PyTorch, transformers and peft; liger-kernel carried as a wheel; no LLaMA-Factory,
+no network):
 
-    PYTHONUNBUFFERED=1 python3 bench/training_recipe.py --out "$OUT"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel-*.whl
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/training_recipe.py --out "$OUT"
 
-LLaMA-Factory itself is not run here. Version 0.9.4 pins transformers <= 4.57.1 (the device has 5.x),
-refuses `neat_packing` on transformers >= 4.53, and its boundary-respecting packing on those versions needs
-the flash-attn package (not on the device, no wheel for its torch). The script therefore reproduces what the
-rendered config does with transformers + peft, step for step:
+LLaMA-Factory itself is not run here. Version 0.9.4 pins transformers <= 4.57.1 (the device has 5.x), refuses
+`neat_packing` on transformers >= 4.53, and its boundary-respecting packing on those versions needs the
+flash-attn package (not on the device, no wheel for its torch). The script reproduces what the rendered config
+does with transformers + peft, step for step:
 
 * Qwen2.5-7B architecture from a hand-written config, random bf16 weights made on the GPU (no download).
 * LoRA r=8, alpha=16, dropout 0 on every linear layer of the decoder (LLaMA-Factory's `lora_target: all`);
-  adapter weights in fp32 under bf16 autocast, as LLaMA-Factory's default (not `pure_bf16`) leaves them.
-* Loss summed over label tokens and divided by the label tokens of the whole optimizer step (what the HF
-  Trainer does under gradient accumulation), AdamW, gradient clipping at 1.0.
-* reference: one sample per micro-batch padded to a multiple of 8, 8 accumulation steps, reentrant
-  gradient checkpointing, SDPA attention.
+  adapter weights in fp32 under bf16 autocast, as LLaMA-Factory leaves them unless `pure_bf16` is set.
+* Loss summed over label tokens and divided by the label tokens of the whole optimizer step (the HF Trainer
+  under gradient accumulation), AdamW, gradient clipping at 1.0, cosine schedule with 10% warmup.
+* reference: one sample per micro-batch padded to a multiple of 8, 8 accumulation steps, reentrant gradient
+  checkpointing, SDPA attention (LLaMA-Factory's defaults with the reference's batch keys).
 * packed: samples packed into `cutoff_len` rows by LLaMA-Factory's greedy rule (capacity cutoff_len - 1,
-  padded to cutoff_len), position ids restarting at every sample. Attention stays inside each sample through
-  the position ids: `varlen` runs PyTorch's FlashAttention-2 variable-length kernel on the sample boundaries
-  (what `flash_attn: fa2` does with transformers 4.57 in production); `sdpa-mask` lets transformers build a
-  block-diagonal mask for SDPA instead.
+  padded to cutoff_len), position ids restarting at every sample. `varlen` keeps attention inside each sample
+  with PyTorch's FlashAttention-2 variable-length kernel on the sample bounds (what `flash_attn: fa2` does
+  from the position ids with transformers 4.57); `sdpa-mask` lets transformers build a block-diagonal mask.
+* liger: liger-kernel's own Qwen2 patch, the call LLaMA-Factory makes for `enable_liger_kernel: true` in SFT
+  (RoPE, RMSNorm, SwiGLU and fused linear cross-entropy). It cannot be removed once applied, so every recipe
+  without it is measured first.
 
-The synthetic samples follow ViGGO's shape (a fixed ~127-token instruction, a short input, a short
-structured answer; ~194 tokens) and the answers are learnable: a function token, then a chain of attribute
-tokens where each token fixes the next (a seeded permutation), then <|im_end|>.
+The synthetic samples follow ViGGO's shape (a fixed ~127-token instruction, a short input, a short structured
+answer; ~194 tokens) and the answers are learnable from random weights: a function token, then a chain of
+attribute tokens where each token fixes the next (a seeded permutation), then <|im_end|>.
 
 Prints a table last and writes everything to <out>/training_recipe.json.
 """
@@ -44,6 +48,7 @@ import platform
 import sys
 import time
 import traceback
+import types
 
 import numpy as np
 import torch
@@ -303,16 +308,19 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 def build_model():
     import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        from transformers.modeling_utils import AttentionInterface
     AttentionInterface.register("llmops_varlen", varlen_attention)
     config_kwargs = dict(QWEN25_7B)
     if "rope_parameters" in inspect.signature(Qwen2Config.__init__).parameters:
         config_kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": ROPE_THETA}
     else:
         config_kwargs["rope_theta"] = ROPE_THETA
-    config = Qwen2Config(**config_kwargs)
-    config._attn_implementation = "sdpa"
+    config = Qwen2Config(attn_implementation="sdpa", **config_kwargs)
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -388,6 +396,50 @@ class Adapter:
         return [p for _, p in self.params]
 
 
+class Liger:
+    """`enable_liger_kernel: true` as LLaMA-Factory 0.9.4 applies it for SFT (apply_liger_kernel_to_qwen2())."""
+
+    applied = False
+    detail = ""
+
+    @classmethod
+    def apply(cls, model, smoke: MicroBatch) -> str:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        base = model.get_base_model()
+        apply_liger_kernel_to_qwen2(model=base)
+        cls.applied = True
+        try:
+            _smoke(model, smoke)
+            cls.detail = "liger's own qwen2 patch (rope, rms_norm, swiglu, fused_linear_cross_entropy)"
+        except Exception as exc:  # noqa: BLE001
+            # liger's causal-LM forward reads config fields newer transformers may lack: same loss op, own wrapper
+            from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+
+            def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+                hidden = self.model(input_ids=input_ids, **kwargs)[0]
+                loss = LigerForCausalLMLoss(hidden_states=hidden, lm_head_weight=self.lm_head.weight, labels=labels,
+                                            hidden_size=self.config.hidden_size,
+                                            num_items_in_batch=num_items_in_batch)
+                return types.SimpleNamespace(loss=loss)
+
+            base.forward = types.MethodType(forward, base)
+            _smoke(model, smoke)
+            cls.detail = (f"liger rope/rms_norm/swiglu patch + LigerForCausalLMLoss through a local forward "
+                          f"(liger's lce_forward failed: {exc!r})")[:400]
+        return cls.detail
+
+
+def _smoke(model, mb: MicroBatch) -> None:
+    set_attention(model, "llmops_varlen" if Varlen.available else "sdpa")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = forward_loss(model, mb, mb.n_labels, "varlen" if Varlen.available else "sdpa-mask")
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("non-finite loss")
+
+
 def forward_loss(model, mb: MicroBatch, num_items: int, mode: str):
     kwargs = {"input_ids": mb.input_ids, "labels": mb.labels, "num_items_in_batch": num_items}
     if mode in ("varlen", "sdpa-mask", "sdpa-leaky"):
@@ -411,29 +463,31 @@ class Recipe:
     accumulation: int
     checkpointing: bool
     lora_dtype: str = "fp32"  # fp32 under bf16 autocast (LLaMA-Factory default) or bf16 (pure_bf16)
+    liger: bool = False  # Liger kernels (enable_liger_kernel): RoPE, RMSNorm, SwiGLU, fused linear cross-entropy
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """The HF Trainer's cosine schedule with linear warmup."""
     if step < warmup:
-        return LEARNING_RATE * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return LEARNING_RATE * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]], schedule: bool = False,
-          on_step=None):
+          lr: float = LEARNING_RATE):
     """Optimizer steps over prepared micro-batches; returns per-step loss tensors (no host syncs)."""
+    if recipe.liger != Liger.applied:
+        raise RuntimeError(f"{recipe.name} needs liger={recipe.liger}, model has liger={Liger.applied}")
     lora_dtype = torch.bfloat16 if recipe.lora_dtype == "bf16" else torch.float32
     params = adapter.reset(lora_dtype)
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.lora_dtype == "fp32"
                 else contextlib.nullcontext())
     mode = recipe.attention
     warmup = max(1, math.ceil(0.1 * len(steps)))
     losses = []
     for i, step in enumerate(steps):
-        if on_step:
-            on_step(i)
         num_items = sum(mb.n_labels for mb in step)
         total = torch.zeros((), device="cuda")
         for mb in step:
@@ -444,7 +498,7 @@ def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         if schedule:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(i, len(steps), warmup)
+                group["lr"] = cosine_lr(i, len(steps), warmup, lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
@@ -519,7 +573,7 @@ def profile_recipe(model, adapter, recipe: Recipe, steps) -> dict:
         wall = time.perf_counter() - t0
     kernels = []
     for evt in prof.key_averages():
-        if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+        if str(getattr(evt, "device_type", "")).endswith("CUDA") and "#" not in evt.key:
             t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
             kernels.append((evt.key, t / 1e6, evt.count))
     kernels.sort(key=lambda x: -x[1])
@@ -577,13 +631,14 @@ def logits_memory_per_token(model, tokens: int = 2048) -> float:
 
 
 @torch.no_grad()
-def eval_loss(model, rows: list[list[Sample]], row_len: int) -> float:
-    set_attention(model, "llmops_varlen")
+def eval_loss(model, rows: list[list[Sample]], row_len: int, mode: str) -> float:
+    """Mean loss per label token over packed rows (sample bounds respected)."""
+    set_attention(model, "llmops_varlen" if mode == "varlen" else "sdpa")
     total, count = 0.0, 0
     for row in rows:
         mb = packed_microbatch([row], row_len)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward_loss(model, mb, 1, "varlen")  # num_items=1: the summed loss
+            loss = forward_loss(model, mb, 1, mode)  # num_items=1: the summed loss
         total += float(loss)
         count += mb.n_labels
     return total / count
@@ -593,12 +648,13 @@ def eval_loss(model, rows: list[list[Sample]], row_len: int) -> float:
 def equivalence(model, samples: list[Sample]) -> dict:
     """The same 8 samples: one at a time (reference path) against one packed row (each attention mode)."""
     n_items = sum(padded_microbatch(s).n_labels for s in samples)
+    set_checkpointing(model, False)
     set_attention(model, "sdpa")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         unpacked = sum(float(forward_loss(model, padded_microbatch(s), n_items, "sdpa")) for s in samples)
     row_len = -(-sum(len(s.input_ids) for s in samples) // 8) * 8
     mb = packed_microbatch([samples], row_len)
-    out = {"unpacked_loss": unpacked}
+    out = {"n_items": n_items, "unpacked_loss": unpacked}
     for mode in ("varlen", "sdpa-mask", "sdpa-leaky"):
         if mode == "varlen" and not Varlen.available:
             continue
@@ -626,12 +682,13 @@ def environment() -> dict:
         "peft": peft.__version__,
         "python": platform.python_version(),
     }
-    for name in ("flash_attn", "liger_kernel", "llamafactory"):
+    from importlib import metadata
+
+    for name in ("flash-attn", "liger-kernel", "llamafactory"):
         try:
-            __import__(name)
-            env[name] = "present"
-        except Exception:  # noqa: BLE001
-            env[name] = "absent"
+            env[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name.replace("-", "_")] = "absent"
     return env
 
 
@@ -641,35 +698,131 @@ def write(out_dir: str, results: dict) -> None:
         json.dump(results, f, indent=1)
 
 
+def run_variants(model, adapter, plan, pool, rows, row_len, n_params, results, out_dir, t_start) -> None:
+    cursor = 0
+    for recipe, warmup, timed in plan:
+        try:
+            n_steps = warmup + timed
+            need = n_steps * recipe.micro_batch * recipe.accumulation
+            if recipe.packed and cursor + need > len(rows):
+                cursor = 0
+            steps = make_steps(recipe, pool, rows[cursor:], n_steps, row_len)
+            if recipe.packed:
+                cursor += need
+            row = measure(model, adapter, recipe, steps, warmup, n_params)
+        except Exception as exc:  # noqa: BLE001
+            row = {**dataclasses.asdict(recipe), "error": f"{exc!r}"[:500]}
+            traceback.print_exc()
+        results["variants"].append(row)
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {json.dumps(row)}", flush=True)
+        torch.cuda.empty_cache()
+        write(out_dir, results)
+
+
+def learning_runs(model, adapter, recipe: Recipe, label: str, steps, lrs, eval_rows, row_len, n_samples,
+                  results, out_dir) -> None:
+    """Train from the same initial adapter over the same samples; record train and held-out loss."""
+    attention = recipe.attention
+    for lr in lrs:
+        try:
+            set_checkpointing(model, recipe.checkpointing)
+            set_attention(model, "llmops_varlen" if attention == "varlen" else "sdpa")
+            t0 = time.perf_counter()
+            losses = [float(x) for x in train(model, adapter, recipe, steps, schedule=True, lr=lr)]
+            seconds = time.perf_counter() - t0
+            tail = losses[-max(1, len(losses) // 10):]
+            run = {
+                "run": label,
+                "recipe": recipe.name,
+                "learning_rate": lr,
+                "optimizer_steps": len(steps),
+                "samples_per_step": round(n_samples / len(steps), 2),
+                "first_step_loss": round(losses[0], 4),
+                "last_10pct_mean_loss": round(sum(tail) / len(tail), 4),
+                "eval_loss": round(eval_loss(model, eval_rows, row_len, "varlen" if Varlen.available
+                                             else "sdpa-mask"), 4),
+                "curve_every_10pct": [round(losses[min(len(losses) - 1, int(f * len(losses)))], 3)
+                                      for f in np.linspace(0, 1, 11)],
+                "seconds": round(seconds, 1),
+            }
+        except Exception as exc:  # noqa: BLE001
+            run = {"run": label, "learning_rate": lr, "error": f"{exc!r}"[:500]}
+            traceback.print_exc()
+        results["loss"]["runs"].append(run)
+        print("loss:", json.dumps(run), flush=True)
+        write(out_dir, results)
+
+
+def slope(by_name: dict, small: str, large: str) -> dict | None:
+    a, b = by_name.get(small), by_name.get(large)
+    if not (a and b):
+        return None
+    per_token = (b["peak_alloc_gib"] - a["peak_alloc_gib"]) / (b["tokens_per_microbatch"] - a["tokens_per_microbatch"])
+    return {"from": [small, large], "per_token_mib": round(per_token * 1024, 3),
+            "intercept_gib": round(a["peak_alloc_gib"] - per_token * a["tokens_per_microbatch"], 2)}
+
+
+def print_table(results: dict, n_params: int) -> None:
+    env = results["env"]
+    print()
+    print(f"GPU: {env['gpu']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}  "
+          f"liger {env.get('liger_kernel')}  (Qwen2.5-7B architecture, N = {n_params / 1e9:.2f} B, LoRA r=8 all "
+          f"linear, bf16)")
+    print(f"{'recipe':<22} {'mb x acc':>8} {'ckpt':>5} {'attn':>9} {'liger':>5} {'lora':>5} {'samples/s':>10} "
+          f"{'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>9}")
+    for v in results["variants"]:
+        if "error" in v:
+            print(f"{v['name']:<22} ERROR {v['error'][:90]}")
+            continue
+        print(f"{v['name']:<22} {str(v['micro_batch']) + 'x' + str(v['accumulation']):>8} "
+              f"{'yes' if v['checkpointing'] else 'no':>5} {v['attention']:>9} {'yes' if v['liger'] else 'no':>5} "
+              f"{v['lora_dtype']:>5} {v['samples_per_s']:>10.2f} {v['tokens_per_s']:>9.0f} {v['model_tflops']:>8.1f} "
+              f"{v['peak_alloc_gib']:>9.2f}")
+    if "targets" in results:
+        print("targets:", json.dumps(results["targets"]))
+    report = results.get("loss", {})
+    if report.get("runs"):
+        print(f"held-out loss after {report['samples']} samples (initial {report.get('initial_eval_loss')}):")
+        for run in report["runs"]:
+            if "error" in run:
+                print(f"  {run['run']}: ERROR {run['error'][:80]}")
+                continue
+            print(f"  lr {run['learning_rate']:<6g} {run['run']:<22} {run['samples_per_step']:5.2f} samples/step "
+                  f"{run['optimizer_steps']:4d} steps: eval {run['eval_loss']:.4f}  train tail "
+                  f"{run['last_10pct_mean_loss']:.4f}")
+    print(f"wall {results.get('wall_s')} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--cutoff-len", type=int, default=2048)
     parser.add_argument("--loss-samples", type=int, default=1024)
-    parser.add_argument("--skip", default="", help="comma-separated recipe names to skip")
+    parser.add_argument("--loss-lrs", type=lambda x: [float(v) for v in x.split(",")], default=[1e-4, 1e-3],
+                        help="learning rates of the learning comparison (1e-4 is the reference's)")
     args = parser.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
     row_len = args.cutoff_len
     t_start = time.perf_counter()
 
     results: dict = {
-        "what": "LoRA SFT throughput, reference vs packed recipe, transformers+peft reproduction of the "
-                "LLaMA-Factory 0.9.4 config (LLaMA-Factory itself not run on the device)",
+        "what": "LoRA SFT throughput and learning, reference vs packed recipe: a transformers+peft(+liger) "
+                "reproduction of the LLaMA-Factory 0.9.4 configs (LLaMA-Factory itself is not run on the device)",
         "env": environment(),
     }
     print(json.dumps(results["env"]), flush=True)
     results["attention_selftest"] = setup_varlen()
     print("varlen self-test:", json.dumps(results["attention_selftest"]), flush=True)
+    packed_attention = "varlen" if Varlen.available else "sdpa-mask"
 
     task = ViggoLikeTask(seed=7)
     pool = task.stream(seed=11, n=3000)  # throughput samples
     lengths = np.array([len(s.input_ids) for s in pool])
-    labels = np.array([sum(1 for x in s.labels if x != IGNORE) for s in pool])
+    n_labels = np.array([sum(1 for x in s.labels if x != IGNORE) for s in pool])
     rows = pack_rows(pool, row_len, seed=3)
     results["data"] = {
         "mean_tokens": round(float(lengths.mean()), 1),
         "p5_p50_p95_tokens": [int(np.percentile(lengths, q)) for q in (5, 50, 95)],
-        "mean_label_tokens": round(float(labels.mean()), 1),
+        "mean_label_tokens": round(float(n_labels.mean()), 1),
         "rows": len(rows),
         "samples_per_row": round(len(pool) / len(rows), 2),
         "row_fill": round(float(lengths.sum()) / (len(rows) * row_len), 4),
@@ -681,154 +834,123 @@ def main() -> int:
     n_params = info["params"]
     print("model:", json.dumps({k: v for k, v in info.items() if k != "config"}), flush=True)
     adapter = Adapter(model)
+    results["variants"] = []
     write(args.out, results)
 
-    packed_attention = "varlen" if Varlen.available else "sdpa-mask"
-    recipes = [
-        (Recipe("reference", "1 sample/micro-batch, accum 8, gradient checkpointing, SDPA", False, "sdpa", 1, 8,
-                True), 1, 3),
-        (Recipe("packed-sdpa-mask", "packed rows x1, accum 1, no checkpointing, SDPA + block-diagonal mask", True,
-                "sdpa-mask", 1, 1, False), 2, 6),
-        (Recipe("default", f"packed rows x1, accum 1, no checkpointing, {packed_attention}", True,
-                packed_attention, 1, 1, False), 2, 10),
-        (Recipe("packed-x2", "packed rows x2, accum 1, no checkpointing", True, packed_attention, 2, 1, False),
-         1, 5),
-        (Recipe("packed-ckpt", "packed rows x1, accum 1, gradient checkpointing", True, packed_attention, 1, 1,
-                True), 1, 6),
-        (Recipe("packed-x4-ckpt", "packed rows x4, accum 1, gradient checkpointing", True, packed_attention, 4, 1,
-                True), 1, 3),
-        (Recipe("default-pure-bf16", "as default, adapter weights bf16 without autocast (pure_bf16)", True,
-                packed_attention, 1, 1, False, "bf16"), 2, 8),
-    ]
-    results["variants"] = []
-    row_cursor = 0
-    for recipe, warmup, timed in recipes:
-        if recipe.name in skip:
-            continue
-        try:
-            n_steps = warmup + timed
-            need = n_steps * recipe.micro_batch * recipe.accumulation
-            if recipe.packed and row_cursor + need > len(rows):
-                row_cursor = 0
-            steps = make_steps(recipe, pool, rows[row_cursor:], n_steps, row_len)
-            if recipe.packed:
-                row_cursor += need
-            row = measure(model, adapter, recipe, steps, warmup, n_params)
-        except Exception as exc:  # noqa: BLE001
-            row = {**dataclasses.asdict(recipe), "error": f"{exc!r}"[:500]}
-            traceback.print_exc()
-        results["variants"].append(row)
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {json.dumps(row)}", flush=True)
-        torch.cuda.empty_cache()
-        write(args.out, results)
+    def recipe(name, description, mb, ckpt, liger, lora_dtype="fp32", attention=packed_attention):
+        return Recipe(name, description, True, attention, mb, 1, ckpt, lora_dtype, liger)
+
+    reference = Recipe("reference", "1 sample/micro-batch, accum 8, gradient checkpointing, SDPA", False, "sdpa",
+                       1, 8, True)
+    default = recipe("default", "packed 2048-token row x1, accum 1, no checkpointing, FA2 varlen, liger", 1,
+                     False, True)
+    # 1. without Liger
+    run_variants(model, adapter, [
+        (reference, 1, 3),
+        (recipe("packed-sdpa-mask", "packed row x1, SDPA with a block-diagonal mask", 1, False, False,
+                attention="sdpa-mask"), 2, 6),
+        (recipe("packed", "packed row x1, no checkpointing, FA2 varlen", 1, False, False), 2, 10),
+        (recipe("packed-x2", "packed rows x2", 2, False, False), 1, 5),
+        (recipe("packed-pure-bf16", "packed row x1, adapter in bf16 without autocast", 1, False, False, "bf16"),
+         2, 8),
+    ], pool, rows, row_len, n_params, results, args.out, t_start)
+
+    held_out = task.stream(seed=13, n=96)
+    eval_rows = pack_rows(held_out, row_len, seed=5)
+    learn = task.stream(seed=17, n=args.loss_samples)
+    results["loss"] = {"samples": len(learn), "schedule": "cosine, 10% warmup, AdamW, clip 1.0",
+                       "eval_samples": len(held_out), "runs": []}
+    try:
+        adapter.reset()
+        results["equivalence"] = equivalence(model, learn[:8])
+        print("equivalence:", json.dumps(results["equivalence"]), flush=True)
+        adapter.reset()
+        results["loss"]["initial_eval_loss"] = round(eval_loss(model, eval_rows, row_len, packed_attention), 4)
+    except Exception as exc:  # noqa: BLE001
+        results["equivalence"] = {"error": repr(exc)[:500]}
+        traceback.print_exc()
+    # The reference's schedule (8 samples per optimizer step, no Liger), run as one packed row per step with
+    # attention kept inside each sample: the same gradient as 8 one-sample micro-batches under token-sum
+    # normalization (`equivalence` checks the forward part), at a fraction of the device time.
+    ref_schedule = recipe("reference-schedule", "8 samples per optimizer step", 1, False, False)
+    ref_steps = []
+    for i in range(0, len(learn), 8):
+        group = learn[i:i + 8]
+        ref_steps.append([packed_microbatch([group], -(-sum(len(s.input_ids) for s in group) // 8) * 8)])
+    learning_runs(model, adapter, ref_schedule, "reference (8/step)", ref_steps, args.loss_lrs, eval_rows, row_len,
+                  len(learn), results, args.out)
+
+    # 2. with Liger (cannot be taken off again: everything after this point runs with it)
+    try:
+        results["liger"] = Liger.apply(model, packed_microbatch([learn[:8]], 2048))
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            mb = packed_microbatch([learn[:8]], -(-sum(len(s.input_ids) for s in learn[:8]) // 8) * 8)
+            adapter.reset()
+            liger_loss = float(forward_loss(model, mb, mb.n_labels, packed_attention))
+        results["equivalence"]["packed_liger_loss"] = liger_loss
+        results["equivalence"]["packed_liger_rel_diff"] = abs(liger_loss - results["equivalence"]["unpacked_loss"]) / \
+            abs(results["equivalence"]["unpacked_loss"])
+        print("liger:", results["liger"], json.dumps(results["equivalence"]), flush=True)
+    except Exception as exc:  # noqa: BLE001
+        results["liger"] = f"unavailable: {exc!r}"[:500]
+        traceback.print_exc()
+    if Liger.applied:
+        run_variants(model, adapter, [
+            (default, 2, 10),
+            (recipe("default-x2", "as default, packed rows x2", 2, False, True), 1, 5),
+            (recipe("default-ckpt", "as default, gradient checkpointing", 1, True, True), 1, 6),
+            (recipe("default-x4-ckpt", "as default, rows x4, gradient checkpointing", 4, True, True), 1, 3),
+            (recipe("default-pure-bf16", "as default, adapter in bf16 without autocast (pure_bf16)", 1, False, True,
+                    "bf16"), 2, 8),
+        ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     by_name = {v["name"]: v for v in results["variants"] if "samples_per_s" in v}
-    if "reference" in by_name and "default" in by_name:
-        ref, default = by_name["reference"], by_name["default"]
-        speedup = default["samples_per_s"] / ref["samples_per_s"]
+    best = by_name.get("default") or by_name.get("packed")
+    if "reference" in by_name and best:
+        speedup = best["samples_per_s"] / by_name["reference"]["samples_per_s"]
         results["targets"] = {
+            "recipe": best["name"],
             "speedup_vs_reference": round(speedup, 1),
             "speedup_target": 20,
-            "samples_per_s": default["samples_per_s"],
+            "samples_per_s": best["samples_per_s"],
             "samples_per_s_target": 50,
-            "met": bool(speedup >= 20 and default["samples_per_s"] >= 50),
+            "met": bool(speedup >= 20 and best["samples_per_s"] >= 50),
         }
-
-    # memory model calibration: peak = intercept + tokens x per-token, per checkpointing mode
-    calibration = {}
-    for mode, names in (("no_checkpointing", ("default", "packed-x2")),
-                        ("checkpointing", ("packed-ckpt", "packed-x4-ckpt"))):
-        a, b = (by_name.get(n) for n in names)
-        if a and b:
-            per_token = (b["peak_alloc_gib"] - a["peak_alloc_gib"]) / (b["tokens_per_microbatch"]
-                                                                      - a["tokens_per_microbatch"])
-            calibration[mode] = {
-                "per_token_mib": round(per_token * 1024, 3),
-                "intercept_gib": round(a["peak_alloc_gib"] - per_token * a["tokens_per_microbatch"], 2),
-            }
-    try:
-        calibration["logits_loss_mib_per_token"] = round(logits_memory_per_token(model) / 2**20, 3)
-    except Exception as exc:  # noqa: BLE001
-        calibration["logits_loss_error"] = repr(exc)[:300]
-    calibration["weights_gib"] = round(n_params * 2 / GIB, 2)
-    results["memory_calibration"] = calibration
-    print("memory calibration:", json.dumps(calibration), flush=True)
+    results["memory_calibration"] = {
+        "weights_gib": round(n_params * 2 / GIB, 2),
+        "no_ckpt": slope(by_name, "packed", "packed-x2"),
+        "no_ckpt_liger": slope(by_name, "default", "default-x2"),
+        "ckpt_liger": slope(by_name, "default-ckpt", "default-x4-ckpt"),
+    }
+    print("memory calibration:", json.dumps(results["memory_calibration"]), flush=True)
     write(args.out, results)
 
-    default_recipe = next(r for r, _, _ in recipes if r.name == "default")
+    profiled = default if Liger.applied else recipe("packed", "", 1, False, False)
     try:
-        prof_steps = make_steps(default_recipe, pool, rows, 3, row_len)
-        results["profile"] = profile_recipe(model, adapter, default_recipe, prof_steps)
+        results["profile"] = profile_recipe(model, adapter, profiled, make_steps(profiled, pool, rows, 3, row_len))
+        step_s = by_name.get(profiled.name, {}).get("seconds", 0) / max(1, by_name.get(profiled.name, {}).get(
+            "timed_steps", 1))
+        if step_s:
+            results["profile"]["unprofiled_s_per_step"] = round(step_s, 4)
+            results["profile"]["gpu_busy_fraction_unprofiled"] = round(
+                results["profile"]["gpu_kernel_s_per_step"] / step_s, 3)
         print("profile:", json.dumps(results["profile"]), flush=True)
     except Exception as exc:  # noqa: BLE001
         results["profile"] = {"error": repr(exc)[:500]}
         traceback.print_exc()
     write(args.out, results)
 
-    # learning: the same samples, the reference's 8 samples per optimizer step against the default's rows
-    try:
-        held_out = task.stream(seed=13, n=96)
-        eval_rows = pack_rows(held_out, row_len, seed=5)
-        learn = task.stream(seed=17, n=args.loss_samples)
-        results["equivalence"] = equivalence(model, learn[:8])
-        print("equivalence:", json.dumps(results["equivalence"]), flush=True)
-        adapter.reset()
-        loss_report = {"samples": len(learn), "learning_rate": LEARNING_RATE, "schedule": "cosine, 10% warmup",
-                       "eval_samples": len(held_out), "initial_eval_loss": round(eval_loss(model, eval_rows, row_len), 4)}
-        # Reference schedule: 8 samples per step. Executed as one packed varlen row per step, which gives the
-        # same gradient as 8 one-sample micro-batches (no cross-attention, same token-sum normalization).
-        ref_recipe = Recipe("reference-schedule", "8 samples per optimizer step", True, packed_attention, 1, 1,
-                            False)
-        ref_steps = [[packed_microbatch([learn[i:i + 8]], -(-sum(len(s.input_ids) for s in learn[i:i + 8]) // 8) * 8)]
-                     for i in range(0, len(learn), 8)]
-        default_rows = pack_rows(learn, row_len, seed=19)
-        default_steps = [[packed_microbatch([r], row_len)] for r in default_rows]
-        for label, recipe, steps in (("reference", ref_recipe, ref_steps), ("default", default_recipe,
-                                                                               default_steps)):
-            set_checkpointing(model, False)
-            set_attention(model, "llmops_varlen" if recipe.attention == "varlen" else "sdpa")
-            t0 = time.perf_counter()
-            losses = [float(x) for x in train(model, adapter, recipe, steps, schedule=True)]
-            seconds = time.perf_counter() - t0
-            tail = losses[-max(1, len(losses) // 10):]
-            loss_report[label] = {
-                "optimizer_steps": len(steps),
-                "samples_per_step": round(len(learn) / len(steps), 2),
-                "first_step_loss": round(losses[0], 4),
-                "last_10pct_mean_loss": round(sum(tail) / len(tail), 4),
-                "eval_loss": round(eval_loss(model, eval_rows, row_len), 4),
-                "curve_every_10pct": [round(losses[min(len(losses) - 1, int(f * len(losses)))], 3)
-                                      for f in np.linspace(0, 1, 11)],
-                "seconds": round(seconds, 1),
-            }
-            print(f"loss {label}:", json.dumps(loss_report[label]), flush=True)
-        results["loss"] = loss_report
-    except Exception as exc:  # noqa: BLE001
-        results["loss"] = {"error": repr(exc)[:500]}
-        traceback.print_exc()
+    if Liger.applied:
+        default_steps = [[packed_microbatch([r], row_len)] for r in pack_rows(learn, row_len, seed=19)]
+        learning_runs(model, adapter, default, "default (1 row/step)", default_steps, args.loss_lrs, eval_rows,
+                      row_len, len(learn), results, args.out)
+        pure = recipe("default-pure-bf16", "", 1, False, True, "bf16")
+        learning_runs(model, adapter, pure, "default, pure_bf16", default_steps, args.loss_lrs, eval_rows, row_len,
+                      len(learn), results, args.out)
+
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     write(args.out, results)
-
-    print()
-    print(f"GPU: {results['env']['gpu']}  torch {results['env']['torch']}  transformers "
-          f"{results['env']['transformers']}  peft {results['env']['peft']}  (N = {n_params / 1e9:.2f} B)")
-    header = f"{'recipe':<20} {'mb x acc':>8} {'ckpt':>5} {'attn':>10} {'samples/s':>10} {'tokens/s':>9} " \
-             f"{'TFLOP/s':>8} {'peak GiB':>9}"
-    print(header)
-    for v in results["variants"]:
-        if "error" in v:
-            print(f"{v['name']:<20} ERROR {v['error'][:80]}")
-            continue
-        print(f"{v['name']:<20} {str(v['micro_batch']) + 'x' + str(v['accumulation']):>8} "
-              f"{'yes' if v['checkpointing'] else 'no':>5} {v['attention']:>10} {v['samples_per_s']:>10.2f} "
-              f"{v['tokens_per_s']:>9.0f} {v['model_tflops']:>8.1f} {v['peak_alloc_gib']:>9.2f}")
-    if "targets" in results:
-        print("targets:", json.dumps(results["targets"]))
-    if "reference" in results.get("loss", {}):
-        lr = results["loss"]
-        print(f"loss after {lr['samples']} samples (eval, initial {lr['initial_eval_loss']}): reference "
-              f"{lr['reference']['eval_loss']}  default {lr['default']['eval_loss']}")
-    print(f"wall {results['wall_s']} s")
+    print_table(results, n_params)
     return 0
 
 

@@ -151,9 +151,9 @@ def _check_format(fmt: str) -> None:
 
 
 def read_dataset(uri: str | StorageURI, fmt: str, columns: Optional[Sequence[str]] = None) -> "ray.data.Dataset":
-    """A lazy Ray Dataset over a file or a directory of files in ``fmt``.
+    """A lazy Ray Dataset over a file or a directory of files in ``fmt``, optionally projected to ``columns``.
 
-    Missing paths fail here (Ray lists the files eagerly); ``columns`` projects parquet at read time.
+    Missing paths fail here (Ray lists the files eagerly).
     """
     import ray.data
 
@@ -161,14 +161,13 @@ def read_dataset(uri: str | StorageURI, fmt: str, columns: Optional[Sequence[str
     filesystem, path = resolve(uri)
     extensions = _READ_EXTENSIONS[fmt]
     if fmt == "parquet":
-        return ray.data.read_parquet(
-            path, filesystem=filesystem, file_extensions=extensions, columns=list(columns) if columns else None
-        )
-    if fmt == "jsonl":
+        ds = ray.data.read_parquet(path, filesystem=filesystem, file_extensions=extensions)
+    elif fmt == "jsonl":
         # Arrow's JSON reader parses newline-delimited JSON (Ray's `lines=True` mode would ignore `filesystem`).
         ds = ray.data.read_json(path, filesystem=filesystem, file_extensions=extensions)
     else:
         ds = ray.data.read_csv(path, filesystem=filesystem, file_extensions=extensions)
+    # Ray pushes the projection down into the parquet reader.
     return ds.select_columns(list(columns)) if columns else ds
 
 

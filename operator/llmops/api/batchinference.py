@@ -181,6 +181,7 @@ class BatchInferenceStatus(StatusBase):
     completion_time: str | None = None
     output_uri: str | None = Field(default=None, alias="outputURI")
     model_source: str | None = None
-    adapter_uri: str | None = None
+    """The base model the run uses (resolved from a FineTune when referenced)."""
+    adapter_uri: str | None = Field(default=None, alias="adapterURI")
+    """The adapter the run uses, if any."""
     metrics: BatchMetrics | None = None
-    progress: str | None = None

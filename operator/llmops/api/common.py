@@ -169,6 +169,8 @@ class StatusBase(ApiModel):
     """The spec generation the status describes."""
     message: str | None = None
     """What is happening and, when stuck, what to do."""
+    progress: dict[str, Any] | None = None
+    """Latest progress the job reported (epoch and loss, rows done, ...)."""
 
 
 def exactly_one(fields: list[str], where: str) -> dict[str, str]:

@@ -222,7 +222,7 @@ class LocalPlane:
             self.binary("kube-controller-manager"), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'apiserver.crt'}",
-            "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller",
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
             "--use-service-account-credentials=false", "--kube-api-qps=200", "--kube-api-burst=400",
             "--concurrent-gc-syncs=20",
         ])

@@ -1,0 +1,101 @@
+"""BatchInference -> result channel, job ConfigMap (job.json + payload) and a RayJob running ray.data.llm."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..api.batchinference import BatchInferenceSpec, Engine
+from .common import (
+    BuildContext,
+    Names,
+    Owner,
+    config_map,
+    profile_for,
+    pvc_claims,
+    ray_cluster_spec,
+    ray_job,
+    result_channel,
+    runtime_env,
+)
+
+TAG = "bi"
+PAYLOAD_MODULES = ("__init__.py", "batch_inference.py", "metrics.py", "report.py", "storage.py")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model a run uses once references are resolved (a FineTune brings base model and adapter)."""
+
+    source: str
+    adapter_uri: str | None = None
+    adapter_name: str | None = None
+
+
+def names(owner: Owner) -> Names:
+    return Names.of(owner, TAG)
+
+
+def engine_kwargs(engine: Engine) -> dict[str, Any]:
+    """vLLM engine arguments from the spec's engine block (snake_case, unset ones left out)."""
+    kwargs: dict[str, Any] = {
+        "max_model_len": engine.max_model_len,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "enable_chunked_prefill": engine.enable_chunked_prefill,
+        "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+    }
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(engine.extra_engine_args or {})
+    return kwargs
+
+
+def resolved_from_spec(spec: BatchInferenceSpec) -> ResolvedModel | None:
+    """The model when the spec names it directly (None: it comes from a FineTune)."""
+    if spec.model.source is None:
+        return None
+    adapter = spec.model.adapter
+    return ResolvedModel(spec.model.source, adapter.uri if adapter else None,
+                         adapter.uri.rstrip("/").rsplit("/", 1)[-1] if adapter else None)
+
+
+def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel, accelerator_type: str) -> dict[str, Any]:
+    wire = spec.wire()
+    adapter = {"name": model.adapter_name, "uri": model.adapter_uri} if model.adapter_uri else None
+    return {
+        "kind": owner.kind, "name": owner.name, "namespace": owner.namespace,
+        "model": {"source": model.source, "adapter": adapter},
+        "input": wire["input"],
+        "prompt": {"systemPrompt": spec.prompt.system_prompt, "systemField": spec.prompt.system_field,
+                   "userField": spec.prompt.user_field},
+        "sampling": wire["sampling"],
+        "engineKwargs": engine_kwargs(spec.engine),
+        "acceleratorType": accelerator_type,
+        "concurrency": spec.concurrency,
+        "batchSize": spec.batch_size,
+        "output": wire["output"],
+        "evaluation": wire.get("evaluation"),
+    }
+
+
+def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> list[dict[str, Any]]:
+    """Every child of a BatchInference, the RayJob last."""
+    owner = Owner.of(body)
+    spec = BatchInferenceSpec.model_validate(body["spec"])
+    n = names(owner)
+    profile = profile_for(spec.resources, ctx.settings)
+    files = {"job.json": json.dumps(job_json(owner, spec, model, profile.ray_accelerator_type), indent=2,
+                                    sort_keys=True)}
+    payloads = {m: ctx.payloads[m] for m in PAYLOAD_MODULES if m in ctx.payloads}
+    claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
+    image = spec.image or ctx.settings.inference_image
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, claims)
+    entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
+    return [
+        *result_channel(owner, n, ctx.settings),
+        config_map(owner, n, ctx.settings, files, payloads),
+        ray_job(owner, n, spec, cluster, entrypoint, runtime_env(spec), ctx.settings),
+    ]

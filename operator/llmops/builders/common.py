@@ -1,0 +1,269 @@
+"""Pieces every kind's children share: names, labels, ownership, the result channel, the Ray cluster spec.
+
+All functions are pure: (custom resource, settings, inputs) -> plain dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..api.common import JobControls, Resources, WorkloadControls
+from ..settings import AcceleratorProfile, Settings
+
+JOB_MOUNT = "/etc/llmops/job"
+PAYLOAD_ROOT = "/opt/llmops"
+PVC_ROOT = "/mnt/llmops/pvc"
+RAY_NAME_MAX = 40  # KubeRay derives longer names (cluster, head service) from the RayJob/RayService name
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource a set of children belongs to."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> Owner:
+        meta = body["metadata"]
+        return cls(body["apiVersion"], body["kind"], meta["name"], meta["namespace"], meta.get("uid", ""),
+                   meta.get("generation", 1))
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a builder may read besides the resource itself."""
+
+    settings: Settings
+    payloads: Mapping[str, str] = field(default_factory=dict)
+    """Payload module file name -> source, shipped to the Ray pods."""
+
+
+def short_hash(data: Any, length: int = 10) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def child_name(owner: Owner, suffix: str, limit: int = 63) -> str:
+    """`<owner>-<suffix>`, shortened with a hash when too long, stable for the same owner."""
+    name = f"{owner.name}-{suffix}"
+    if len(name) <= limit:
+        return name
+    keep = limit - len(suffix) - 8
+    return f"{owner.name[:keep].rstrip('-')}-{short_hash(owner.name, 6)}-{suffix}"
+
+
+@dataclass(frozen=True)
+class Names:
+    ray: str          # RayJob / RayService
+    config: str       # ConfigMap with the job files and the payload sources
+    result: str       # ConfigMap the payload reports into
+    account: str      # ServiceAccount, Role and RoleBinding of the Ray pods
+
+    @classmethod
+    def of(cls, owner: Owner, tag: str) -> Names:
+        return cls(ray=child_name(owner, tag, RAY_NAME_MAX), config=child_name(owner, f"{tag}-config"),
+                   result=child_name(owner, f"{tag}-result"), account=child_name(owner, f"{tag}-ray"))
+
+
+def labels(owner: Owner, settings: Settings) -> dict[str, str]:
+    p = settings.label_prefix
+    return {"app.kubernetes.io/managed-by": "llmops", f"{p}/owner-kind": owner.kind,
+            f"{p}/owner-uid": owner.uid}
+
+
+def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: Mapping[str, str] | None = None
+          ) -> dict[str, Any]:
+    """Namespace, labels and a controller owner reference (so the garbage collector cleans up)."""
+    meta = obj.setdefault("metadata", {})
+    meta["namespace"] = owner.namespace
+    meta["labels"] = {**labels(owner, settings), **(extra_labels or {}), **meta.get("labels", {})}
+    meta["ownerReferences"] = [{"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name,
+                                "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}]
+    return obj
+
+
+# ---- the result channel -----------------------------------------------------------------------------------
+def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[str, Any]]:
+    """Result ConfigMap plus a ServiceAccount that may get/patch only that ConfigMap."""
+    p = settings.label_prefix
+    return [
+        owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.result}, "data": {}},
+              owner, settings, {f"{p}/role": "result"}),
+        owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": names.account},
+               "automountServiceAccountToken": True}, owner, settings),
+        owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": names.account},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.result],
+                          "verbs": ["get", "patch"]}]}, owner, settings),
+        owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": names.account},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.account},
+               "subjects": [{"kind": "ServiceAccount", "name": names.account, "namespace": owner.namespace}]},
+              owner, settings),
+    ]
+
+
+def config_map(owner: Owner, names: Names, settings: Settings, files: Mapping[str, str],
+               payloads: Mapping[str, str]) -> dict[str, Any]:
+    data = {**files, **{f"payload.{module}": source for module, source in sorted(payloads.items())}}
+    return owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.config}, "data": data},
+                 owner, settings, {f"{settings.label_prefix}/role": "config"})
+
+
+# ---- pods ---------------------------------------------------------------------------------------------------
+def pvc_claims(*uris: str | None) -> list[str]:
+    """Claims named by pvc://<claim>/<path> URIs, in first-seen order."""
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = uri[len("pvc://"):].split("/", 1)[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def volumes(names: Names, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str]
+            ) -> tuple[list[dict], list[dict]]:
+    vols = [
+        {"name": "llmops-job", "configMap": {"name": names.config,
+                                             "items": [{"key": k, "path": k} for k in sorted(files)]}},
+        {"name": "llmops-payloads", "configMap": {"name": names.config, "items": [
+            {"key": f"payload.{m}", "path": f"payloads/{m}"} for m in sorted(payloads)]}},
+    ]
+    mounts = [{"name": "llmops-job", "mountPath": JOB_MOUNT, "readOnly": True},
+              {"name": "llmops-payloads", "mountPath": PAYLOAD_ROOT, "readOnly": True}]
+    for i, claim in enumerate(claims):
+        vols.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    return vols, mounts
+
+
+def pod_env(names: Names, spec: WorkloadControls) -> tuple[list[dict], list[dict]]:
+    """Environment of every Ray container: where to report, credentials as Secret references only."""
+    env = [
+        {"name": "PYTHONPATH", "value": PAYLOAD_ROOT},
+        {"name": "LLMOPS_RESULT_CONFIGMAP", "value": names.result},
+        {"name": "LLMOPS_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    env_from: list[dict] = []
+    secrets = spec.secrets
+    if secrets and secrets.hugging_face_token:
+        ref = secrets.hugging_face_token
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if secrets and secrets.storage:
+        env_from.append({"secretRef": {"name": secrets.storage.name}})
+    return env, env_from
+
+
+def profile_for(resources: Resources, settings: Settings) -> AcceleratorProfile:
+    profile = settings.accelerators.get(resources.accelerator)
+    if profile is None:
+        known = ", ".join(sorted(settings.accelerators))
+        raise UnknownAccelerator(f"spec.resources.accelerator {resources.accelerator!r} is not a profile of this "
+                                 f"operator; use one of {known} or add it to the operator settings")
+    return profile
+
+
+class UnknownAccelerator(ValueError):
+    pass
+
+
+def container(name: str, image: str, env: list, env_from: list, mounts: list, requests: dict, limits: dict
+              ) -> dict[str, Any]:
+    c: dict[str, Any] = {"name": name, "image": image, "env": env}
+    if env_from:
+        c["envFrom"] = env_from
+    c["volumeMounts"] = mounts
+    c["resources"] = {"requests": requests, "limits": limits}
+    return c
+
+
+def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
+                     ctx: BuildContext, files: Mapping[str, str], claims: list[str], *,
+                     autoscale_to: int | None = None) -> dict[str, Any]:
+    """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
+    settings = ctx.settings
+    profile = profile_for(resources, settings)
+    env, env_from = pod_env(names, spec)
+    vols, mounts = volumes(names, files, ctx.payloads, claims)
+    pod_labels = labels(owner, settings)
+    head = settings.head
+    head_pod: dict[str, Any] = {
+        "serviceAccountName": names.account,
+        "containers": [container("ray-head", image, env, env_from, mounts,
+                                 {"cpu": head.cpu, "memory": head.memory},
+                                 {"cpu": head.cpu, "memory": head.memory})],
+        "volumes": vols,
+    }
+    if head.node_selector:
+        head_pod["nodeSelector"] = dict(head.node_selector)
+    if head.tolerations:
+        head_pod["tolerations"] = list(head.tolerations)
+    gpus = str(resources.gpus_per_worker)
+    worker_resources = {"cpu": str(resources.cpus_per_worker), "memory": resources.memory_per_worker,
+                        profile.gpu_resource: gpus}
+    worker_pod: dict[str, Any] = {
+        "serviceAccountName": names.account,
+        "containers": [container("ray-worker", image, env, env_from, mounts, worker_resources,
+                                 dict(worker_resources))],
+        "volumes": vols,
+        "nodeSelector": {**profile.node_selector, **(resources.node_selector or {})},
+        "tolerations": [*profile.tolerations, *(t.wire() for t in resources.tolerations or [])],
+    }
+    replicas = resources.workers
+    worker_group: dict[str, Any] = {
+        "groupName": "gpu",
+        "replicas": replicas if autoscale_to is None else min(replicas, autoscale_to),
+        "minReplicas": replicas if autoscale_to is None else 0,
+        "maxReplicas": replicas if autoscale_to is None else autoscale_to,
+        "rayStartParams": {},
+        "template": {"metadata": {"labels": dict(pod_labels)}, "spec": worker_pod},
+    }
+    cluster: dict[str, Any] = {
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": head_pod},
+        },
+        "workerGroupSpecs": [worker_group],
+    }
+    if autoscale_to is not None:
+        cluster["enableInTreeAutoscaling"] = True
+    return cluster
+
+
+def runtime_env(spec: WorkloadControls, extra_pip: list[str] | None = None) -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    pip = [*(extra_pip or []), *((spec.runtime_env.pip if spec.runtime_env else None) or [])]
+    if pip:
+        env["pip"] = pip
+    if spec.runtime_env and spec.runtime_env.env_vars:
+        env["env_vars"] = dict(spec.runtime_env.env_vars)
+    return env
+
+
+def ray_job(owner: Owner, names: Names, spec: JobControls, cluster: dict[str, Any], entrypoint: str,
+            runtime: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    from .. import yamlio
+    job_spec: dict[str, Any] = {
+        "entrypoint": entrypoint,
+        "shutdownAfterJobFinishes": True,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        "submissionMode": "K8sJobMode",
+    }
+    if runtime:
+        job_spec["runtimeEnvYAML"] = yamlio.dump(runtime)
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    job_spec["rayClusterSpec"] = cluster
+    return owned({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": names.ray}, "spec": job_spec},
+                 owner, settings)

@@ -1,0 +1,84 @@
+"""FineTune -> result channel, job ConfigMap (LLaMA-Factory config + payload) and a RayJob."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from .. import yamlio
+from ..api.finetune import FineTuneSpec
+from . import llamafactory
+from .common import (
+    BuildContext,
+    Names,
+    Owner,
+    config_map,
+    profile_for,
+    pvc_claims,
+    ray_cluster_spec,
+    ray_job,
+    result_channel,
+    runtime_env,
+)
+from .recipe import training_recipe
+
+TAG = "ft"
+PAYLOAD_MODULES = ("__init__.py", "finetune.py", "report.py", "storage.py")
+STAGING_DIR = "/tmp/llmops/data"
+DEFAULT_PARAMS_B = 7.0
+
+
+def names(owner: Owner) -> Names:
+    return Names.of(owner, TAG)
+
+
+def model_params_b(source: str) -> float:
+    """Parameter count in billions as the model id states it (`Qwen2.5-7B-Instruct` -> 7), else 7."""
+    match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", source.rsplit("/", 1)[-1])
+    return float(match.group(1)) if match else DEFAULT_PARAMS_B
+
+
+def recipe_for(spec: FineTuneSpec, ctx: BuildContext) -> dict[str, Any]:
+    t = spec.training
+    overrides = {"packing": t.packing, "perDeviceBatchSize": t.per_device_batch_size,
+                 "gradientAccumulationSteps": t.gradient_accumulation_steps,
+                 "gradientCheckpointing": t.gradient_checkpointing, "attention": t.attention}
+    return training_recipe(gpu_memory_gib=profile_for(spec.resources, ctx.settings).gpu_memory_gib,
+                           base_model_params_b=model_params_b(spec.base_model.source),
+                           cutoff_len=spec.dataset.cutoff_len, lora_rank=spec.method.rank,
+                           overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def job_files(owner: Owner, spec: FineTuneSpec, ctx: BuildContext) -> dict[str, str]:
+    profile = profile_for(spec.resources, ctx.settings)
+    config = llamafactory.train_config(spec, name=owner.name, recipe=recipe_for(spec, ctx),
+                                       accelerator_type=profile.ray_accelerator_type, staging_dir=STAGING_DIR)
+    job = {"kind": owner.kind, "name": owner.name, "namespace": owner.namespace,
+           **{k: v for k, v in spec.wire().items() if k in ("baseModel", "method", "dataset", "output")}}
+    return {
+        "job.json": json.dumps(job, indent=2, sort_keys=True),
+        "train.yaml": yamlio.dump(config),
+        "dataset_info.json": json.dumps(llamafactory.dataset_info(spec, STAGING_DIR), indent=2, sort_keys=True),
+    }
+
+
+def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
+    """Every child of a FineTune, in the order they should be applied (the RayJob last)."""
+    owner = Owner.of(body)
+    spec = FineTuneSpec.model_validate(body["spec"])
+    n = names(owner)
+    files = job_files(owner, spec, ctx)
+    payloads = {m: ctx.payloads[m] for m in PAYLOAD_MODULES if m in ctx.payloads}
+    claims = pvc_claims(spec.base_model.source, spec.dataset.train.uri,
+                        spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri)
+    image = spec.image or ctx.settings.finetune_image
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, claims)
+    runtime = runtime_env(spec, ctx.settings.finetune_pip)
+    runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
+    entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"
+    return [
+        *result_channel(owner, n, ctx.settings),
+        config_map(owner, n, ctx.settings, files, payloads),
+        ray_job(owner, n, spec, cluster, entrypoint, runtime, ctx.settings),
+    ]

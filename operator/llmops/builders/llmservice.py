@@ -1,0 +1,64 @@
+"""LLMService -> a RayService running ray.serve.llm's OpenAI app on an autoscaling GPU worker group."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from .. import yamlio
+from ..api.llmservice import LLMServiceSpec
+from ..settings import Settings
+from .common import BuildContext, Names, Owner, owned, profile_for, ray_cluster_spec, runtime_env
+from .serving import AdapterPlan, cluster_fingerprint, serve_config
+
+TAG = "llm"
+SERVE_PORT = 8000
+FINGERPRINT_ANNOTATION = "llmops.dev/cluster-fingerprint"
+
+
+def names(owner: Owner) -> Names:
+    return Names.of(owner, TAG)
+
+
+def endpoint(owner: Owner, settings: Settings) -> str:
+    """In-cluster OpenAI base URL: KubeRay's serve Service for the RayService."""
+    return (f"http://{names(owner).ray}-serve-svc.{owner.namespace}.svc.{settings.cluster_domain}:{SERVE_PORT}/v1")
+
+
+def workers_per_replica(spec: LLMServiceSpec) -> int:
+    gpus = spec.engine.tensor_parallel_size * spec.engine.pipeline_parallel_size
+    return max(1, math.ceil(gpus / spec.resources.gpus_per_worker))
+
+
+def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list[dict[str, Any]]:
+    """The RayService (the only child: Serve needs no result channel)."""
+    owner = Owner.of(body)
+    spec = LLMServiceSpec.model_validate(body["spec"])
+    n = names(owner)
+    profile = profile_for(spec.resources, ctx.settings)
+    per_replica = workers_per_replica(spec)
+    max_workers = spec.autoscaling.max_replicas * per_replica
+    resources = spec.resources.model_copy(update={"workers": spec.autoscaling.min_replicas * per_replica})
+    image = spec.image or ctx.settings.inference_image
+    cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, {}, [], autoscale_to=max_workers)
+    # No job files or payloads for serving: drop the ConfigMap volumes the job kinds mount.
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        pod = group["template"]["spec"]
+        pod["volumes"] = [v for v in pod["volumes"] if not v["name"].startswith("llmops-")]
+        for c in pod["containers"]:
+            c["volumeMounts"] = [m for m in c["volumeMounts"] if not m["name"].startswith("llmops-")]
+            c["env"] = [e for e in c["env"] if e["name"] not in ("PYTHONPATH", "LLMOPS_RESULT_CONFIGMAP")]
+        pod.pop("serviceAccountName", None)
+        if not pod["volumes"]:
+            del pod["volumes"]
+    serve = serve_config(spec, plan, accelerator_type=profile.ray_accelerator_type, runtime_env=runtime_env(spec))
+    service = {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": n.ray, "annotations": {FINGERPRINT_ANNOTATION: cluster_fingerprint(spec)}},
+        "spec": {
+            "upgradeStrategy": {"type": spec.upgrade_strategy},
+            "serveConfigV2": yamlio.dump(serve),
+            "rayClusterConfig": cluster,
+        },
+    }
+    return [owned(service, owner, ctx.settings)]

@@ -1,0 +1,369 @@
+"""LLMService -> which adapters to serve, and the `serveConfigV2` that runs `ray.serve.llm:build_openai_app`.
+
+Pure functions: the caller reads the FineTune / BatchInference statuses and passes them in.
+
+How Ray Serve 2.60 finds a LoRA adapter (ray.llm._internal.serve.utils.lora_serve_utils): a request for
+model "<model_id>:<id>" loads the folder "<lora_config.dynamic_lora_loading_path>/<id>", and /v1/models lists
+every subfolder of that path. Hence the rules applied here:
+
+* one loading path per model: adapters under another parent cannot be served next to the chosen one;
+* the adapter's folder name IS its id, and the API promises clients "<modelId>:<adapters[].name>", so an
+  adapter is served only when its folder is named after it (otherwise it is Unsupported, and the message says
+  where the folder must be). Publishing the folder name instead would make `adapters[].name` a lie and change
+  the ids clients use whenever an output path changes.
+* gates decide what the operator publishes and whether a loading path exists at all; they are not access
+  control: once the path exists, Ray Serve lists and loads every folder under it. States say when an adapter
+  that is not served is still reachable that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..api.batchinference import BatchInferenceStatus
+from ..api.llmservice import SERVE_LORA_SCHEMES, Adapter, LLMServiceSpec
+from .common import PVC_ROOT
+
+SERVE_APP_NAME = "llm"
+SERVE_IMPORT_PATH = "ray.serve.llm:build_openai_app"
+
+# vLLM's LoRAConfig accepts only these max_lora_rank values; spec.lora.maxRank is rounded up to one of them.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
+# Engine arguments the operator derives from spec.lora; extraEngineArgs may not set them.
+LORA_ENGINE_ARGS = ("enable_lora", "max_lora_rank", "max_loras")
+
+# What a change needs. CLUSTER_FIELDS (hashed by cluster_fingerprint) restart the engine or change the pods:
+# they roll out as a new Ray cluster. IN_PLACE_FIELDS only rewrite serveConfigV2 (or nothing but status).
+CLUSTER_FIELDS = ("model", "engine", "lora.maxRank + lora.maxAdaptersPerReplica (while adapters are set)",
+                  "adapters set <-> empty (toggles enable_lora)", "resources", "image", "runtimeEnv", "secrets")
+IN_PLACE_FIELDS = ("adapters", "lora.dynamicLoadingPath", "autoscaling", "modelId")
+
+SERVING = "Serving"
+WAITING_FOR_FINETUNE = "WaitingForFineTune"
+WAITING_FOR_EVALUATION = "WaitingForEvaluation"
+GATE_NOT_MET = "GateNotMet"
+UNSUPPORTED = "Unsupported"
+FAILED = "Failed"
+WAITING = (WAITING_FOR_FINETUNE, WAITING_FOR_EVALUATION)
+
+EVALUATED_ADAPTER_KEY = BatchInferenceStatus.model_fields["adapter_uri"].alias or "adapterUri"
+ADAPTER_NAME = re.compile(Adapter.model_json_schema()["properties"]["name"]["pattern"])
+
+
+class ServeConfigError(ValueError):
+    """The spec cannot be rendered; the message says which field to change."""
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    dynamic_lora_loading_path: str | None
+    """lora_config.dynamic_lora_loading_path; None when no adapter is served (then no lora_config)."""
+    served: list[tuple[str, str]]
+    """(id, uri) of every served adapter, in spec order; id == adapters[].name == the folder name, and uri is
+    "<dynamic_lora_loading_path>/<id>", the folder Ray Serve loads."""
+    states: list[dict[str, Any]]
+    """status.adapters: {name, uri, state, message} per spec.adapters entry, in spec order."""
+    models: list[str]
+    """status.models: the model id, then "<modelId>:<id>" per served adapter."""
+    summary: str
+    """One line for the service's condition message."""
+
+
+# ---- adapters -----------------------------------------------------------------------------------------------
+def _split(uri: str) -> tuple[str, str]:
+    """(parent, folder) of an adapter URI, trailing slashes ignored; folder is "" for a bucket root."""
+    scheme, _, rest = uri.rstrip("/").partition("://")
+    head, _, folder = rest.rpartition("/")
+    return (f"{scheme}://{head}", folder) if head else (f"{scheme}://{rest}", "")
+
+
+def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+
+
+def _is_ready(status: Mapping[str, Any]) -> bool:
+    ready = _condition(status, "Ready")
+    if ready is not None:
+        return ready.get("status") == "True"
+    return status.get("phase") in ("Ready", "Succeeded")
+
+
+def _is_failed(status: Mapping[str, Any]) -> bool:
+    # Not Stalled alone: a job whose pods cannot be scheduled is Stalled yet still Pending.
+    return status.get("phase") == "Failed"
+
+
+def _is_stalled(status: Mapping[str, Any]) -> bool:
+    stalled = _condition(status, "Stalled")
+    return stalled is not None and stalled.get("status") == "True"
+
+
+def _why(status: Mapping[str, Any]) -> str:
+    for type_ in ("Stalled", "Ready"):
+        cond = _condition(status, type_)
+        if cond and cond.get("message"):
+            return cond["message"]
+    return status.get("message") or ""
+
+
+def _with_why(text: str, status: Mapping[str, Any]) -> str:
+    why = _why(status)
+    return f"{text}: {why}" if why else text
+
+
+def _not_ready(kind: str, name: str, status: Mapping[str, Any]) -> str:
+    text = f"{kind} {name} is {status.get('phase') or 'Pending'}"
+    return _with_why(f"{text} and stuck", status) if _is_stalled(status) else text
+
+
+def _state(adapter: Adapter, uri: str | None, state: str, message: str) -> dict[str, Any]:
+    return {"name": adapter.name, "uri": uri, "state": state, "message": message}
+
+
+def _source(adapter: Adapter, finetunes: Mapping[str, Mapping[str, Any]], max_rank: int
+            ) -> tuple[str | None, dict[str, Any] | None]:
+    """The adapter's URI, or the state that stops it before its location is known."""
+    if adapter.uri is not None:
+        return adapter.uri, None
+    name = adapter.fine_tune_ref.name
+    if name not in finetunes:
+        return None, _state(adapter, None, FAILED, f"FineTune {name} does not exist in this namespace")
+    status = finetunes[name] or {}
+    if _is_failed(status):
+        return None, _state(adapter, None, FAILED, _with_why(f"FineTune {name} failed", status))
+    if not _is_ready(status):
+        return None, _state(adapter, None, WAITING_FOR_FINETUNE, _not_ready("FineTune", name, status))
+    produced = status.get("adapter") or {}
+    if not produced.get("uri"):
+        return None, _state(adapter, None, FAILED, f"FineTune {name} is Ready but reports no status.adapter.uri")
+    rank = produced.get("rank")
+    if isinstance(rank, int) and rank > max_rank:
+        return produced["uri"], _state(adapter, produced["uri"], UNSUPPORTED,
+                                       f"its LoRA rank {rank} exceeds spec.lora.maxRank {max_rank}: raise "
+                                       "lora.maxRank (a new Ray cluster) or retrain with a smaller rank")
+    return produced["uri"], None
+
+
+def _location_problem(uri: str, fixed_path: str | None) -> str | None:
+    if not uri.startswith(SERVE_LORA_SCHEMES):
+        where = "a PersistentVolumeClaim" if uri.startswith("pvc://") else "that location"
+        return (f"Ray Serve loads LoRA adapters only from {', '.join(SERVE_LORA_SCHEMES)} "
+                f"(lora_config.dynamic_lora_loading_path), not from {where}: copy the adapter folder to object "
+                "storage and point adapters[].uri at it (or have the FineTune write its output there)")
+    parent, folder = _split(uri)
+    if not folder:
+        return f"{uri} is a bucket root; point it at the adapter's folder (the one holding adapter_config.json)"
+    if fixed_path is not None and parent != fixed_path:
+        return (f"it sits under {parent}, not directly under spec.lora.dynamicLoadingPath {fixed_path}: move it "
+                f"to {fixed_path}/{folder}")
+    return None
+
+
+def _misnamed(model_id: str, adapter: Adapter, uri: str, path: str | None) -> str:
+    parent, folder = _split(uri)
+    target = f"{path or parent}/{adapter.name}"
+    rename = f", or rename the adapter to {folder}" if ADAPTER_NAME.fullmatch(folder) else ""
+    return (f"clients ask for {model_id}:{adapter.name} and Ray Serve loads that from {target}, but the adapter "
+            f"is at {uri}: write (or copy) it to {target}{rename}")
+
+
+def _gate_problem(adapter: Adapter, uri: str, batchinferences: Mapping[str, Mapping[str, Any]]
+                  ) -> tuple[str, str] | None:
+    gate = adapter.gate
+    if gate is None:
+        return None
+    name = gate.batch_inference_ref.name
+    if name not in batchinferences:
+        return WAITING_FOR_EVALUATION, f"BatchInference {name} (the gate's evaluation) does not exist yet"
+    status = batchinferences[name] or {}
+    if _is_failed(status):
+        return WAITING_FOR_EVALUATION, _with_why(f"BatchInference {name} (the gate's evaluation) failed; run it "
+                                                 "again", status)
+    if not _is_ready(status):
+        return WAITING_FOR_EVALUATION, _not_ready("BatchInference", name, status) + " (the gate waits for it)"
+    evaluated = status.get(EVALUATED_ADAPTER_KEY)
+    if evaluated and evaluated.rstrip("/") != uri.rstrip("/"):
+        return WAITING_FOR_EVALUATION, (f"BatchInference {name} evaluated {evaluated}, not this adapter ({uri}); "
+                                        "point a BatchInference at this adapter")
+    metrics = status.get("metrics") or {}
+    value = metrics.get(gate.metric)
+    if not isinstance(value, (int, float)):
+        return GATE_NOT_MET, (f"BatchInference {name} reports no {gate.metric}; add it to its "
+                              "spec.evaluation.metrics")
+    if value < gate.minimum:
+        rows = f" over {metrics['rows']} rows" if metrics.get("rows") else ""
+        return GATE_NOT_MET, (f"{gate.metric} {value:.4g}{rows} (BatchInference {name}) is below the minimum "
+                              f"{gate.minimum:g}")
+    return None
+
+
+def _choose_parent(candidates: list[tuple[Adapter, str]]) -> str | None:
+    """The parent holding the most candidates; ties go to the one named first in spec.adapters."""
+    parents = [_split(uri)[0] for _, uri in candidates]
+    counts = Counter(parents)
+    return max(parents, key=lambda p: (counts[p], -parents.index(p)), default=None)
+
+
+def resolve_adapters(spec: LLMServiceSpec, finetunes: Mapping[str, Mapping[str, Any]],
+                     batchinferences: Mapping[str, Mapping[str, Any]]) -> AdapterPlan:
+    """Decide, per spec.adapters entry, whether it is served, and derive the one loading path.
+
+    `finetunes` / `batchinferences` map a resource name to its `status` (a missing name: no such resource).
+    """
+    fixed_path = spec.lora.dynamic_loading_path.rstrip("/") if spec.lora.dynamic_loading_path else None
+    states: dict[str, dict[str, Any]] = {}
+    misnamed: list[tuple[Adapter, str]] = []
+    candidates: list[tuple[Adapter, str]] = []
+    for adapter in spec.adapters or []:
+        uri, stopped = _source(adapter, finetunes, spec.lora.max_rank)
+        if stopped is None and (problem := _location_problem(uri, fixed_path)):
+            stopped = _state(adapter, uri, UNSUPPORTED, problem)
+        if stopped is None and _split(uri)[1] != adapter.name:
+            misnamed.append((adapter, uri))
+            continue
+        if stopped is None and (gated := _gate_problem(adapter, uri, batchinferences)):
+            stopped = _state(adapter, uri, *gated)
+        if stopped is not None:
+            states[adapter.name] = stopped
+        else:
+            candidates.append((adapter, uri))
+
+    path = fixed_path or _choose_parent(candidates)
+    served: list[tuple[str, str]] = []
+    for adapter, uri in candidates:
+        parent = _split(uri)[0]
+        if parent == path:
+            served.append((adapter.name, f"{path}/{adapter.name}"))
+            states[adapter.name] = _state(adapter, uri, SERVING, f"served as {spec.model_id}:{adapter.name}")
+        else:
+            states[adapter.name] = _state(adapter, uri, UNSUPPORTED, (
+                f"it sits under {parent}, but this service loads adapters from {path} (Ray Serve takes one "
+                f"dynamic_lora_loading_path per model): move it to {path}/{adapter.name}, or set "
+                "spec.lora.dynamicLoadingPath to the parent you want"))
+    for adapter, uri in misnamed:
+        states[adapter.name] = _state(adapter, uri, UNSUPPORTED, _misnamed(spec.model_id, adapter, uri, path))
+    if not served:
+        path = None
+
+    ordered = [states[a.name] for a in spec.adapters or []]
+    if path is not None:
+        for state in ordered:
+            if state["state"] != SERVING and state["uri"] and _split(state["uri"])[0] == path:
+                folder = _split(state["uri"])[1]
+                state["message"] += (f" (not published, yet its folder is under {path}, so Ray Serve still lists "
+                                     f"{spec.model_id}:{folder} and loads it on request)")
+    return AdapterPlan(dynamic_lora_loading_path=path, served=served, states=ordered,
+                       models=[spec.model_id, *(f"{spec.model_id}:{id_}" for id_, _ in served)],
+                       summary=_summary(spec, ordered, served))
+
+
+def _summary(spec: LLMServiceSpec, states: list[dict[str, Any]], served: list[tuple[str, str]]) -> str:
+    if not states:
+        return f"serving {spec.model_id} without adapters"
+    parts = [f"{len(served)}/{len(states)} adapters served"
+             + (f" ({', '.join(id_ for id_, _ in served)})" if served else "")]
+    waiting = [f"{s['name']} ({s['state']})" for s in states if s["state"] in WAITING]
+    blocked = [f"{s['name']} ({s['state']})" for s in states if s["state"] not in (SERVING, *WAITING)]
+    if waiting:
+        parts.append("waiting: " + ", ".join(waiting))
+    if blocked:
+        parts.append("not served: " + ", ".join(blocked))
+    return "; ".join(parts)
+
+
+# ---- serveConfigV2 ------------------------------------------------------------------------------------------
+def model_source(source: str) -> str:
+    """What Ray loads the base model from: HF ids and object-store URIs as they are, pvc:// as its mount path."""
+    if source.startswith("pvc://"):
+        return f"{PVC_ROOT}/{source[len('pvc://'):]}".rstrip("/")
+    return source
+
+
+def lora_rank(max_rank: int) -> int:
+    return next(r for r in VLLM_LORA_RANKS if r >= max_rank)
+
+
+def engine_kwargs(spec: LLMServiceSpec) -> dict[str, Any]:
+    """vLLM engine arguments: the typed fields, extraEngineArgs over them, then the LoRA arguments."""
+    engine = spec.engine
+    kwargs: dict[str, Any] = {}
+    if engine.max_model_len is not None:
+        kwargs["max_model_len"] = engine.max_model_len
+    kwargs["tensor_parallel_size"] = engine.tensor_parallel_size
+    kwargs["pipeline_parallel_size"] = engine.pipeline_parallel_size
+    kwargs["enable_prefix_caching"] = engine.enable_prefix_caching
+    kwargs["enable_chunked_prefill"] = engine.enable_chunked_prefill
+    if engine.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    if engine.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    extra = engine.extra_engine_args or {}
+    clashing = sorted(set(extra) & set(LORA_ENGINE_ARGS))
+    if clashing:
+        raise ServeConfigError(f"spec.engine.extraEngineArgs may not set {', '.join(clashing)}: the operator derives "
+                               "them from spec.adapters and spec.lora (maxRank, maxAdaptersPerReplica)")
+    for key in sorted(extra):
+        kwargs[key] = extra[key]
+    if spec.adapters:
+        kwargs["enable_lora"] = True
+        kwargs["max_lora_rank"] = lora_rank(spec.lora.max_rank)
+        kwargs["max_loras"] = spec.lora.max_adapters_per_replica
+    return kwargs
+
+
+def llm_config(spec: LLMServiceSpec, plan: AdapterPlan, *, accelerator_type: str, runtime_env: Mapping[str, Any]
+               ) -> dict[str, Any]:
+    """One entry of build_openai_app's `llm_configs` (fields of ray.serve.llm.LLMConfig)."""
+    scaling = spec.autoscaling
+    config: dict[str, Any] = {
+        "model_loading_config": {"model_id": spec.model_id, "model_source": model_source(spec.model.source)},
+        "accelerator_type": accelerator_type,
+        "engine_kwargs": engine_kwargs(spec),
+        "deployment_config": {"autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+        }},
+    }
+    if plan.dynamic_lora_loading_path is not None:
+        config["lora_config"] = {"dynamic_lora_loading_path": plan.dynamic_lora_loading_path,
+                                 "max_num_adapters_per_replica": spec.lora.max_adapters_per_replica}
+    if runtime_env:
+        config["runtime_env"] = dict(runtime_env)
+    return config
+
+
+def serve_config(spec: LLMServiceSpec, plan: AdapterPlan, *, accelerator_type: str,
+                 runtime_env: Mapping[str, Any]) -> dict[str, Any]:
+    """The RayService's serveConfigV2: one OpenAI-compatible application at route "/"."""
+    return {"applications": [{
+        "name": SERVE_APP_NAME,
+        "import_path": SERVE_IMPORT_PATH,
+        "route_prefix": "/",
+        "args": {"llm_configs": [llm_config(spec, plan, accelerator_type=accelerator_type,
+                                            runtime_env=runtime_env)]},
+    }]}
+
+
+def cluster_fingerprint(spec: LLMServiceSpec) -> str:
+    """Short hash of what needs a new Ray cluster when it changes (CLUSTER_FIELDS): the base model, the engine
+    (LoRA limits included while adapters are set), the pods (resources, image, secrets) and the runtime
+    environment. The adapter set, loading path and autoscaling are left out: they change serveConfigV2 only."""
+    lora = ({"maxRank": lora_rank(spec.lora.max_rank),
+             "maxAdaptersPerReplica": spec.lora.max_adapters_per_replica} if spec.adapters else None)
+    material = {
+        "model": spec.model.wire(),
+        "engine": spec.engine.wire(),
+        "lora": lora,
+        "resources": spec.resources.wire(),
+        "image": spec.image,
+        "runtimeEnv": spec.runtime_env.wire() if spec.runtime_env else None,
+        "secrets": spec.secrets.wire() if spec.secrets else None,
+    }
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,75 @@
+"""BatchInference reconcile: wait for a referenced FineTune, run the RayJob, fold metrics into status."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..api.batchinference import BatchInferenceSpec
+from ..builders import batchinference as builder
+from ..builders.common import Owner
+from ..status import Verdict
+from .engine import Engine, Key, Outcome
+from .jobs import job_outcome, validate
+
+METRIC_KEYS = ("rows", "exactMatch", "functionNameAccuracy", "attributeF1")
+
+
+def result_fields(report: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    metrics = report.get("metrics")
+    if isinstance(metrics, dict):
+        numbers = {k: metrics[k] for k in METRIC_KEYS if isinstance(metrics.get(k), (int, float))}
+        if numbers:
+            fields["metrics"] = numbers
+    if report.get("state") == "Succeeded" and report.get("outputURI"):
+        fields["outputURI"] = report["outputURI"]
+    return fields
+
+
+def fine_tune_model(engine: Engine, namespace: str, ref: str) -> tuple[builder.ResolvedModel | None, Verdict | None]:
+    """The FineTune's base model and adapter, or why we cannot have them yet."""
+    ft = engine.caches.owners.get(("FineTune", namespace, ref))
+    if ft is None:
+        return None, Verdict("Pending", "stalled", "FineTuneNotFound",
+                             f"FineTune {ref} (spec.model.fineTuneRef) does not exist in namespace {namespace}; "
+                             "create it or fix the reference")
+    status = ft.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase == "Failed":
+        return None, Verdict("Pending", "stalled", "FineTuneFailed",
+                             f"FineTune {ref} failed: {status.get('message', '')}")
+    adapter = (status.get("adapter") or {}).get("uri")
+    if phase != "Succeeded" or not adapter:
+        return None, Verdict("Waiting", "progressing", "WaitingForFineTune",
+                             f"waiting for FineTune {ref} to produce its adapter (it is {phase}: "
+                             f"{status.get('message', '')})")
+    return builder.ResolvedModel(ft["spec"]["baseModel"]["source"], adapter, adapter.rstrip("/").rsplit("/", 1)[-1]), None
+
+
+def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
+    spec, invalid = validate(BatchInferenceSpec, body)
+    if invalid:
+        return Outcome([], invalid)
+    model = builder.resolved_from_spec(spec)
+    if model is None:
+        model, waiting = fine_tune_model(engine, body["metadata"]["namespace"], spec.model.fine_tune_ref.name)
+        if waiting is not None:
+            status = body.get("status") or {}
+            if status.get("startTime"):  # already running on the adapter it resolved then
+                model = builder.ResolvedModel(status["modelSource"], status.get("adapterURI"))
+            else:
+                return Outcome([], waiting)
+    extra = {"modelSource": model.source, **({"adapterURI": model.adapter_uri} if model.adapter_uri else {})}
+    return job_outcome(engine, body, spec, "BatchInference", lambda b, ctx: builder.build(b, ctx, model),
+                       builder.names(Owner.of(body)).ray, result_fields, extra)
+
+
+def dependents_of(engine: Engine) -> Callable[[Key], list[Key]]:
+    def find(key: Key) -> list[Key]:
+        kind, namespace, name = key
+        if kind != "FineTune":
+            return []
+        return [k for k, body in engine.caches.owners.items()
+                if k[0] == "BatchInference" and k[1] == namespace
+                and ((body.get("spec") or {}).get("model") or {}).get("fineTuneRef", {}).get("name") == name]
+    return find

@@ -1,0 +1,200 @@
+"""The reconcile engine: coalescing per-resource work queue, caches fed by watches, one write path.
+
+Every trigger (our resource changed, a child's status changed, a dependency became Ready) schedules one
+reconcile of the owning resource. Triggers that arrive while it runs fold into one more run afterwards, so a
+burst of events costs at most two reconciles. Reconciles read only the caches and write only what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..builders.common import BuildContext, short_hash
+from ..kube import ApiError, Kube, with_retries
+from ..status import Verdict, conditions_for, same_status
+
+log = logging.getLogger("llmops")
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+HASH_ANNOTATION = "llmops.dev/children-hash"
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Metrics:
+    reconciles: dict[tuple[str, str], int] = field(default_factory=dict)   # (kind, result) -> count
+    durations: dict[str, list[float]] = field(default_factory=dict)        # kind -> seconds
+    api_errors: dict[str, int] = field(default_factory=dict)               # reason -> count
+    child_writes: int = 0
+    status_writes: int = 0
+
+    def count(self, kind: str, result: str, seconds: float) -> None:
+        self.reconciles[(kind, result)] = self.reconciles.get((kind, result), 0) + 1
+        self.durations.setdefault(kind, []).append(seconds)
+
+
+@dataclass
+class Caches:
+    """Watch-fed views (kopf indexes fill them): nothing here costs an API request to read."""
+
+    owners: dict[Key, dict[str, Any]] = field(default_factory=dict)           # our resources
+    ray_objects: dict[str, dict[str, Any]] = field(default_factory=dict)       # owner uid -> RayJob/RayService
+    results: dict[str, dict[str, str]] = field(default_factory=dict)           # owner uid -> result data
+    pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)   # owner uid -> pod -> body
+
+
+@dataclass
+class Outcome:
+    """What a kind's reconcile decided: children to have, and where the resource stands."""
+
+    children: list[dict[str, Any]]
+    verdict: Verdict
+    ray_kind: str = "RayJob"
+    delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove
+
+
+class Engine:
+    def __init__(self, kube: Kube, ctx: BuildContext, caches: Caches | None = None):
+        self.kube = kube
+        self.ctx = ctx
+        self.caches = caches or Caches()
+        self.metrics = Metrics()
+        self.kinds: dict[str, Callable[[Engine, dict[str, Any]], Outcome]] = {}
+        self._running: dict[Key, asyncio.Task] = {}
+        self._again: set[Key] = set()
+        self._backoff: dict[Key, float] = {}
+        self.dependents: list[Callable[[Key], list[Key]]] = []
+
+    # ---- scheduling --------------------------------------------------------------------------------------
+    def schedule(self, key: Key) -> None:
+        if key in self._running:
+            self._again.add(key)
+            return
+        self._running[key] = asyncio.get_running_loop().create_task(self._run(key))
+
+    def schedule_dependents(self, key: Key) -> None:
+        for find in self.dependents:
+            for dependent in find(key):
+                self.schedule(dependent)
+
+    async def _run(self, key: Key) -> None:
+        try:
+            while True:
+                self._again.discard(key)
+                retry = await self.reconcile(key)
+                if retry is not None:
+                    asyncio.get_running_loop().call_later(retry, self.schedule, key)
+                if key not in self._again:
+                    break
+        finally:
+            self._running.pop(key, None)
+
+    async def idle(self) -> None:
+        while self._running:
+            await asyncio.gather(*list(self._running.values()), return_exceptions=True)
+
+    # ---- one reconcile -------------------------------------------------------------------------------------
+    async def reconcile(self, key: Key) -> float | None:
+        """Returns seconds until a retry is due, or None."""
+        kind = key[0]
+        body = self.caches.owners.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        started = time.monotonic()
+        try:
+            outcome = self.kinds[kind](self, body)
+            if outcome.children:
+                await self._apply_children(body, outcome)
+            for api_version, child_kind, name in outcome.delete:
+                if self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
+                    await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
+            await self._write_status(body, outcome)
+        except ApiError as e:
+            self.metrics.api_errors[e.reason or str(e.status)] = self.metrics.api_errors.get(
+                e.reason or str(e.status), 0) + 1
+            if e.transient:
+                return self._retry(key, kind, started, f"transient API error: {e}")
+            log.warning("permanent API error on %s/%s %s: %s", key[1], key[2], kind, e)
+            verdict = Verdict("Failed", "stalled", "ApplyFailed",
+                              f"the API server refused a child object: {e.message}")
+            try:
+                await self._write_status(body, Outcome([], verdict))
+            except ApiError:
+                return self._retry(key, kind, started, "status write failed")
+            self.metrics.count(kind, "stalled", time.monotonic() - started)
+            return None
+        except Exception as e:  # a bug or an unreachable API server: never hot-loop on it
+            log.exception("reconcile of %s %s/%s failed", kind, key[1], key[2])
+            return self._retry(key, kind, started, repr(e))
+        self._backoff.pop(key, None)
+        self.metrics.count(kind, "ok", time.monotonic() - started)
+        return None
+
+    def _retry(self, key: Key, kind: str, started: float, why: str) -> float:
+        delay = min(self._backoff.get(key, 0.5) * 2, 300.0)
+        self._backoff[key] = delay
+        self.metrics.count(kind, "retry", time.monotonic() - started)
+        log.info("will retry %s %s/%s in %.1fs: %s", kind, key[1], key[2], delay, why)
+        return delay
+
+    async def _apply_children(self, body: dict[str, Any], outcome: Outcome) -> None:
+        """Apply every child once per change of the whole set: the hash rides on the Ray object."""
+        wanted = short_hash(outcome.children, 16)
+        current = self.caches.ray_objects.get(body["metadata"]["uid"])
+        if current and current.get("metadata", {}).get("annotations", {}).get(HASH_ANNOTATION) == wanted:
+            return
+        for child in outcome.children:
+            if child["kind"] == outcome.ray_kind:
+                child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
+            await with_retries(lambda c=child: self.kube.apply(c))
+            self.metrics.child_writes += 1
+
+    async def _write_status(self, body: dict[str, Any], outcome: Outcome) -> None:
+        meta = body["metadata"]
+        current = body.get("status") or {}
+        verdict = outcome.verdict
+        status: dict[str, Any] = {
+            "phase": verdict.phase,
+            "observedGeneration": meta.get("generation", 1),
+            "message": verdict.message,
+            **verdict.fields,
+        }
+        status["conditions"] = conditions_for(verdict, meta.get("generation", 1), current.get("conditions"),
+                                              now_rfc3339())
+        comparable = {k: v for k, v in current.items() if k in status}
+        if same_status(comparable, status) and set(current) <= set(status):
+            return
+        await with_retries(lambda: self.kube.apply_status(body["apiVersion"], body["kind"], meta["namespace"],
+                                                          meta["name"], status))
+        self.metrics.status_writes += 1
+        if current.get("phase") != verdict.phase:
+            await self._event(body, verdict)
+
+    async def _event(self, body: dict[str, Any], verdict: Verdict) -> None:
+        meta = body["metadata"]
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "reason": verdict.reason, "message": f"{verdict.phase}: {verdict.message}"[:1024],
+            "type": "Warning" if verdict.state == "stalled" else "Normal",
+            "source": {"component": "llmops-operator"},
+            "firstTimestamp": now_rfc3339(), "lastTimestamp": now_rfc3339(), "count": 1,
+        }
+        try:
+            await self.kube.create(event)
+        except ApiError as e:  # an event is best effort: status already says it
+            log.info("could not post event for %s: %s", meta["name"], e)
+
+
+def run_soon(coro: Awaitable[Any]) -> None:
+    asyncio.get_running_loop().create_task(coro)

@@ -1,0 +1,78 @@
+"""What FineTune and BatchInference share: both run one RayJob and read one result report."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from ..builders.common import BuildContext, UnknownAccelerator
+from ..status import Verdict, job_verdict, pod_problems, result_report
+from .engine import Engine, Outcome, now_rfc3339
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+def spec_errors(error: ValidationError) -> str:
+    """pydantic's errors as one sentence naming each field by its YAML path."""
+    parts = []
+    for e in error.errors():
+        path = "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        parts.append(f"{path}: {e['msg']}")
+    return "invalid spec: " + "; ".join(parts)
+
+
+def validate(model: type[BaseModel], body: Mapping[str, Any]) -> tuple[Any, Verdict | None]:
+    try:
+        return model.model_validate(body.get("spec") or {}), None
+    except ValidationError as e:
+        return None, Verdict("Failed", "stalled", "InvalidSpec", spec_errors(e))
+
+
+def kept(body: Mapping[str, Any]) -> Verdict:
+    """A finished run's verdict, as its status already says (a finished job is never started again)."""
+    status = body.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    phase = status.get("phase", "Failed")
+    fields = {k: v for k, v in status.items() if k not in ("phase", "conditions", "observedGeneration", "message")}
+    return Verdict(phase, "ready" if phase == "Succeeded" else "stalled", ready.get("reason", phase),
+                   status.get("message", ""), fields)
+
+
+def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
+                build: Callable[[Mapping[str, Any], BuildContext], list[dict[str, Any]]],
+                ray_name: str, result_fields: Callable[[dict[str, Any]], dict[str, Any]],
+                extra_fields: dict[str, Any] | None = None) -> Outcome:
+    status = body.get("status") or {}
+    generation = body["metadata"].get("generation", 1)
+    if status.get("phase") in TERMINAL and status.get("observedGeneration") == generation:
+        return Outcome([], kept(body))
+    try:
+        children = build(body, engine.ctx)
+    except UnknownAccelerator as e:
+        return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)))
+    uid = body["metadata"]["uid"]
+    ray = engine.caches.ray_objects.get(uid)
+    report = result_report(engine.caches.results.get(uid))
+    problems = pod_problems(list(engine.caches.pods.get(uid, {}).values()))
+    verdict = job_verdict(kind, spec.suspend, ray, report, problems)
+
+    ray_status = (ray or {}).get("status") or {}
+    fields: dict[str, Any] = {"rayJobName": ray_name, **(extra_fields or {})}
+    for ours, theirs in (("rayClusterName", "rayClusterName"), ("dashboardURL", "dashboardURL")):
+        if ray_status.get(theirs):
+            fields[ours] = ray_status[theirs]
+    if status.get("startTime") or ray is not None:
+        fields["startTime"] = status.get("startTime") or now_rfc3339()
+    if verdict.phase in TERMINAL:
+        fields["completionTime"] = status.get("completionTime") or now_rfc3339()
+    if report.get("progress") and verdict.phase == "Running":
+        fields["progress"] = report["progress"]
+    fields.update(result_fields(report))
+    verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields)
+    if status.get("startTime") and ray is None and verdict.phase not in TERMINAL and not spec.suspend:
+        # The RayJob was removed while running: re-creating it would silently re-run a paid GPU job.
+        return Outcome([], Verdict("Failed", "stalled", "RayJobDeleted",
+                                   f"RayJob {ray_name} was deleted before the job finished; delete and re-create "
+                                   "this resource to run it again", fields))
+    return Outcome(children, verdict)

@@ -1,0 +1,156 @@
+"""The one place that writes to the API server: server-side apply, status apply, events, deletes.
+
+Reads come from kopf's watch-fed indexes, so a reconcile that finds nothing to change sends no request.
+Credentials are the ones kopf logged in with (kubeconfig or in-cluster service account).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .api import GROUP, KINDS, VERSION
+
+PLURALS = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("v1", "Event"): "events",
+    ("v1", "Pod"): "pods",
+    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+    ("ray.io/v1", "RayJob"): "rayjobs",
+    ("ray.io/v1", "RayService"): "rayservices",
+    ("ray.io/v1", "RayCluster"): "rayclusters",
+    **{(f"{GROUP}/{VERSION}", k.kind): k.plural for k in KINDS.values()},
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, reason: str = ""):
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.status in (409, 429) or self.status >= 500
+
+
+def path_of(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+    plural = PLURALS[(api_version, kind)]
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    if namespace:
+        base += f"/namespaces/{namespace}"
+    base += f"/{plural}"
+    return f"{base}/{name}" if name else base
+
+
+@dataclass
+class Credentials:
+    server: str
+    token: str | None = None
+    ca_path: str | None = None
+    ca_data: bytes | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+    insecure: bool = False
+
+
+class Kube:
+    """Minimal async API client for the operator's writes."""
+
+    def __init__(self, credentials: Credentials, field_manager: str, user_agent: str = "llmops-operator"):
+        self.credentials = credentials
+        self.field_manager = field_manager
+        self.user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+        self.requests_by_verb: dict[str, int] = {}
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        c = self.credentials
+        if c.insecure:
+            return False
+        context = ssl.create_default_context(cafile=c.ca_path,
+                                             cadata=c.ca_data.decode() if c.ca_data else None)
+        if c.cert_path and c.key_path:
+            context.load_cert_chain(c.cert_path, c.key_path)
+        return context
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"User-Agent": self.user_agent}
+            if self.credentials.token:
+                headers["Authorization"] = f"Bearer {self.credentials.token}"
+            self._session = aiohttp.ClientSession(
+                base_url=self.credentials.server.rstrip("/"), headers=headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+                timeout=aiohttp.ClientTimeout(total=30))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                      params: dict[str, str] | None = None) -> dict[str, Any]:
+        session = await self.session()
+        self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
+        data = None if body is None else json.dumps(body)
+        async with session.request(method, path, data=data, params=params,
+                                   headers={"Content-Type": content_type}) as response:
+            text = await response.text()
+            if response.status >= 400:
+                try:
+                    payload = json.loads(text)
+                    raise ApiError(response.status, payload.get("message", text), payload.get("reason", ""))
+                except ValueError:
+                    raise ApiError(response.status, text) from None
+            return json.loads(text) if text else {}
+
+    async def apply(self, obj: dict[str, Any], subresource: str = "") -> dict[str, Any]:
+        """Server-side apply under the operator's field manager (force: the operator owns its children)."""
+        meta = obj["metadata"]
+        path = path_of(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        if subresource:
+            path += f"/{subresource}"
+        return await self.request("PATCH", path, obj, "application/apply-patch+yaml",
+                                  {"fieldManager": self.field_manager, "force": "true"})
+
+    async def apply_status(self, api_version: str, kind: str, namespace: str, name: str,
+                           status: dict[str, Any]) -> dict[str, Any]:
+        return await self.apply({"apiVersion": api_version, "kind": kind,
+                                 "metadata": {"name": name, "namespace": namespace}, "status": status}, "status")
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return await self.request("POST", path_of(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        try:
+            await self.request("DELETE", path_of(api_version, kind, namespace, name),
+                               {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+
+async def with_retries(call, attempts: int = 4, first_delay: float = 0.2):
+    """Retry transient API errors (conflicts, throttling, 5xx, connection drops) with backoff."""
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except ApiError as e:
+            if not e.transient or attempt == attempts - 1:
+                raise
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            if attempt == attempts - 1:
+                raise
+        await asyncio.sleep(delay)
+        delay *= 2

@@ -1,0 +1,78 @@
+"""`llmops render`: every object the operator would create for some manifests, without a cluster.
+
+References between resources in the same input are resolved as if each FineTune had finished and written
+its adapter to its spec.output.uri, so a whole workflow renders in one go.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+
+from .api import API_VERSION, KINDS
+from .api.batchinference import BatchInferenceSpec
+from .api.finetune import FineTuneSpec
+from .builders import batchinference, finetune, llmservice
+from .builders.common import BuildContext
+from .builders.serving import resolve_adapters
+from .handlers.jobs import spec_errors
+from .settings import Settings
+
+
+def _with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
+    meta = dict(doc.get("metadata") or {})
+    meta.setdefault("namespace", "default")
+    # A stable uid per name keeps the output reproducible (golden files diff it).
+    meta.setdefault("uid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{doc.get('kind')}/{meta['namespace']}/{meta.get('name')}")))
+    meta.setdefault("generation", 1)
+    return {**doc, "metadata": meta}
+
+
+def planned_finetune_status(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = FineTuneSpec.model_validate(doc["spec"])
+    return {"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}],
+            "adapter": {"uri": spec.output.uri, "baseModel": spec.base_model.source, "rank": spec.method.rank}}
+
+
+def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None) -> tuple[list[dict], list[str]]:
+    if ctx is None:
+        from .handlers.main import load_payloads
+        ctx = BuildContext(settings=Settings.load(), payloads=load_payloads())
+    docs = [_with_defaults(d) for d in docs if d.get("apiVersion") == API_VERSION and d.get("kind") in KINDS]
+    finetunes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "FineTune"}
+    objects: list[dict] = []
+    errors: list[str] = []
+    for doc in docs:
+        where = f"{doc['kind']} {doc['metadata']['namespace']}/{doc['metadata'].get('name')}"
+        try:
+            objects += _render_one(doc, finetunes, ctx)
+        except ValidationError as e:
+            errors.append(f"{where}: {spec_errors(e)}")
+        except (KeyError, ValueError) as e:
+            errors.append(f"{where}: {e}")
+    return objects, errors
+
+
+def _render_one(doc: dict[str, Any], finetunes: dict[str, dict], ctx: BuildContext) -> list[dict]:
+    kind = doc["kind"]
+    if kind == "FineTune":
+        return finetune.build(doc, ctx)
+    if kind == "BatchInference":
+        spec = BatchInferenceSpec.model_validate(doc["spec"])
+        model = batchinference.resolved_from_spec(spec)
+        if model is None:
+            ref = spec.model.fine_tune_ref.name
+            if ref not in finetunes:
+                raise KeyError(f"spec.model.fineTuneRef names FineTune {ref}, which is not in the input")
+            ft = finetunes[ref]
+            uri = FineTuneSpec.model_validate(ft["spec"]).output.uri
+            model = batchinference.ResolvedModel(ft["spec"]["baseModel"]["source"], uri,
+                                                 uri.rstrip("/").rsplit("/", 1)[-1])
+        return batchinference.build(doc, ctx, model)
+    from .api.llmservice import LLMServiceSpec
+    spec = LLMServiceSpec.model_validate(doc["spec"])
+    statuses = {name: planned_finetune_status(d) for name, d in finetunes.items()}
+    plan = resolve_adapters(spec, statuses, {})
+    return llmservice.build(doc, ctx, plan)

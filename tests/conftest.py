@@ -1,0 +1,45 @@
+"""Session fixtures: the real local control plane (built from source) and the operator process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from llmops.dev.install import install_crds
+from llmops.dev.plane import LocalPlane
+
+from integration.harness import Cluster, OperatorProcess
+
+
+@pytest.fixture(scope="session")
+def plane():
+    """etcd + kube-apiserver + controller-manager + scheduler + kwok + KubeRay, for the whole session."""
+    root = Path(tempfile.mkdtemp(prefix="llmops-plane-"))
+    plane = LocalPlane(root)
+    plane.start()  # raises with the build command when binaries are missing
+    install_crds(plane)
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(plane) -> Cluster:
+    return Cluster(plane.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def operator(plane, tmp_path_factory):
+    """One operator process shared by the tests that do not restart it."""
+    proc = OperatorProcess(plane, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    yield proc
+    proc.stop()
+    if os.environ.get("LLMOPS_SHOW_OPERATOR_LOG"):
+        print(proc.log())
+
+
+@pytest.fixture()
+def ns(cluster) -> str:
+    return cluster.namespace()

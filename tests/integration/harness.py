@@ -1,0 +1,147 @@
+"""Test-side helpers: the operator as a real process, a Kubernetes client, and waiting for conditions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from llmops.dev.plane import LocalPlane, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "llmops.dev", "v1alpha1"
+PLURALS = {"FineTune": "finetunes", "BatchInference": "batchinferences", "LLMService": "llmservices"}
+
+
+@dataclass
+class OperatorProcess:
+    """`llmops run` as a separate process, as it runs in a pod."""
+
+    plane: LocalPlane
+    log_path: Path
+    env_extra: dict[str, str] | None = None
+    args: tuple[str, ...] = ()
+    popen: subprocess.Popen | None = None
+    probe_port: int = 0
+    metrics_port: int = 0
+
+    def start(self) -> OperatorProcess:
+        self.probe_port, self.metrics_port = free_port(), free_port()
+        env = {**self.plane.env(), "PYTHONPATH": str(REPO / "operator"), **(self.env_extra or {})}
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "llmops.cli", "run", f"--probe-port={self.probe_port}",
+             f"--metrics-port={self.metrics_port}", "--log-format=plain", *self.args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"operator exited with {self.popen.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"operator not healthy after 60s; see {self.log_path}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen and self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Cluster:
+    """A thin client over the kubernetes package for tests."""
+
+    def __init__(self, kubeconfig: Path):
+        self.api_client = config.new_client_from_config(str(kubeconfig))
+        self.core = client.CoreV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
+        self.auth = client.AuthorizationV1Api(self.api_client)
+
+    def namespace(self, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace({"metadata": {"name": name}})
+        return name
+
+    # our kinds
+    def create(self, body: dict[str, Any], namespace: str) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[body["kind"]], body)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name, patch)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+
+    # KubeRay objects
+    def ray(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object("ray.io", "v1", namespace, plural, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def ray_list(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        return self.custom.list_namespaced_custom_object("ray.io", "v1", namespace, plural)["items"]
+
+    def pods(self, namespace: str, selector: str = "") -> list[Any]:
+        return self.core.list_namespaced_pod(namespace, label_selector=selector).items
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return {}
+
+
+def phase(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("status") or {}).get("phase")

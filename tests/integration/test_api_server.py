@@ -1,0 +1,89 @@
+"""The CRDs on the real API server: established, examples accepted, invalid manifests refused naming the field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from integration.harness import GROUP, PLURALS, VERSION
+from manifests import INVALID, example, finetune
+
+pytestmark = pytest.mark.integration
+
+
+def test_server_is_kubernetes_1_34(cluster):
+    from kubernetes import client
+    version = client.VersionApi(cluster.api_client).get_code()
+    assert version.git_version.startswith("v1.34."), version.git_version
+
+
+def test_crds_established(plane):
+    out = plane.kubectl("get", "crd", "-o",
+                        'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Established")].status} {end}',
+                        quiet=True).stdout
+    for name in ("finetunes.llmops.dev", "batchinferences.llmops.dev", "llmservices.llmops.dev",
+                 "rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io"):
+        assert f"{name}=True" in out
+
+
+@pytest.mark.parametrize("path", ["viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml"])
+def test_examples_accepted(cluster, ns, path):
+    doc = example(path)
+    doc["metadata"]["namespace"] = ns
+    created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[doc["kind"]], doc,
+                                                             field_validation="Strict")
+    assert created["metadata"]["uid"]
+
+
+def test_defaults_applied_by_api_server(cluster, ns):
+    created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "finetunes", finetune("defaults"))
+    spec = created["spec"]
+    assert spec["method"] == {"type": "lora", "rank": 8, "dropout": 0.0, "target": "all"}
+    assert spec["training"]["learningRate"] == 0.0001
+    assert spec["dataset"]["cutoffLen"] == 2048
+
+
+@pytest.mark.parametrize("case_id,doc,field", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_rejected_by_api_server(cluster, ns, case_id, doc, field):
+    body = copy.deepcopy(doc)
+    body["metadata"]["name"] = case_id
+    with pytest.raises(ApiException) as info:
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[body["kind"]], body,
+                                                       field_validation="Strict")
+    assert info.value.status in (400, 422), info.value.body
+    assert field in info.value.body, info.value.body
+
+
+def test_spec_immutable_once_started_except_suspend(cluster, ns):
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "finetunes", finetune("frozen"))
+    cluster.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, "finetunes", "frozen",
+                                                         {"status": {"startTime": "2026-01-01T00:00:00Z"}})
+    with pytest.raises(ApiException) as info:
+        cluster.patch("FineTune", ns, "frozen", {"spec": {"method": {"rank": 16}}})
+    assert "immutable once the job has started" in info.value.body
+    suspended = cluster.patch("FineTune", ns, "frozen", {"spec": {"suspend": True}})
+    assert suspended["spec"]["suspend"] is True
+
+
+def test_spec_mutable_before_start(cluster, ns):
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "finetunes", finetune("fresh"))
+    patched = cluster.patch("FineTune", ns, "fresh", {"spec": {"method": {"rank": 16}}})
+    assert patched["spec"]["method"]["rank"] == 16
+
+
+def test_kubectl_explain_shows_descriptions(plane):
+    out = plane.kubectl("explain", "finetune.spec.method", quiet=True).stdout
+    assert "LoRA rank" in out and "Fine-tuning method" in out
+
+
+def test_kubectl_get_llmops_lists_all_kinds(plane, cluster, ns):
+    for path in ("viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml"):
+        doc = example(path)
+        doc["metadata"]["namespace"] = ns
+        cluster.create(doc, ns)
+    out = plane.kubectl("get", "llmops", "-n", ns, quiet=True).stdout
+    assert "finetune.llmops.dev/viggo" in out
+    assert "batchinference.llmops.dev/viggo-eval" in out
+    assert "llmservice.llmops.dev/viggo-serve" in out

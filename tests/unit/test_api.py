@@ -1,0 +1,82 @@
+"""The API models: examples validate, the invalid table is refused with the field named, CRDs are structural."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from llmops.api import KINDS
+from llmops.api.crd import all_crds, structural
+from llmops.handlers.jobs import spec_errors
+from manifests import INVALID, example
+
+EXAMPLES = ["viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES)
+def test_examples_validate(path):
+    doc = example(path)
+    KINDS[doc["kind"]].spec_model.model_validate(doc["spec"])
+
+
+@pytest.mark.parametrize("case_id,doc,field", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_manifest_rejected_naming_field(case_id, doc, field):
+    with pytest.raises(ValidationError) as info:
+        KINDS[doc["kind"]].spec_model.model_validate(doc["spec"])
+    assert field in spec_errors(info.value), spec_errors(info.value)
+
+
+def test_invalid_table_is_large_enough():
+    assert len(INVALID) >= 30
+
+
+def _walk(schema, path="openAPIV3Schema"):
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("name", sorted(all_crds()))
+def test_crd_schema_is_structural(name):
+    crd = all_crds()[name]
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "title", "$defs"} & set(node), path
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+
+
+def test_structural_inlines_refs_and_drops_null_unions():
+    schema = {
+        "$defs": {"Inner": {"title": "Inner", "type": "object", "properties": {"x": {"type": "integer", "title": "X"}}}},
+        "type": "object",
+        "properties": {"inner": {"anyOf": [{"$ref": "#/$defs/Inner"}, {"type": "null"}], "default": None},
+                       "ratio": {"type": "number", "exclusiveMinimum": 0}},
+    }
+    assert structural(schema) == {
+        "type": "object",
+        "properties": {"inner": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                       "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True}},
+    }
+
+
+def test_descriptions_reach_the_schema():
+    crd = all_crds()["llmops.dev_finetunes.yaml"]
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "LoRA rank" in spec["properties"]["method"]["properties"]["rank"]["description"]
+    assert spec["properties"]["method"]["description"]
+
+
+def test_crd_names_and_category():
+    for crd in all_crds().values():
+        names = crd["spec"]["names"]
+        assert names["categories"] == ["llmops"]
+        assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
+    short = sorted(c["spec"]["names"]["shortNames"][0] for c in all_crds().values())
+    assert short == ["bi", "ft", "llms"]
