@@ -681,7 +681,11 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
     }
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            env["host_cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     from importlib import metadata
 
     for name in ("flash-attn", "liger-kernel", "llamafactory"):
@@ -778,8 +782,8 @@ def print_table(results: dict, n_params: int) -> None:
               f"{'yes' if v['checkpointing'] else 'no':>5} {v['attention']:>9} {'yes' if v['liger'] else 'no':>5} "
               f"{v['lora_dtype']:>5} {v['samples_per_s']:>10.2f} {v['tokens_per_s']:>9.0f} {v['model_tflops']:>8.1f} "
               f"{v['peak_alloc_gib']:>9.2f}")
-    if "targets" in results:
-        print("targets:", json.dumps(results["targets"]))
+    for target in results.get("targets", []):
+        print("targets (>= 20x reference and >= 50 samples/s):", json.dumps(target))
     report = results.get("loss", {})
     if report.get("runs"):
         print(f"held-out loss after {report['samples']} samples (initial {report.get('initial_eval_loss')}):")
@@ -844,12 +848,13 @@ def main() -> int:
                        1, 8, True)
     default = recipe("default", "packed 2048-token row x1, accum 1, no checkpointing, FA2 varlen, liger", 1,
                      False, True)
+    default_x2 = recipe("default-x2", "as default, packed rows x2 (twice the effective batch)", 2, False, True)
     # 1. without Liger
     run_variants(model, adapter, [
         (reference, 1, 3),
         (recipe("packed-sdpa-mask", "packed row x1, SDPA with a block-diagonal mask", 1, False, False,
                 attention="sdpa-mask"), 2, 6),
-        (recipe("packed", "packed row x1, no checkpointing, FA2 varlen", 1, False, False), 2, 10),
+        (recipe("packed", "packed row x1, no checkpointing, FA2 varlen", 1, False, False), 2, 15),
         (recipe("packed-x2", "packed rows x2", 2, False, False), 1, 5),
         (recipe("packed-pure-bf16", "packed row x1, adapter in bf16 without autocast", 1, False, False, "bf16"),
          2, 8),
@@ -896,8 +901,8 @@ def main() -> int:
         traceback.print_exc()
     if Liger.applied:
         run_variants(model, adapter, [
-            (default, 2, 10),
-            (recipe("default-x2", "as default, packed rows x2", 2, False, True), 1, 5),
+            (default, 2, 20),
+            (default_x2, 1, 10),
             (recipe("default-ckpt", "as default, gradient checkpointing", 1, True, True), 1, 6),
             (recipe("default-x4-ckpt", "as default, rows x4, gradient checkpointing", 4, True, True), 1, 3),
             (recipe("default-pure-bf16", "as default, adapter in bf16 without autocast (pure_bf16)", 1, False, True,
@@ -905,17 +910,17 @@ def main() -> int:
         ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     by_name = {v["name"]: v for v in results["variants"] if "samples_per_s" in v}
-    best = by_name.get("default") or by_name.get("packed")
-    if "reference" in by_name and best:
-        speedup = best["samples_per_s"] / by_name["reference"]["samples_per_s"]
-        results["targets"] = {
-            "recipe": best["name"],
-            "speedup_vs_reference": round(speedup, 1),
-            "speedup_target": 20,
-            "samples_per_s": best["samples_per_s"],
-            "samples_per_s_target": 50,
-            "met": bool(speedup >= 20 and best["samples_per_s"] >= 50),
-        }
+    results["targets"] = []
+    for name in ("default", "default-x2", "packed"):
+        if "reference" in by_name and name in by_name:
+            speedup = by_name[name]["samples_per_s"] / by_name["reference"]["samples_per_s"]
+            results["targets"].append({
+                "recipe": name,
+                "speedup_vs_reference": round(speedup, 1),
+                "samples_per_s": by_name[name]["samples_per_s"],
+                "met_20x": bool(speedup >= 20),
+                "met_50_per_s": bool(by_name[name]["samples_per_s"] >= 50),
+            })
     results["memory_calibration"] = {
         "weights_gib": round(n_params * 2 / GIB, 2),
         "no_ckpt": slope(by_name, "packed", "packed-x2"),
@@ -941,8 +946,12 @@ def main() -> int:
     write(args.out, results)
 
     if Liger.applied:
-        default_steps = [[packed_microbatch([r], row_len)] for r in pack_rows(learn, row_len, seed=19)]
+        learn_rows = pack_rows(learn, row_len, seed=19)
+        default_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
         learning_runs(model, adapter, default, "default (1 row/step)", default_steps, args.loss_lrs, eval_rows,
+                      row_len, len(learn), results, args.out)
+        x2_steps = [[packed_microbatch(learn_rows[i:i + 2], row_len)] for i in range(0, len(learn_rows), 2)]
+        learning_runs(model, adapter, default_x2, "default-x2 (2 rows/step)", x2_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)
         pure = recipe("default-pure-bf16", "", 1, False, True, "bf16")
         learning_runs(model, adapter, pure, "default, pure_bf16", default_steps, args.loss_lrs, eval_rows, row_len,

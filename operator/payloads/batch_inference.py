@@ -333,7 +333,7 @@ def read_input(spec: BatchInferenceSpec, source: storage.StorageURI) -> Tuple[An
         raise _unreadable(spec, source, exc) from exc
     if total == 0:
         raise PayloadError(f"spec.input.uri {source} has no rows")
-    for (field, spec_path), count in zip(prompt_fields, missing):
+    for (field, spec_path), count in zip(prompt_fields, missing, strict=True):
         if count:
             raise PayloadError(f"{count} of {total} input rows have no value for field {field!r} named by {spec_path}")
     return ds, columns, total
@@ -353,7 +353,7 @@ def score_output(spec: BatchInferenceSpec, target: storage.StorageURI) -> Dict[s
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
         predictions = batch.column(GENERATED_TEXT).to_pylist()
         if spec.reference_field:
-            accumulator.add_all(zip(predictions, batch.column(spec.reference_field).to_pylist()))
+            accumulator.add_all(zip(predictions, batch.column(spec.reference_field).to_pylist(), strict=True))
         else:
             accumulator.rows += len(predictions)
     if not spec.reference_field:
@@ -445,7 +445,7 @@ def main(
         result = run(spec, reporter, processor_factory)
     except Exception as exc:  # every failure must reach the operator as a Failed report
         message = failure_message(exc)
-        logger.exception("batch inference failed: %s", message)
+        logger.exception("%s", message)
         try:
             reporter.failed(message)
         except ReportError as report_exc:

@@ -31,7 +31,7 @@ def _text(value: object) -> str:
 
 def exact_match(prediction: object, reference: object) -> bool:
     """Strict equality after stripping surrounding whitespace (the reference run's rule)."""
-    return _text(prediction) == _text(reference)
+    return _text(prediction).strip() == _text(reference).strip()
 
 
 def function_name(text: object) -> Optional[str]:

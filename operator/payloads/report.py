@@ -152,7 +152,9 @@ class ResultReporter:
             try:
                 token = _read(self.token_path)
             except OSError as exc:
-                raise ReportError(f"cannot read the service-account token at {self.token_path}: {exc.strerror}")
+                raise ReportError(
+                    f"cannot read the service-account token at {self.token_path}: {exc.strerror}"
+                ) from exc
         body = build_patch(fields, rfc3339_now(), secrets=[token] if token else [])
         logger.info("result report: %s", json.dumps(body["data"], sort_keys=True))
         if self.configmap:

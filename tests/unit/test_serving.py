@@ -473,6 +473,7 @@ ADAPTERS = [{"name": "viggo", "uri": f"{BUCKET}/viggo"}]
     {"suspend": True},
     {"lora": {"maxRank": 60}},  # rounds to the same engine rank, 64
     {"engine": {"maxModelLen": 4096, "enableChunkedPrefill": True}},  # defaults written out
+    {"resources": {"workers": 3}},  # the worker count follows autoscaling
 ])
 def test_fingerprint_ignores_in_place_changes(changes):
     before = make_spec(ADAPTERS)
@@ -489,6 +490,8 @@ def test_fingerprint_ignores_in_place_changes(changes):
     {"lora": {"maxAdaptersPerReplica": 8}},
     {"resources": {"accelerator": "H100"}},
     {"resources": {"gpusPerWorker": 2}},
+    {"resources": {"memoryPerWorker": "64Gi"}},
+    {"resources": {"nodeSelector": {"pool": "l4-spot"}}},
     {"image": "registry.example/ray-llm:custom"},
     {"runtimeEnv": {"envVars": {"VLLM_USE_V1": "1"}}},
     {"secrets": {"storage": {"name": "s3-creds"}}},

@@ -220,9 +220,9 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     replicas = resources.workers
     worker_group: dict[str, Any] = {
         "groupName": "gpu",
-        "replicas": replicas if autoscale_to is None else min(replicas, autoscale_to),
-        "minReplicas": replicas if autoscale_to is None else 0,
-        "maxReplicas": replicas if autoscale_to is None else autoscale_to,
+        "replicas": replicas,
+        "minReplicas": replicas,
+        "maxReplicas": replicas if autoscale_to is None else max(replicas, autoscale_to),
         "rayStartParams": {},
         "template": {"metadata": {"labels": dict(pod_labels)}, "spec": worker_pod},
     }

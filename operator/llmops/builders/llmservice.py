@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from .. import yamlio
 from ..api.llmservice import LLMServiceSpec
 from ..settings import Settings
-from .common import BuildContext, Names, Owner, owned, profile_for, ray_cluster_spec, runtime_env
+from .common import BuildContext, Names, Owner, owned, profile_for, pvc_claims, ray_cluster_spec, runtime_env
 from .serving import AdapterPlan, cluster_fingerprint, serve_config
 
 TAG = "llm"
@@ -36,11 +36,13 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
     spec = LLMServiceSpec.model_validate(body["spec"])
     n = names(owner)
     profile = profile_for(spec.resources, ctx.settings)
+    fingerprint = cluster_fingerprint(spec)
     per_replica = workers_per_replica(spec)
     max_workers = spec.autoscaling.max_replicas * per_replica
     resources = spec.resources.model_copy(update={"workers": spec.autoscaling.min_replicas * per_replica})
     image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, {}, [], autoscale_to=max_workers)
+    cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, {}, pvc_claims(spec.model.source),
+                               autoscale_to=max_workers)
     # No job files or payloads for serving: drop the ConfigMap volumes the job kinds mount.
     for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
         pod = group["template"]["spec"]
@@ -51,10 +53,16 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
         pod.pop("serviceAccountName", None)
         if not pod["volumes"]:
             del pod["volumes"]
+            for c in pod["containers"]:
+                del c["volumeMounts"]
+        # KubeRay starts a new cluster (upgradeStrategy) when rayClusterConfig changes: carrying the fingerprint of
+        # model, engine and resources here makes those changes roll out that way, while adapter changes (only in
+        # serveConfigV2) apply in place.
+        group["template"]["metadata"].setdefault("annotations", {})[FINGERPRINT_ANNOTATION] = fingerprint
     serve = serve_config(spec, plan, accelerator_type=profile.ray_accelerator_type, runtime_env=runtime_env(spec))
     service = {
         "apiVersion": "ray.io/v1", "kind": "RayService",
-        "metadata": {"name": n.ray, "annotations": {FINGERPRINT_ANNOTATION: cluster_fingerprint(spec)}},
+        "metadata": {"name": n.ray},
         "spec": {
             "upgradeStrategy": {"type": spec.upgrade_strategy},
             "serveConfigV2": yamlio.dump(serve),

@@ -4,7 +4,7 @@ Pure functions: the caller reads the FineTune / BatchInference statuses and pass
 
 How Ray Serve 2.60 finds a LoRA adapter (ray.llm._internal.serve.utils.lora_serve_utils): a request for
 model "<model_id>:<id>" loads the folder "<lora_config.dynamic_lora_loading_path>/<id>", and /v1/models lists
-every subfolder of that path. Hence the rules applied here:
+every subfolder of that path holding an adapter_config.json. Hence the rules applied here:
 
 * one loading path per model: adapters under another parent cannot be served next to the chosen one;
 * the adapter's folder name IS its id, and the API promises clients "<modelId>:<adapters[].name>", so an
@@ -36,12 +36,6 @@ SERVE_IMPORT_PATH = "ray.serve.llm:build_openai_app"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
 # Engine arguments the operator derives from spec.lora; extraEngineArgs may not set them.
 LORA_ENGINE_ARGS = ("enable_lora", "max_lora_rank", "max_loras")
-
-# What a change needs. CLUSTER_FIELDS (hashed by cluster_fingerprint) restart the engine or change the pods:
-# they roll out as a new Ray cluster. IN_PLACE_FIELDS only rewrite serveConfigV2 (or nothing but status).
-CLUSTER_FIELDS = ("model", "engine", "lora.maxRank + lora.maxAdaptersPerReplica (while adapters are set)",
-                  "adapters set <-> empty (toggles enable_lora)", "resources", "image", "runtimeEnv", "secrets")
-IN_PLACE_FIELDS = ("adapters", "lora.dynamicLoadingPath", "autoscaling", "modelId")
 
 SERVING = "Serving"
 WAITING_FOR_FINETUNE = "WaitingForFineTune"
@@ -350,17 +344,29 @@ def serve_config(spec: LLMServiceSpec, plan: AdapterPlan, *, accelerator_type: s
     }]}
 
 
+# Resources fields that do not shape an LLMService's pods: the worker count follows autoscaling, and placement
+# strategy applies to training workers.
+UNUSED_RESOURCES = {"workers", "placementStrategy"}
+
+
 def cluster_fingerprint(spec: LLMServiceSpec) -> str:
-    """Short hash of what needs a new Ray cluster when it changes (CLUSTER_FIELDS): the base model, the engine
-    (LoRA limits included while adapters are set), the pods (resources, image, secrets) and the runtime
-    environment. The adapter set, loading path and autoscaling are left out: they change serveConfigV2 only."""
+    """Short hash of the fields that restart the vLLM engine or change the pods, so need a new Ray cluster:
+
+    - model.source, engine (extraEngineArgs included), resources (pod size, accelerator, node pool), image,
+      runtimeEnv, secrets;
+    - while spec.adapters is non-empty, the engine's LoRA limits (the rendered max_lora_rank, and
+      lora.maxAdaptersPerReplica as max_loras); and adapters going empty <-> non-empty (enable_lora).
+
+    Left out, as they only rewrite serveConfigV2 (or status): the adapters themselves, their FineTunes and
+    gates, lora.dynamicLoadingPath, autoscaling, modelId; and upgradeStrategy, suspend, resources.workers.
+    """
     lora = ({"maxRank": lora_rank(spec.lora.max_rank),
              "maxAdaptersPerReplica": spec.lora.max_adapters_per_replica} if spec.adapters else None)
     material = {
         "model": spec.model.wire(),
         "engine": spec.engine.wire(),
         "lora": lora,
-        "resources": spec.resources.wire(),
+        "resources": {k: v for k, v in spec.resources.wire().items() if k not in UNUSED_RESOURCES},
         "image": spec.image,
         "runtimeEnv": spec.runtime_env.wire() if spec.runtime_env else None,
         "secrets": spec.secrets.wire() if spec.secrets else None,

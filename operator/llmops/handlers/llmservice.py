@@ -7,7 +7,7 @@ from typing import Any, Callable
 from ..api.llmservice import LLMServiceSpec
 from ..builders import llmservice as builder
 from ..builders.common import Owner, UnknownAccelerator
-from ..builders.serving import resolve_adapters
+from ..builders.serving import ServeConfigError, resolve_adapters
 from ..status import Verdict, pod_problems, service_verdict
 from .engine import Engine, Key, Outcome
 from .jobs import validate
@@ -47,6 +47,8 @@ def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
         children = builder.build(body, engine.ctx, plan)
     except UnknownAccelerator as e:
         return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)), ray_kind="RayService")
+    except ServeConfigError as e:
+        return Outcome([], Verdict("Failed", "stalled", "InvalidServeConfig", str(e)), ray_kind="RayService")
     uid = body["metadata"]["uid"]
     problems = pod_problems(list(engine.caches.pods.get(uid, {}).values()))
     verdict = service_verdict(engine.caches.ray_objects.get(uid), plan.summary, problems, spec.upgrade_strategy)

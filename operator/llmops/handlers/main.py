@@ -42,14 +42,11 @@ def engine() -> Engine:
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is not None:
-        STATE["credentials"] = info
-    return info
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
     options = STATE.get("options", {})
     settings.posting.enabled = False          # we post our own Events, one per phase change
     settings.scanning.disabled = True         # no cluster-wide namespace/CRD scans: least rights
@@ -65,7 +62,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     else:
         settings.peering.standalone = True
     llmops_settings = Settings.load()
-    info = STATE.get("credentials")
+    # Startup runs before kopf's own login: read the same credentials the same way for our writes.
+    info = (kopf.login_with_service_account(logger=logger, settings=settings)
+            or kopf.login_with_kubeconfig(logger=logger, settings=settings))
     if info is None:
         raise kopf.PermanentError("no API credentials: set KUBECONFIG or run in a pod with a service account")
     credentials = Credentials(server=info.server, token=info.token, ca_path=info.ca_path, ca_data=info.ca_data,
@@ -172,7 +171,7 @@ def run(*, namespaces: list[str], all_namespaces: bool, probe_port: int, metrics
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     liveness = f"http://0.0.0.0:{probe_port}/healthz" if probe_port else None
     asyncio.run(kopf.operator(
-        clusterwide=all_namespaces, namespaces=namespaces or None, liveness_endpoint=liveness,
+        clusterwide=all_namespaces, namespaces=namespaces, liveness_endpoint=liveness,
         standalone=standalone, peering_name=peering,
     ))
     return 0

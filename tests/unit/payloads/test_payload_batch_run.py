@@ -199,9 +199,17 @@ def test_engine_failure_mid_run_leaves_no_success_marker(tmp_path, pvc, reporter
     out.mkdir()
     (out / bi.SUCCESS_MARKER).write_text("{}")  # from an earlier, complete run
     job = make_job(tmp_path, input={"uri": write_input(pvc, "jsonl", rows), "format": "jsonl"})
+    engine = fake_engine()
+    marker_when_built = []
 
-    assert bi.main(["--config", job], processor_factory=fake_engine()) == 1
+    def factory(config, preprocess, postprocess):
+        marker_when_built.append((out / bi.SUCCESS_MARKER).exists())
+        return engine(config, preprocess, postprocess)
 
+    assert bi.main(["--config", job], processor_factory=factory) == 1
+
+    # The old marker is gone before the pipeline runs, not only once Ray starts replacing the directory.
+    assert marker_when_built == [False]
     assert not (out / bi.SUCCESS_MARKER).exists()
     assert [p["state"] for p in reporter_env.patches] == ["Running", "Failed"]
     assert reporter_env.data["message"] == (

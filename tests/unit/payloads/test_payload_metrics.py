@@ -70,7 +70,9 @@ def test_malformed_meaning_representations_have_no_pairs(text):
 
 
 def test_score_row_is_order_insensitive_for_attributes_and_values():
-    reordered = "give_opinion(genres[action-adventure], rating[excellent], release_year[1994], name[Little Big Adventure])"
+    reordered = (
+        "give_opinion(genres[action-adventure], rating[excellent], release_year[1994], name[Little Big Adventure])"
+    )
     score = m.score_row(reordered, OPINION)
     assert (score.exact, score.function_name) == (False, True)
     assert (score.attribute_true_positives, score.attribute_predicted, score.attribute_expected) == (4, 4, 4)

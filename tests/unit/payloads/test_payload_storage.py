@@ -44,7 +44,7 @@ def test_name_parent_and_containment():
     assert (adapter.name, adapter.parent.uri) == ("viggo-lora", "s3://bucket/adapters")
     assert s.parse("s3://bucket/x").parent.uri == "s3://bucket"
     with pytest.raises(s.StorageURIError, match="has no parent"):
-        s.parse("s3://bucket").parent
+        _ = s.parse("s3://bucket").parent
     out = s.parse("pvc://data/viggo/out")
     assert out.contains(s.parse("pvc://data/viggo/out/part-0.json"))
     assert out.contains(out)

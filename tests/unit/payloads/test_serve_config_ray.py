@@ -159,8 +159,10 @@ def test_every_default_accelerator_profile_is_a_ray_accelerator_type(profile):
     LLMConfig.model_validate(rendered["applications"][0]["args"]["llm_configs"][0])
 
 
-@pytest.mark.parametrize("path, ok", [("s3://b/a", True), ("gs://b/a", True), ("abfss://c@acct.dfs.core.windows.net/a", True),
-                                      ("azure://c/a", True), ("pvc://claim/a", False), ("/mnt/llmops/pvc/claim/a", False)])
+@pytest.mark.parametrize("path, ok", [
+    ("s3://b/a", True), ("gs://b/a", True), ("abfss://c@acct.dfs.core.windows.net/a", True), ("azure://c/a", True),
+    ("pvc://claim/a", False), ("/mnt/llmops/pvc/claim/a", False),
+])
 def test_ray_loading_path_schemes_match_the_operator_rule(path, ok):
     """The operator marks pvc:// adapters Unsupported because Ray's LoraConfig refuses anything but these."""
     if ok:

@@ -1,0 +1,171 @@
+"""FineTune on the real local plane: RayJob content, KubeRay's cluster on the L4 pool, status, suspend, GC."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from integration.harness import condition, phase, wait_for
+from llmops.dev.simulator import Plan, Simulator
+from manifests import finetune
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def simulator(plane):
+    return Simulator(plane.kubeconfig, run_seconds=0)
+
+
+def _rayjob(cluster, ns, name="ft"):
+    return cluster.ray("rayjobs", ns, f"{name}-ft")
+
+
+def _finish(simulator, cluster, ns, name, plan=None):
+    job = f"{name}-ft"
+    if plan:
+        simulator.plans[(ns, job)] = plan
+    wait_for(lambda: (simulator.step() or True) and phase(cluster.get("FineTune", ns, name)) in ("Succeeded", "Failed"),
+             timeout=90, what=f"FineTune {name} to finish")
+
+
+def test_finetune_runs_on_the_l4_pool(cluster, operator, ns):
+    cluster.create(finetune("ft"), ns)
+    job = wait_for(lambda: _rayjob(cluster, ns), what="the RayJob")
+    spec = job["spec"]
+    assert spec["entrypoint"] == "python -m payloads.finetune --config /etc/llmops/job/job.json"
+    assert spec["shutdownAfterJobFinishes"] is True and not spec.get("suspend", False)
+    assert "USE_RAY: '1'" in spec["runtimeEnvYAML"] or 'USE_RAY: "1"' in spec["runtimeEnvYAML"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["replicas"] == 2
+    pod = worker["template"]["spec"]
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["serviceAccountName"] == "ft-ft-ray"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTune"
+
+    config = cluster.core.read_namespaced_config_map("ft-ft-config", ns)
+    assert "train.yaml" in config.data and "dataset_info.json" in config.data
+    assert "payload.finetune.py" in config.data
+    assert json.loads(config.data["job.json"])["output"]["uri"] == "s3://bucket/adapters/ft"
+
+    # KubeRay (real) creates the cluster; the scheduler places it; kwok runs it.
+    def placed():
+        pods = cluster.pods(ns, "ray.io/is-ray-node=yes")
+        running = [p for p in pods if p.status.phase == "Running"]
+        return pods if len(pods) == 3 and len(running) == 3 else None
+    pods = wait_for(placed, timeout=90, what="3 Running Ray pods")
+    nodes = {p.metadata.labels["ray.io/node-type"]: [] for p in pods}
+    for p in pods:
+        nodes[p.metadata.labels["ray.io/node-type"]].append(p.spec.node_name)
+    assert all(n.startswith("l4-") for n in nodes["worker"]), nodes
+    assert nodes["head"] == ["cpu-0"], nodes
+
+    ft = wait_for(lambda: (lambda o: o if phase(o) == "Running" else None)(cluster.get("FineTune", ns, "ft")),
+                  timeout=60, what="phase Running")
+    assert condition(ft, "Reconciling")["status"] == "True"
+    assert condition(ft, "Ready")["status"] == "False"
+    assert ft["status"]["observedGeneration"] == ft["metadata"]["generation"]
+    assert ft["status"]["rayClusterName"].startswith("ft-ft")
+
+
+def test_result_report_makes_it_ready(cluster, operator, ns, simulator):
+    cluster.create(finetune("ready"), ns)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "ready")) == "Running", timeout=90, what="Running")
+    _finish(simulator, cluster, ns, "ready")
+    ft = cluster.get("FineTune", ns, "ready")
+    assert phase(ft) == "Succeeded"
+    ready = condition(ft, "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "Succeeded"
+    assert condition(ft, "Stalled")["status"] == "False" and condition(ft, "Reconciling")["status"] == "False"
+    assert ft["status"]["adapter"] == {"uri": "s3://bucket/adapters/ready", "baseModel": "Qwen/Qwen2.5-7B-Instruct",
+                                       "rank": 8}
+    assert ft["status"]["metrics"]["trainLoss"] > 0
+    assert ft["status"]["completionTime"]
+    events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=ready").items
+    assert {"Succeeded"} <= {e.reason for e in events}
+
+
+def test_job_failure_stalls_with_reason(cluster, operator, ns, simulator):
+    cluster.create(finetune("boom"), ns)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "boom")) == "Running", timeout=90, what="Running")
+    _finish(simulator, cluster, ns, "boom", Plan("Failed", "training diverged: loss is NaN at step 40"))
+    ft = cluster.get("FineTune", ns, "boom")
+    assert phase(ft) == "Failed"
+    stalled = condition(ft, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "PayloadFailed"
+    assert "loss is NaN" in stalled["message"]
+
+
+def test_unschedulable_pool_stalls(cluster, operator, ns):
+    doc = finetune("big")
+    doc["spec"]["resources"].update(workers=3, gpusPerWorker=4)   # the pool has 2 nodes x 4 GPUs
+    cluster.create(doc, ns)
+    ft = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("status") == "True" else None)(
+        cluster.get("FineTune", ns, "big")), timeout=90, what="Stalled")
+    stalled = condition(ft, "Stalled")
+    assert stalled["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in stalled["message"] and "spec.resources" in stalled["message"]
+
+
+def test_suspend_and_resume(cluster, operator, ns):
+    cluster.create(finetune("pause"), ns)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "pause")) == "Running", timeout=90, what="Running")
+    cluster.patch("FineTune", ns, "pause", {"spec": {"suspend": True}})
+    wait_for(lambda: (_rayjob(cluster, ns, "pause") or {}).get("spec", {}).get("suspend") is True, what="suspend")
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "pause")) == "Suspended", timeout=90, what="Suspended")
+    wait_for(lambda: not cluster.ray_list("rayclusters", ns), timeout=90, what="the RayCluster to go")
+    cluster.patch("FineTune", ns, "pause", {"spec": {"suspend": False}})
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "pause")) == "Running", timeout=90, what="Running again")
+    assert cluster.ray_list("rayclusters", ns)
+
+
+def test_deletion_garbage_collects_children(cluster, operator, ns):
+    cluster.create(finetune("gone"), ns)
+    wait_for(lambda: _rayjob(cluster, ns, "gone"), what="the RayJob")
+    cluster.delete("FineTune", ns, "gone")
+
+    def children_left():
+        left = [c.metadata.name for c in cluster.core.list_namespaced_config_map(ns).items
+                if c.metadata.name.startswith("gone-")]
+        left += [s.metadata.name for s in cluster.core.list_namespaced_service_account(ns).items
+                 if s.metadata.name.startswith("gone-")]
+        left += [j["metadata"]["name"] for j in cluster.ray_list("rayjobs", ns)]
+        left += [r.metadata.name for r in cluster.rbac.list_namespaced_role(ns).items]
+        return left
+    wait_for(lambda: not children_left(), timeout=90, what="garbage collection")
+
+
+def test_spec_invalid_past_admission_stalls_without_children(cluster, operator, ns):
+    doc = finetune("managed")
+    doc["spec"]["extraArgs"] = {"output_dir": "/tmp/elsewhere", "seed": 7}
+    cluster.create(doc, ns)
+    ft = wait_for(lambda: (lambda o: o if phase(o) == "Failed" else None)(cluster.get("FineTune", ns, "managed")),
+                  what="Failed")
+    stalled = condition(ft, "Stalled")
+    assert stalled["reason"] == "InvalidSpec" and "spec.extraArgs" in stalled["message"]
+    assert "output_dir" in stalled["message"]
+    assert _rayjob(cluster, ns, "managed") is None
+
+
+def test_ray_pods_may_only_patch_their_result(cluster, operator, ns):
+    from kubernetes import client
+    cluster.create(finetune("rights"), ns)
+    wait_for(lambda: _rayjob(cluster, ns, "rights"), what="the RayJob")
+    user = f"system:serviceaccount:{ns}:rights-ft-ray"
+
+    def allowed(verb, resource, name=""):
+        review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(
+            user=user, groups=["system:serviceaccounts", f"system:serviceaccounts:{ns}"],
+            resource_attributes=client.V1ResourceAttributes(namespace=ns, verb=verb, resource=resource, name=name)))
+        return cluster.auth.create_subject_access_review(review).status.allowed
+
+    wait_for(lambda: allowed("patch", "configmaps", "rights-ft-result"), what="the Role to bind")
+    assert allowed("get", "configmaps", "rights-ft-result")
+    assert not allowed("patch", "configmaps", "rights-ft-config")
+    assert not allowed("list", "configmaps")
+    assert not allowed("get", "secrets", "hf-token")
+    assert not allowed("create", "pods")

@@ -1,0 +1,312 @@
+"""payloads.finetune end to end on CPU: a fake `llamafactory-cli` (fake_llamafactory_cli.py) stands in for
+LLaMA-Factory 0.9.4; everything else is real: the config the operator's builder renders, staging from pvc://
+(a temporary mount root), the Ray storage layout, peft's check of adapter_config.json, publishing and the reports
+sent to a local ConfigMap endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytest
+import yaml
+
+from payload_testkit import OPERATOR_DIR, PAYLOAD_DATA
+
+from llmops.api.finetune import FineTuneSpec
+from llmops.builders import llamafactory
+from payloads import finetune
+
+HERE = Path(__file__).resolve().parent
+FAKE_CLI = HERE / "fake_llamafactory_cli.py"
+OUTPUT_URI = "pvc://models/adapters/viggo"
+SPEC: Dict[str, Any] = {
+    "baseModel": {"source": "Qwen/Qwen2.5-7B-Instruct"},
+    "template": "qwen",
+    "method": {"type": "lora", "rank": 8, "target": "all"},
+    "dataset": {"train": {"uri": "pvc://data/viggo/train.jsonl"}, "validation": {"uri": "pvc://data/viggo/val"},
+                "format": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output"},
+                "maxSamples": 1000},
+    "training": {"epochs": 2, "loggingSteps": 1, "saveSteps": 2},
+    "resources": {"workers": 1, "gpusPerWorker": 1, "accelerator": "L4"},
+    "output": {"uri": OUTPUT_URI},
+}
+
+
+def has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_peft = pytest.mark.skipif(not has_peft(), reason="the adapter check needs peft (install it in .venv-ray)")
+
+
+class Run:
+    """One driver run in a temporary world: pvc root, node-local staging dir, job ConfigMap files."""
+
+    def __init__(self, root: Path, api, spec: Optional[Dict[str, Any]] = None):
+        self.root, self.api = root, api
+        self.pvc = root / "pvc"
+        self.staging = root / "scratch"
+        self.job_dir = root / "job"
+        self.bin = root / "bin"
+        self.site = root / "site"
+        self.calls = root / "calls.txt"
+        for folder in (self.job_dir, self.bin, self.site):
+            folder.mkdir(parents=True)
+        data = self.pvc / "data" / "viggo"
+        (data / "val").mkdir(parents=True)
+        lines = (PAYLOAD_DATA / "viggo_test.jsonl").read_text().splitlines()
+        (data / "train.jsonl").write_text("\n".join(lines[:12]) + "\n")
+        (data / "val" / "part-0.jsonl").write_text("\n".join(lines[12:]) + "\n")
+        (data / "val" / "_SUCCESS").write_text("")
+        self.installed("0.9.4")
+        cli = self.bin / "llamafactory-cli"
+        cli.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{FAKE_CLI}' \"$@\"\n")
+        cli.chmod(0o755)
+        self.env = {"PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "LLMOPS_PVC_ROOT": str(self.pvc),
+                    "LLMOPS_PROGRESS_INTERVAL_S": "0", "FAKE_LF_CALLS": str(self.calls),
+                    "PYTHONPATH": os.pathsep.join([str(self.site), str(OPERATOR_DIR), os.environ.get("PYTHONPATH", "")])}
+        self.render(spec or SPEC)
+
+    def installed(self, version: str) -> None:
+        """What importlib.metadata sees as the installed LLaMA-Factory."""
+        for old in self.site.glob("llamafactory-*.dist-info"):
+            shutil.rmtree(old)
+        dist = self.site / f"llamafactory-{version}.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llamafactory\nVersion: {version}\n")
+
+    def render(self, wire: Dict[str, Any]) -> None:
+        """The three ConfigMap files, as the operator renders them."""
+        spec = FineTuneSpec.model_validate(wire)
+        config = llamafactory.train_config(spec, name="viggo", recipe={"per_device_train_batch_size": 1},
+                                           accelerator_type="L4", staging_dir=str(self.staging))
+        job = {"kind": "FineTune", "name": "viggo", "namespace": "ml",
+               **{k: v for k, v in spec.wire().items() if k in ("baseModel", "method", "dataset", "output")}}
+        (self.job_dir / "job.json").write_text(json.dumps(job))
+        (self.job_dir / "train.yaml").write_text(yaml.safe_dump(config))
+        (self.job_dir / "dataset_info.json").write_text(json.dumps(llamafactory.dataset_info(spec,
+                                                                                           str(self.staging))))
+
+    def __call__(self, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "payloads.finetune", "--config", str(self.job_dir / "job.json")],
+                              env={**os.environ, **self.env, **env}, capture_output=True, text=True, timeout=300)
+
+    @property
+    def output(self) -> Path:
+        return self.pvc / "models" / "adapters" / "viggo"
+
+    @property
+    def final(self) -> Dict[str, str]:
+        return self.api.patches[-1]
+
+    def trained(self) -> bool:
+        return self.calls.exists()
+
+
+@pytest.fixture
+def run(tmp_path, reporter_env) -> Run:
+    return Run(tmp_path, reporter_env)
+
+
+@needs_peft
+def test_trains_checks_and_publishes_the_adapter(run):
+    done = run()
+    assert done.returncode == 0, done.stdout + done.stderr
+    patches = run.api.patches
+    assert patches[0]["state"] == "Running" and "environment" in patches[0]["message"]
+    final = run.final
+    assert final["state"] == "Succeeded", final
+    assert json.loads(final["adapter"]) == {"uri": OUTPUT_URI, "baseModel": "Qwen/Qwen2.5-7B-Instruct", "rank": 8}
+    assert json.loads(final["metrics"]) == {"trainLoss": 0.2079, "evalLoss": 0.1362,
+                                            "trainRuntimeSeconds": 437.2951, "trainSamplesPerSecond": 11.434}
+    assert final["outputURI"] == OUTPUT_URI
+    assert "published to pvc://models/adapters/viggo" in final["message"]
+    # progress came from the trainer's log lines while training ran
+    progress = [json.loads(p["progress"]) for p in patches if p.get("progress") and p["state"] == "Running"]
+    assert {"epoch": 0.5, "loss": 1.5, "learningRate": 7.5e-05, "totalSteps": 4, "step": 1} in progress
+    assert json.loads(final["progress"])["evalLoss"] == 0.1362
+    # the published folder: adapter from the newest checkpoint (step 4), results, no optimizer state
+    published = sorted(p.name for p in run.output.iterdir())
+    assert published == ["README.md", "adapter_config.json", "adapter_model.safetensors", "all_results.json",
+                         "special_tokens_map.json", "tokenizer_config.json", "trainer_state.json"]
+    assert json.loads((run.output / "trainer_state.json").read_text())["global_step"] == 4
+    adapter_config = json.loads((run.output / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["base_model_name_or_path"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert json.loads((run.output / "all_results.json").read_text())["train_loss"] == 0.2079
+    # the inputs were staged where the rendered config and dataset_info.json point
+    data = run.staging / "data"
+    assert sorted(p.name for p in (data / "validation").iterdir()) == ["part-0.jsonl"]  # no _SUCCESS marker
+    assert (data / "train" / "train.jsonl").read_text() == (run.pvc / "data/viggo/train.jsonl").read_text()
+    assert json.loads((data / "dataset_info.json").read_text()) == json.loads(
+        (run.job_dir / "dataset_info.json").read_text())
+    # LLaMA-Factory got a JSON config with the checkpoint storage re-rooted under the test's pvc root
+    assert "Loaded 12 examples of train" in done.stdout
+    assert (run.pvc / "models/adapters/viggo-checkpoints/viggo").is_dir()
+
+
+@needs_peft
+def test_a_rank_other_than_the_spec_fails_and_publishes_nothing(run):
+    done = run(FAKE_LF_RANK="16")
+    assert done.returncode == 1
+    assert run.final["state"] == "Failed"
+    assert "does not match the spec: r is 16, the spec asks for 8" in run.final["message"]
+    assert "adapter" not in run.final and not run.output.exists()
+
+
+@needs_peft
+def test_explicit_target_modules_and_alpha_are_checked(run):
+    spec = json.loads(json.dumps(SPEC))
+    spec["method"] = {"type": "lora", "rank": 4, "alpha": 32, "target": "q_proj, v_proj"}
+    run.render(spec)
+    done = run()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(run.final["adapter"])["rank"] == 4
+    adapter_config = json.loads((run.output / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"] and adapter_config["lora_alpha"] == 32
+
+
+@needs_peft
+def test_without_ray_checkpoints_the_final_output_dir_is_published(run):
+    done = run(FAKE_LF_NO_CHECKPOINT="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert run.final["state"] == "Succeeded"
+    assert (run.output / "adapter_model.safetensors").stat().st_size > 0
+
+
+@needs_peft
+def test_empty_adapter_weights_are_never_reported_done(run):
+    done = run(FAKE_LF_EMPTY_WEIGHTS="1")
+    assert done.returncode == 1
+    assert run.final["state"] == "Failed" and "adapter is incomplete" in run.final["message"]
+    assert not run.output.exists()
+
+
+def test_training_failure_names_the_cause_and_the_remedy(run):
+    done = run(FAKE_LF_FAIL="oom")
+    assert done.returncode == 1
+    message = run.final["message"]
+    assert run.final["state"] == "Failed"
+    assert message.startswith("LLaMA-Factory training exited with code 1: ")
+    assert "OutOfMemoryError" in message and "training.perDeviceBatchSize" in message
+    # progress up to the failure was reported
+    assert any(json.loads(p.get("progress") or "{}").get("loss") == 1.5 for p in run.api.patches)
+
+
+@pytest.mark.parametrize("version", ["0.9.5", "0.9.3"])
+def test_another_llamafactory_version_fails_before_training(run, version):
+    run.installed(version)
+    done = run()
+    assert done.returncode == 1
+    assert run.final["state"] == "Failed"
+    assert f"LLaMA-Factory {version} is installed but FineTune renders configs for 0.9.4" in run.final["message"]
+    assert not run.trained()
+
+
+def test_a_missing_dataset_fails_with_its_uri(run):
+    (run.pvc / "data/viggo/train.jsonl").unlink()
+    done = run()
+    assert done.returncode == 1
+    assert "pvc://data/viggo/train.jsonl does not exist" in run.final["message"]
+    assert not run.trained()
+
+
+def test_without_peft_the_check_fails_clearly(run):
+    stub = run.root / "nopeft" / "peft"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('peft is missing in this image')\n")
+    run.env["PYTHONPATH"] = f"{stub.parent}{os.pathsep}{run.env['PYTHONPATH']}"
+    done = run()
+    assert done.returncode == 1
+    assert "cannot check the adapter: peft is not importable" in run.final["message"]
+    assert not run.output.exists()
+
+
+# ---------------------------------------------------------------- the Ray path, on a one-node local cluster
+
+RAY_HEAD = textwrap.dedent("""
+    import sys, ray
+    ray.init(num_cpus=1, num_gpus=1, resources={"accelerator_type:L4": 1}, include_dashboard=False,
+             object_store_memory=100 * 1024 * 1024)
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.read()  # until the test closes stdin
+    ray.shutdown()
+""")
+
+
+@needs_peft
+def test_staging_and_collection_run_as_ray_tasks_on_the_gpu_nodes(run):
+    pytest.importorskip("ray")
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, **run.env})
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the local Ray head did not start"
+        done = run(RAY_ADDRESS=address, LLMOPS_GPU_WAIT_S="60")
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert run.final["state"] == "Succeeded"
+    assert json.loads(run.final["metrics"])["trainLoss"] == 0.2079  # all_results.json came back from the node
+    assert (run.staging / "data" / "train" / "train.jsonl").exists()
+
+
+@needs_peft
+def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(run):
+    pytest.importorskip("ray")
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD.replace("num_gpus=1", "num_gpus=0")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **run.env})
+    try:
+        done = run(RAY_ADDRESS=head.stdout.readline().strip(), LLMOPS_GPU_WAIT_S="1")
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+    assert done.returncode == 1
+    assert "room for 0 of 1 training workers" in run.final["message"]
+    assert not run.trained()
+
+
+# ---------------------------------------------------------------- the trainer's log lines
+
+def test_progress_reads_the_trainer_log_lines_as_ray_forwards_them():
+    progress = finetune.Progress()
+    prefix = "(RayTrainWorker pid=7, ip=10.1.2.3) "
+    assert progress.feed(prefix + "[INFO|trainer.py:2524]   Total optimization steps = 1,550\n")
+    assert not progress.feed(prefix + "Running tokenizer on dataset (num_proc=16): 100%|##| 1000/1000 [00:01<00:00]")
+    assert progress.feed(prefix + " 10%|#         | 155/1550 [07:12<00:00,  2.85s/it]")
+    assert progress.feed(prefix + "{'loss': 0.3, 'grad_norm': 0.14, 'learning_rate': 9.5e-05, 'epoch': 1.2}")
+    progress.feed(prefix + "{'eval_viggo-val_loss': 0.136, 'eval_viggo-val_runtime': 20.3, 'epoch': 1.2}")
+    progress.feed("{'loss': nan, 'epoch': 1.3}")  # unparsable values are skipped
+    assert progress.state == {"totalSteps": 1550, "step": 155, "loss": 0.3, "epoch": 1.2, "learningRate": 9.5e-05,
+                              "evalLoss": 0.136}
+    assert progress.message() == "Training: step 155/1550, epoch 1.20, loss 0.3000"
+    progress.feed(prefix + "{'train_runtime': 437.3, 'train_samples_per_second': 11.434, 'train_loss': 0.2079, "
+                           "'epoch': 4.86}")
+    assert finetune.metrics_from({**progress.train_summary, **progress.eval_summary}) == {
+        "trainLoss": 0.2079, "evalLoss": 0.136, "trainRuntimeSeconds": 437.3, "trainSamplesPerSecond": 11.434}
+
+
+def test_checkpoint_storage_is_read_where_llamafactory_hands_it_to_ray(tmp_path):
+    fs, path = finetune.checkpoint_experiment({"ray_storage_path": str(tmp_path / "ckpt"), "ray_run_name": "viggo"})
+    assert path == f"{tmp_path}/ckpt/viggo"
+    # Ray Train V1 layout (the reference run) and V2 layout both resolve to their newest checkpoint
+    for rel in ("TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000000/checkpoint/adapter_config.json",
+                "TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000001/checkpoint/adapter_config.json"):
+        (tmp_path / "ckpt/viggo" / rel).parent.mkdir(parents=True)
+        (tmp_path / "ckpt/viggo" / rel).write_text("{}")
+    _, folder, names = finetune.latest_checkpoint({"ray_storage_path": str(tmp_path / "ckpt"),
+                                                   "ray_run_name": "viggo"})
+    assert folder.endswith("TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000001/checkpoint")
+    assert names == ["adapter_config.json"]
+    assert finetune.latest_checkpoint({"ray_storage_path": str(tmp_path / "none"), "ray_run_name": "x"}) is None
