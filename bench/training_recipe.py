@@ -610,26 +610,6 @@ def profile_recipe(model, adapter, recipe: Recipe, steps) -> dict:
     }
 
 
-def logits_memory_per_token(model, tokens: int = 2048) -> float:
-    """Peak bytes per token of lm_head + fp32 cross-entropy forward and backward (the vocab-sized part)."""
-    base = model.get_base_model()
-    hidden = torch.randn(1, tokens, base.config.hidden_size, device="cuda", dtype=torch.bfloat16,
-                         requires_grad=True)
-    labels = torch.randint(0, base.config.vocab_size, (1, tokens), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = base.lm_head(hidden)
-        loss = base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
-    loss.backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - start
-    del hidden, logits, loss
-    return peak / tokens
-
-
 @torch.no_grad()
 def eval_loss(model, rows: list[list[Sample]], row_len: int, mode: str) -> float:
     """Mean loss per label token over packed rows (sample bounds respected)."""

@@ -3,7 +3,8 @@
 The RayJob driver of a FineTune. Beside ``job.json`` the operator renders ``train.yaml`` (the LLaMA-Factory 0.9.4
 config, ``llmops/builders/llamafactory.py``) and ``dataset_info.json``. The driver
 
-1. checks that LLaMA-Factory 0.9.4 is installed (the config uses 0.9.4's Ray keys);
+1. checks that LLaMA-Factory 0.9.4 is installed (the config uses 0.9.4's Ray keys), and flash-attn when the config
+   packs samples relying on it;
 2. stages the inputs on every node that can host a training worker: each dataset URI into its folder under
    ``dataset_dir`` (with ``dataset_info.json``), an s3:// or gs:// base model into ``model_name_or_path``;
    LLaMA-Factory's workers read local files only;
@@ -69,6 +70,9 @@ HINTS = (
      "gated model"),
     (re.compile(r"Template \S+ does not exist"), "spec.template is not a LLaMA-Factory 0.9.4 template"),
     (re.compile(r"not used by the HfArgumentParser"), "a spec.extraArgs key is not a LLaMA-Factory 0.9.4 argument"),
+    (re.compile(r"PyTorch and TorchAudio were compiled with different CUDA versions"), "the image's torch and "
+     "torchaudio builds do not match (LLaMA-Factory imports torchaudio): pin torch, torchvision and torchaudio of "
+     "one release next to llamafactory==0.9.4"),
     (re.compile(r"Unable to set up cluster storage"), "the Ray pods cannot write the checkpoint storage next to "
      "spec.output: check the storage credentials (secrets.storage) or that the claim is mounted read-write"),
 )
@@ -142,6 +146,18 @@ def check_llamafactory_version() -> str:
                             f"and resources_per_worker): pin llamafactory=={LLAMAFACTORY_VERSION} in the image or "
                             f"spec.runtimeEnv.pip")
     return installed
+
+
+def check_packing_attention(config: Mapping[str, Any]) -> None:
+    """Plain packing keeps samples apart only through FlashAttention-2; without flash-attn LLaMA-Factory 0.9.4 logs
+    a warning and trains with SDPA, where packed samples attend to each other. Refuse that silent quality loss."""
+    import importlib.util
+
+    if config.get("packing") and not config.get("neat_packing") and config.get("flash_attn") == "fa2" \
+            and importlib.util.find_spec("flash_attn") is None:
+        raise FineTuneError("the config packs samples and relies on FlashAttention-2 to keep them apart, but "
+                            "flash-attn is not installed in the Ray image: add flash-attn to the FineTune image "
+                            "or spec.runtimeEnv.pip, or set spec.training.packing: false")
 
 
 def localize_pvc_paths(value: Any, env: Optional[Mapping[str, str]] = None) -> Any:
@@ -553,6 +569,7 @@ def run(job: Job, reporter: ResultReporter, workdir: str, env: Optional[Mapping[
     interval = float(env.get(PROGRESS_INTERVAL_ENV) or DEFAULT_PROGRESS_INTERVAL_S)
     _report_running(reporter, "Checking the training environment", None)
     version = check_llamafactory_version()
+    check_packing_attention(job.config)
     job.config = localize_pvc_paths(job.config, env)
     config = job.config
     nodes = Nodes(config, env)
@@ -564,8 +581,8 @@ def run(job: Job, reporter: ResultReporter, workdir: str, env: Optional[Mapping[
         errors = sorted({s["error"] for s in staged if "error" in s})
         if errors:
             raise FineTuneError("staging the inputs failed: " + "; ".join(errors))
-        logger.info("staged on %s", ", ".join(f"{s['node']} ({s['files']} files, {s['bytes']} bytes)"
-                                              for s in staged))
+        logger.info("staged %s: %s", f"by Ray tasks on {len(staged)} node(s)" if nodes.address else "locally",
+                    ", ".join(f"{s['node']} ({s['files']} files, {s['bytes']} bytes)" for s in staged))
         clear_experiment(config)
         config_path = os.path.join(workdir, "train.json")  # JSON: exact numbers, read by LLaMA-Factory's driver
         with open(config_path, "w", encoding="utf-8") as handle:

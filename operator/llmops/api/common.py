@@ -8,7 +8,6 @@ check) through :func:`cel`, so the two sit side by side and are tested from one 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field

@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .common import (
-    MAX_LIST,
     MAX_MAP,
     MAX_STRING,
     MODEL_SOURCE_PATTERN,

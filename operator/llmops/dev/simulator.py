@@ -117,7 +117,7 @@ class Simulator:
         """Send the report through the real payload reporter, authenticated as the job's ServiceAccount."""
         from payloads.report import ResultReporter
 
-        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        namespace = job["metadata"]["namespace"]
         pod_spec = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
         account = pod_spec["serviceAccountName"]
         result_cm = next(e["value"] for e in pod_spec["containers"][0]["env"] if e["name"] == "LLMOPS_RESULT_CONFIGMAP")

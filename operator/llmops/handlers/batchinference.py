@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from ..api.batchinference import BatchInferenceSpec
 from ..builders import batchinference as builder
 from ..builders.common import Owner
 from ..status import Verdict
-from .engine import Engine, Key, Outcome
+from .engine import Engine, Outcome
 from .jobs import job_outcome, validate
 
 METRIC_KEYS = ("rows", "exactMatch", "functionNameAccuracy", "attributeF1")
@@ -63,13 +63,3 @@ def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
     return job_outcome(engine, body, spec, "BatchInference", lambda b, ctx: builder.build(b, ctx, model),
                        builder.names(Owner.of(body)).ray, result_fields, extra)
 
-
-def dependents_of(engine: Engine) -> Callable[[Key], list[Key]]:
-    def find(key: Key) -> list[Key]:
-        kind, namespace, name = key
-        if kind != "FineTune":
-            return []
-        return [k for k, body in engine.caches.owners.items()
-                if k[0] == "BatchInference" and k[1] == namespace
-                and ((body.get("spec") or {}).get("model") or {}).get("fineTuneRef", {}).get("name") == name]
-    return find

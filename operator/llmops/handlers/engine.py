@@ -12,7 +12,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from ..builders.common import BuildContext, short_hash
 from ..kube import ApiError, Kube, with_retries
@@ -22,6 +22,15 @@ log = logging.getLogger("llmops")
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 HASH_ANNOTATION = "llmops.dev/children-hash"
+
+
+def without_none(value: Any) -> Any:
+    """A copy without null values: the API server rejects null where the schema says string."""
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value if v is not None]
+    return value
 
 
 def now_rfc3339() -> str:
@@ -41,14 +50,40 @@ class Metrics:
         self.durations.setdefault(kind, []).append(seconds)
 
 
+class IndexView:
+    """Read access to one kopf index (key -> the values of the objects that produced it), or a plain dict."""
+
+    def __init__(self, index: Any = None):
+        self.index = index if index is not None else {}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        store = self.index.get(key)
+        if not store:
+            return default
+        return next(iter(store)) if not isinstance(store, dict) else store
+
+    def all(self, key: Any) -> list[Any]:
+        store = self.index.get(key)
+        return list(store) if store else []
+
+    def items(self):
+        for key, store in list(self.index.items()):
+            for value in (store if not isinstance(store, dict) else [store]):
+                yield key, value
+
+
 @dataclass
 class Caches:
-    """Watch-fed views (kopf indexes fill them): nothing here costs an API request to read."""
+    """Watch-fed views: kopf fills these indexes from its watches, and runs no handler before every index has
+    its initial listing, so a reconcile right after a restart sees the children that already exist. Reading
+    them costs no API request."""
 
-    owners: dict[Key, dict[str, Any]] = field(default_factory=dict)           # our resources
-    ray_objects: dict[str, dict[str, Any]] = field(default_factory=dict)       # owner uid -> RayJob/RayService
-    results: dict[str, dict[str, str]] = field(default_factory=dict)           # owner uid -> result data
-    pods: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)   # owner uid -> pod -> body
+    owners: IndexView = field(default_factory=IndexView)        # (kind, ns, name) -> our resource
+    ray_objects: IndexView = field(default_factory=IndexView)   # owner uid -> RayJob/RayService
+    results: IndexView = field(default_factory=IndexView)       # owner uid -> result ConfigMap data
+    pods: IndexView = field(default_factory=IndexView)          # owner uid -> pods (name, status)
+    owner_keys: IndexView = field(default_factory=IndexView)    # owner uid -> (kind, ns, name)
+    refs: IndexView = field(default_factory=IndexView)          # referenced key -> keys of dependents
 
 
 @dataclass
@@ -71,7 +106,7 @@ class Engine:
         self._running: dict[Key, asyncio.Task] = {}
         self._again: set[Key] = set()
         self._backoff: dict[Key, float] = {}
-        self.dependents: list[Callable[[Key], list[Key]]] = []
+        self._refused: dict[Key, str] = {}   # what the API server refused for good, until the inputs change
 
     # ---- scheduling --------------------------------------------------------------------------------------
     def schedule(self, key: Key) -> None:
@@ -81,9 +116,9 @@ class Engine:
         self._running[key] = asyncio.get_running_loop().create_task(self._run(key))
 
     def schedule_dependents(self, key: Key) -> None:
-        for find in self.dependents:
-            for dependent in find(key):
-                self.schedule(dependent)
+        """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
+        for dependent in self.caches.refs.all(key):
+            self.schedule(tuple(dependent))
 
     async def _run(self, key: Key) -> None:
         try:
@@ -109,8 +144,12 @@ class Engine:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         started = time.monotonic()
+        attempt = ""
         try:
             outcome = self.kinds[kind](self, body)
+            attempt = short_hash([outcome.children, outcome.verdict.__dict__, meta_generation(body)], 16)
+            if self._refused.get(key) == attempt:
+                return None  # already reported as Stalled; retrying the same request cannot succeed
             if outcome.children:
                 await self._apply_children(body, outcome)
             for api_version, child_kind, name in outcome.delete:
@@ -123,6 +162,7 @@ class Engine:
             if e.transient:
                 return self._retry(key, kind, started, f"transient API error: {e}")
             log.warning("permanent API error on %s/%s %s: %s", key[1], key[2], kind, e)
+            self._refused[key] = attempt
             verdict = Verdict("Failed", "stalled", "ApplyFailed",
                               f"the API server refused a child object: {e.message}")
             try:
@@ -135,6 +175,7 @@ class Engine:
             log.exception("reconcile of %s %s/%s failed", kind, key[1], key[2])
             return self._retry(key, kind, started, repr(e))
         self._backoff.pop(key, None)
+        self._refused.pop(key, None)
         self.metrics.count(kind, "ok", time.monotonic() - started)
         return None
 
@@ -161,12 +202,12 @@ class Engine:
         meta = body["metadata"]
         current = body.get("status") or {}
         verdict = outcome.verdict
-        status: dict[str, Any] = {
+        status: dict[str, Any] = without_none({
             "phase": verdict.phase,
             "observedGeneration": meta.get("generation", 1),
             "message": verdict.message,
             **verdict.fields,
-        }
+        })
         status["conditions"] = conditions_for(verdict, meta.get("generation", 1), current.get("conditions"),
                                               now_rfc3339())
         comparable = {k: v for k, v in current.items() if k in status}
@@ -196,5 +237,6 @@ class Engine:
             log.info("could not post event for %s: %s", meta["name"], e)
 
 
-def run_soon(coro: Awaitable[Any]) -> None:
-    asyncio.get_running_loop().create_task(coro)
+def meta_generation(body: dict[str, Any]) -> int:
+    return body["metadata"].get("generation", 1)
+

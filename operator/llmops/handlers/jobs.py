@@ -54,7 +54,7 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
     uid = body["metadata"]["uid"]
     ray = engine.caches.ray_objects.get(uid)
     report = result_report(engine.caches.results.get(uid))
-    problems = pod_problems(list(engine.caches.pods.get(uid, {}).values()))
+    problems = pod_problems(engine.caches.pods.all(uid))
     verdict = job_verdict(kind, spec.suspend, ray, report, problems)
 
     ray_status = (ray or {}).get("status") or {}
@@ -70,9 +70,4 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
         fields["progress"] = report["progress"]
     fields.update(result_fields(report))
     verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields)
-    if status.get("startTime") and ray is None and verdict.phase not in TERMINAL and not spec.suspend:
-        # The RayJob was removed while running: re-creating it would silently re-run a paid GPU job.
-        return Outcome([], Verdict("Failed", "stalled", "RayJobDeleted",
-                                   f"RayJob {ray_name} was deleted before the job finished; delete and re-create "
-                                   "this resource to run it again", fields))
     return Outcome(children, verdict)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from ..api.llmservice import LLMServiceSpec
 from ..builders import llmservice as builder
 from ..builders.common import Owner, UnknownAccelerator
 from ..builders.serving import ServeConfigError, resolve_adapters
 from ..status import Verdict, pod_problems, service_verdict
-from .engine import Engine, Key, Outcome
+from .engine import Engine, Outcome
 from .jobs import validate
 
 
@@ -50,28 +50,10 @@ def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
     except ServeConfigError as e:
         return Outcome([], Verdict("Failed", "stalled", "InvalidServeConfig", str(e)), ray_kind="RayService")
     uid = body["metadata"]["uid"]
-    problems = pod_problems(list(engine.caches.pods.get(uid, {}).values()))
+    problems = pod_problems(engine.caches.pods.all(uid))
     verdict = service_verdict(engine.caches.ray_objects.get(uid), plan.summary, problems, spec.upgrade_strategy)
     if verdict.state == "ready" and any(s["state"] != "Serving" for s in plan.states):
         verdict = Verdict(verdict.phase, "ready", "ServingWithAdaptersPending", verdict.message)
     return Outcome(children, Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields),
                    ray_kind="RayService")
 
-
-def dependents_of(engine: Engine) -> Callable[[Key], list[Key]]:
-    def find(key: Key) -> list[Key]:
-        kind, namespace, name = key
-        if kind not in ("FineTune", "BatchInference"):
-            return []
-        found = []
-        for k, body in engine.caches.owners.items():
-            if k[0] != "LLMService" or k[1] != namespace:
-                continue
-            for a in (body.get("spec") or {}).get("adapters") or []:
-                if (kind == "FineTune" and (a.get("fineTuneRef") or {}).get("name") == name) or \
-                        (kind == "BatchInference"
-                         and ((a.get("gate") or {}).get("batchInferenceRef") or {}).get("name") == name):
-                    found.append(k)
-                    break
-        return found
-    return find

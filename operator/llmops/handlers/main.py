@@ -18,7 +18,7 @@ from ..builders.common import BuildContext
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from . import batchinference, finetune, llmservice
-from .engine import Caches, Engine
+from .engine import Engine
 from .metrics import serve_metrics
 
 log = logging.getLogger("llmops")
@@ -73,7 +73,6 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> Non
     kube = Kube(credentials, llmops_settings.field_manager)
     eng = Engine(kube, BuildContext(settings=llmops_settings, payloads=load_payloads()))
     eng.kinds.update(RECONCILERS)
-    eng.dependents.extend([batchinference.dependents_of(eng), llmservice.dependents_of(eng)])
     STATE["engine"] = eng
     if options.get("metrics_port"):
         await serve_metrics(eng, options["metrics_port"])
@@ -85,15 +84,118 @@ async def cleanup(**_: Any) -> None:
         await STATE["engine"].kube.close()
 
 
-# ---- our resources -----------------------------------------------------------------------------------------
+# ---- indexes: kopf lists every watched kind before it runs any handler ------------------------------------
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {})}
+
+
+def _controller(body: kopf.Body) -> dict[str, Any] | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("apiVersion") == f"{GROUP}/{VERSION}" and ref.get("kind") in KINDS:
+            return ref
+    return None
+
+
+def _owner_index(kind: str):
+    def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+        return {(kind, namespace, name): _plain(body)}
+    return index
+
+
+def _uid_index(kind: str):
+    def index(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict:
+        return {uid: (kind, namespace, name)}
+    return index
+
+
+def references(kind: str, namespace: str, name: str, spec: dict[str, Any]) -> dict:
+    """(referenced kind, namespace, name) -> the key of the resource that waits on it."""
+    me = (kind, namespace, name)
+    refs = {}
+    ft = ((spec.get("model") or {}).get("fineTuneRef") or {}).get("name")
+    if ft:
+        refs[("FineTune", namespace, ft)] = me
+    for adapter in spec.get("adapters") or []:
+        if (adapter.get("fineTuneRef") or {}).get("name"):
+            refs[("FineTune", namespace, adapter["fineTuneRef"]["name"])] = me
+        gate = ((adapter.get("gate") or {}).get("batchInferenceRef") or {}).get("name")
+        if gate:
+            refs[("BatchInference", namespace, gate)] = me
+    return refs
+
+
+for _kind in KINDS.values():
+    kopf.index(GROUP, VERSION, _kind.plural, id=f"owners_{_kind.plural}")(_owner_index(_kind.kind))
+    kopf.index(GROUP, VERSION, _kind.plural, id=f"uids_{_kind.plural}")(_uid_index(_kind.kind))
+for _kind in (KINDS["BatchInference"], KINDS["LLMService"]):
+    kopf.index(GROUP, VERSION, _kind.plural, id=f"refs_{_kind.plural}")(
+        lambda body, namespace, name, _k=_kind.kind, **_: references(_k, namespace, name, dict(body.get("spec") or {})))
+
+
+@kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED)
+def ray_jobs(body: kopf.Body, **_: Any) -> dict | None:
+    ref = _controller(body)
+    return {ref["uid"]: _plain(body)} if ref else None
+
+
+@kopf.index("ray.io", "v1", "rayservices", labels=MANAGED)
+def ray_services(body: kopf.Body, **_: Any) -> dict | None:
+    ref = _controller(body)
+    return {ref["uid"]: _plain(body)} if ref else None
+
+
+@kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"})
+def results(body: kopf.Body, **_: Any) -> dict | None:
+    ref = _controller(body)
+    return {ref["uid"]: dict(body.get("data") or {})} if ref else None
+
+
+@kopf.index("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})
+def pods(body: kopf.Body, name: str, **_: Any) -> dict:
+    return {body["metadata"]["labels"]["llmops.dev/owner-uid"]:
+            {"metadata": {"name": name}, "status": dict(body.get("status") or {})}}
+
+
+class _Merged:
+    """Several kopf indexes read as one mapping (one index per kind or per RayJob/RayService)."""
+
+    def __init__(self, *indexes: Any):
+        self.indexes = indexes
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        for index in self.indexes:
+            if key in index:
+                return index[key]
+        return default
+
+    def items(self):
+        for index in self.indexes:
+            yield from index.items()
+
+
+def _bind(kwargs: dict[str, Any]) -> Engine:
+    """Give the engine the kopf indexes (the same objects for the operator's lifetime)."""
+    eng = engine()
+    if not STATE.get("bound"):
+        c = eng.caches
+        c.owners.index = _Merged(*(kwargs[f"owners_{k.plural}"] for k in KINDS.values()))
+        c.owner_keys.index = _Merged(*(kwargs[f"uids_{k.plural}"] for k in KINDS.values()))
+        c.refs.index = _Merged(kwargs["refs_batchinferences"], kwargs["refs_llmservices"])
+        c.ray_objects.index = _Merged(kwargs["ray_jobs"], kwargs["ray_services"])
+        c.results.index = kwargs["results"]
+        c.pods.index = kwargs["pods"]
+        STATE["bound"] = True
+    return eng
+
+
+# ---- triggers ---------------------------------------------------------------------------------------------
 def _owner_event(kind: str):
-    async def on_event(type: str, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-        eng = engine()
+    async def on_event(type: str, namespace: str, name: str, **kwargs: Any) -> None:
+        eng = _bind(kwargs)
         key = (kind, namespace, name)
-        if type == "DELETED":
-            eng.caches.owners.pop(key, None)
-        else:
-            eng.caches.owners[key] = _plain(body)
+        if type != "DELETED":
             eng.schedule(key)
         eng.schedule_dependents(key)
     return on_event
@@ -103,64 +205,23 @@ for _kind in KINDS.values():
     kopf.on.event(GROUP, VERSION, _kind.plural)(_owner_event(_kind.kind))
 
 
-# ---- children ---------------------------------------------------------------------------------------------
-def _owner_key(body: kopf.Body) -> tuple[str, str, str] | None:
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("apiVersion") == f"{GROUP}/{VERSION}" and ref.get("kind") in KINDS:
-            return ref["kind"], body["metadata"]["namespace"], ref["name"]
-    return None
+def _uid_of_owner(body: kopf.Body) -> str | None:
+    ref = _controller(body)
+    return ref["uid"] if ref else body.get("metadata", {}).get("labels", {}).get("llmops.dev/owner-uid")
 
 
-def _owner_uid(body: kopf.Body) -> str | None:
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref.get("uid")
-    return None
+async def _child_event(body: kopf.Body, **kwargs: Any) -> None:
+    eng = _bind(kwargs)
+    uid = _uid_of_owner(body)
+    key = eng.caches.owner_keys.get(uid) if uid else None
+    if key is not None:
+        eng.schedule(tuple(key))
 
 
-def _child_event(store: str):
-    async def on_event(type: str, body: kopf.Body, **_: Any) -> None:
-        eng = engine()
-        uid, key = _owner_uid(body), _owner_key(body)
-        if uid is None or key is None:
-            return
-        cache = getattr(eng.caches, store)
-        if store == "results":
-            if type == "DELETED":
-                cache.pop(uid, None)
-            else:
-                cache[uid] = dict(body.get("data") or {})
-        elif type == "DELETED":
-            cache.pop(uid, None)
-        else:
-            cache[uid] = _plain(body)
-        eng.schedule(key)
-    return on_event
-
-
-kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)(_child_event("ray_objects"))
-kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)(_child_event("ray_objects"))
-kopf.on.event("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"})(_child_event("results"))
-
-
-@kopf.on.event("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})
-async def pod_event(type: str, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-    eng = engine()
-    uid = body["metadata"]["labels"]["llmops.dev/owner-uid"]
-    pods = eng.caches.pods.setdefault(uid, {})
-    if type == "DELETED":
-        pods.pop(name, None)
-    else:
-        pods[name] = {"metadata": {"name": name}, "status": dict(body.get("status") or {})}
-    owner = next((k for k, v in eng.caches.owners.items() if v["metadata"].get("uid") == uid), None)
-    if owner:
-        eng.schedule(owner)
-
-
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-            "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
-            "status": dict(body.get("status") or {})}
+kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)(_child_event)
+kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)(_child_event)
+kopf.on.event("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"})(_child_event)
+kopf.on.event("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})(_child_event)
 
 
 # ---- entry point ------------------------------------------------------------------------------------------

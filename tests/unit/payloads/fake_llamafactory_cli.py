@@ -7,7 +7,8 @@ and, in `output_dir`, the final adapter and `all_results.json`.
 
 Knobs (environment): FAKE_LF_RANK writes a different LoRA rank; FAKE_LF_FAIL=oom dies like a CUDA OOM;
 FAKE_LF_NO_CHECKPOINT skips the Ray checkpoints; FAKE_LF_EMPTY_WEIGHTS writes empty adapter weights;
-FAKE_LF_STEP_S sleeps between steps. Each run appends its config path to FAKE_LF_CALLS when set.
+FAKE_LF_STEP_S sleeps between steps; FAKE_LF_ADAPTER_TEMPLATE names an adapter_config.json written by peft, whose
+fields the fake keeps (peft's import takes seconds). Each run appends its config path to FAKE_LF_CALLS when set.
 """
 
 from __future__ import annotations
@@ -37,13 +38,12 @@ def write_adapter(folder: str, config: dict, global_step: int) -> None:
                "lora_alpha": config.get("lora_alpha") or 2 * int(config.get("lora_rank", 8)),
                "lora_dropout": config.get("lora_dropout", 0.0), "target_modules": sorted(modules),
                "base_model_name_or_path": config["model_name_or_path"], "bias": "none", "inference_mode": True}
-    try:  # the real file when peft is here
-        from peft import LoraConfig
-
-        LoraConfig(**{k: v for k, v in adapter.items() if k != "peft_type"}).save_pretrained(folder)
-    except ImportError:
-        with open(os.path.join(folder, "adapter_config.json"), "w") as handle:
-            json.dump(adapter, handle, indent=2)
+    template = os.environ.get("FAKE_LF_ADAPTER_TEMPLATE")  # an adapter_config.json that peft itself wrote
+    if template:
+        with open(template) as handle:
+            adapter = {**json.load(handle), **adapter}
+    with open(os.path.join(folder, "adapter_config.json"), "w") as handle:
+        json.dump(adapter, handle, indent=2)
     header = json.dumps({"__metadata__": {"format": "pt", "global_step": str(global_step)}}).encode()
     weights = b"" if os.environ.get("FAKE_LF_EMPTY_WEIGHTS") else struct.pack("<Q", len(header)) + header
     with open(os.path.join(folder, "adapter_model.safetensors"), "wb") as handle:

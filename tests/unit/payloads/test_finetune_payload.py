@@ -5,6 +5,8 @@ sent to a local ConfigMap endpoint."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -39,6 +41,10 @@ SPEC: Dict[str, Any] = {
 }
 
 
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
 def has_peft() -> bool:
     try:
         import peft  # noqa: F401
@@ -47,15 +53,34 @@ def has_peft() -> bool:
     return True
 
 
+def has_llamafactory_094() -> bool:
+    try:
+        return importlib.metadata.version("llamafactory") == "0.9.4"
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 needs_peft = pytest.mark.skipif(not has_peft(), reason="the adapter check needs peft (install it in .venv-ray)")
+
+
+@pytest.fixture(scope="session")
+def adapter_template(tmp_path_factory) -> Optional[Path]:
+    """A real adapter_config.json, written once by peft, that the fake CLI fills in."""
+    if not has_peft():
+        return None
+    from peft import LoraConfig
+
+    folder = tmp_path_factory.mktemp("peft")
+    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], task_type="CAUSAL_LM").save_pretrained(str(folder))
+    return folder / "adapter_config.json"
 
 
 class Run:
     """One driver run in a temporary world: pvc root, node-local staging dir, job ConfigMap files."""
 
-    def __init__(self, root: Path, api, spec: Optional[Dict[str, Any]] = None):
+    def __init__(self, root: Path, api, adapter_template: Optional[Path], pvc: Optional[Path] = None):
         self.root, self.api = root, api
-        self.pvc = root / "pvc"
+        self.pvc = pvc or root / "pvc"
         self.staging = root / "scratch"
         self.job_dir = root / "job"
         self.bin = root / "bin"
@@ -73,10 +98,12 @@ class Run:
         cli = self.bin / "llamafactory-cli"
         cli.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{FAKE_CLI}' \"$@\"\n")
         cli.chmod(0o755)
+        # RAY_AUTH_MODE: the test's Ray head and the driver are separate processes that share no Ray token.
         self.env = {"PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "LLMOPS_PVC_ROOT": str(self.pvc),
-                    "LLMOPS_PROGRESS_INTERVAL_S": "0", "FAKE_LF_CALLS": str(self.calls),
+                    "LLMOPS_PROGRESS_INTERVAL_S": "0", "FAKE_LF_CALLS": str(self.calls), "RAY_AUTH_MODE": "disabled",
+                    "FAKE_LF_ADAPTER_TEMPLATE": str(adapter_template or ""),
                     "PYTHONPATH": os.pathsep.join([str(self.site), str(OPERATOR_DIR), os.environ.get("PYTHONPATH", "")])}
-        self.render(spec or SPEC)
+        self.render(SPEC)
 
     def installed(self, version: str) -> None:
         """What importlib.metadata sees as the installed LLaMA-Factory."""
@@ -86,10 +113,11 @@ class Run:
         dist.mkdir()
         (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llamafactory\nVersion: {version}\n")
 
-    def render(self, wire: Dict[str, Any]) -> None:
+    def render(self, wire: Dict[str, Any], recipe: Optional[Dict[str, Any]] = None) -> None:
         """The three ConfigMap files, as the operator renders them."""
         spec = FineTuneSpec.model_validate(wire)
-        config = llamafactory.train_config(spec, name="viggo", recipe={"per_device_train_batch_size": 1},
+        recipe = {"per_device_train_batch_size": 1} if recipe is None else recipe
+        config = llamafactory.train_config(spec, name="viggo", recipe=recipe,
                                            accelerator_type="L4", staging_dir=str(self.staging))
         job = {"kind": "FineTune", "name": "viggo", "namespace": "ml",
                **{k: v for k, v in spec.wire().items() if k in ("baseModel", "method", "dataset", "output")}}
@@ -115,8 +143,8 @@ class Run:
 
 
 @pytest.fixture
-def run(tmp_path, reporter_env) -> Run:
-    return Run(tmp_path, reporter_env)
+def run(tmp_path, reporter_env, adapter_template) -> Run:
+    return Run(tmp_path, reporter_env, adapter_template)
 
 
 @needs_peft
@@ -213,6 +241,16 @@ def test_another_llamafactory_version_fails_before_training(run, version):
     assert not run.trained()
 
 
+def test_packing_that_needs_flash_attention_fails_without_it(run):
+    if has_module("flash_attn"):
+        pytest.skip("flash-attn is installed here")
+    run.render(SPEC, recipe={"packing": True, "neat_packing": False, "flash_attn": "fa2"})
+    done = run()
+    assert done.returncode == 1
+    assert "flash-attn is not installed in the Ray image" in run.final["message"]
+    assert not run.trained()
+
+
 def test_a_missing_dataset_fails_with_its_uri(run):
     (run.pvc / "data/viggo/train.jsonl").unlink()
     done = run()
@@ -244,36 +282,46 @@ RAY_HEAD = textwrap.dedent("""
 """)
 
 
-@needs_peft
-def test_staging_and_collection_run_as_ray_tasks_on_the_gpu_nodes(run):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """(address, pvc root) of a one-node Ray cluster with one (logical) L4 GPU, in a process of its own like a
+    RayJob's head. Its tasks see the claims under the pvc root given to it, as pods see their mounts."""
     pytest.importorskip("ray")
+    pvc = tmp_path_factory.mktemp("ray-pvc")
     head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, **run.env})
+                            text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled", "LLMOPS_PVC_ROOT": str(pvc)})
     try:
         address = head.stdout.readline().strip()
         assert address, "the local Ray head did not start"
-        done = run(RAY_ADDRESS=address, LLMOPS_GPU_WAIT_S="60")
+        yield address, pvc
     finally:
         head.stdin.close()
         head.wait(timeout=60)
+
+
+@needs_peft
+def test_staging_and_collection_run_as_ray_tasks_on_the_gpu_nodes(tmp_path, reporter_env, adapter_template,
+                                                                  ray_head):
+    address, pvc = ray_head
+    run = Run(tmp_path, reporter_env, adapter_template, pvc=pvc)
+    done = run(RAY_ADDRESS=address, LLMOPS_GPU_WAIT_S="60")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "staged by Ray tasks on 1 node(s)" in done.stderr
     assert run.final["state"] == "Succeeded"
     assert json.loads(run.final["metrics"])["trainLoss"] == 0.2079  # all_results.json came back from the node
     assert (run.staging / "data" / "train" / "train.jsonl").exists()
 
 
-@needs_peft
-def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(run):
-    pytest.importorskip("ray")
-    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD.replace("num_gpus=1", "num_gpus=0")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **run.env})
-    try:
-        done = run(RAY_ADDRESS=head.stdout.readline().strip(), LLMOPS_GPU_WAIT_S="1")
-    finally:
-        head.stdin.close()
-        head.wait(timeout=60)
+def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(tmp_path, reporter_env, ray_head):
+    address, pvc = ray_head
+    run = Run(tmp_path, reporter_env, None, pvc=pvc / "other")
+    spec = json.loads(json.dumps(SPEC))
+    spec["resources"]["workers"] = 2
+    run.render(spec)
+    done = run(RAY_ADDRESS=address, LLMOPS_GPU_WAIT_S="1")
     assert done.returncode == 1
-    assert "room for 0 of 1 training workers" in run.final["message"]
+    assert "room for 1 of 2 training workers" in run.final["message"]
+    assert "check that the GPU worker pods are scheduled" in run.final["message"]
     assert not run.trained()
 
 
@@ -310,3 +358,57 @@ def test_checkpoint_storage_is_read_where_llamafactory_hands_it_to_ray(tmp_path)
     assert folder.endswith("TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000001/checkpoint")
     assert names == ["adapter_config.json"]
     assert finetune.latest_checkpoint({"ray_storage_path": str(tmp_path / "none"), "ray_run_name": "x"}) is None
+
+
+# ---------------------------------------------------------------- the real LLaMA-Factory 0.9.4 (when installed)
+
+@pytest.mark.skipif(not has_llamafactory_094(), reason="needs LLaMA-Factory 0.9.4 (the training image's stack)")
+def test_llamafactory_094_parses_the_config_and_loads_the_staged_datasets(tmp_path, monkeypatch):
+    from llmops.builders.recipe import training_recipe
+    from transformers import HfArgumentParser
+
+    from llamafactory.data.loader import _get_merged_dataset
+    from llamafactory.hparams.parser import _TRAIN_ARGS, get_ray_args
+
+    monkeypatch.setenv("USE_RAY", "1")
+    monkeypatch.setenv("LLMOPS_PVC_ROOT", str(tmp_path / "pvc"))
+    world = Run.__new__(Run)  # only the data layout of a Run
+    world.pvc, world.staging = tmp_path / "pvc", tmp_path / "scratch"
+    spec_wire = json.loads(json.dumps(SPEC))
+    spec_wire["output"] = {"uri": "s3://artifacts/adapters/viggo"}
+    spec = FineTuneSpec.model_validate(spec_wire)
+    recipe = training_recipe(gpu_memory_gib=24, base_model_params_b=7, cutoff_len=2048, lora_rank=8,
+                             overrides={"attention": "sdpa", "packing": False})
+    config = llamafactory.train_config(spec, name="viggo", recipe=recipe, accelerator_type="L4",
+                                       staging_dir=str(world.staging))
+    config = json.loads(json.dumps(yaml.safe_load(yaml.safe_dump(config))))  # as the driver hands it over
+    config["bf16"] = False  # this CPU cannot; the key itself is what is checked
+
+    model_args, data_args, training_args, finetuning_args, _ = HfArgumentParser(_TRAIN_ARGS).parse_dict(
+        config, allow_extra_keys=False)  # an unknown key raises here
+    assert (finetuning_args.finetuning_type, finetuning_args.lora_rank, finetuning_args.lora_alpha) == ("lora", 8, 16)
+    assert finetuning_args.lora_target == ["all"] and training_args.report_to == []
+    ray_args = get_ray_args(config)
+    assert ray_args.use_ray and ray_args.ray_num_workers == 1 and ray_args.ray_run_name == "viggo"
+    assert type(ray_args.ray_storage_filesystem).__name__ == "S3FileSystem"
+    assert ray_args.ray_storage_path == "artifacts/adapters/viggo-checkpoints"
+    assert ray_args.resources_per_worker == {"GPU": 1, "accelerator_type:L4": 0.001}
+
+    data = world.pvc / "data" / "viggo"
+    (data / "val").mkdir(parents=True)
+    lines = (PAYLOAD_DATA / "viggo_test.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(lines[:12]) + "\n")
+    (data / "val" / "part-0.jsonl").write_text("\n".join(lines[12:]) + "\n")
+    job = finetune.Job(name="viggo", output_uri=spec.output.uri, base_model=spec.base_model.wire(),
+                       method=spec.method.wire(), train_uri=spec.dataset.train.uri,
+                       validation_uri=spec.dataset.validation.uri, config=config,
+                       dataset_info=llamafactory.dataset_info(spec, str(world.staging)))
+    staged = finetune.prepare_node(finetune.staging_plan(job), os.path.join(config["dataset_dir"],
+                                   "dataset_info.json"), json.dumps(job.dataset_info), config["output_dir"])
+    assert "error" not in staged, staged
+    train = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, "sft")
+    validation = _get_merged_dataset(data_args.eval_dataset, model_args, data_args, training_args, "sft")
+    assert (len(train), len(validation)) == (12, len(lines) - 12)
+    first = json.loads(lines[0])
+    assert train[0]["_prompt"][0]["content"] == first["instruction"] + "\n" + first["input"]
+    assert train[0]["_response"][0]["content"] == first["output"]

@@ -1,0 +1,98 @@
+{{/* Short name of the chart. */}}
+{{- define "llmops.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: "<release>-operator" unless the release name already says "operator". */}}
+{{- define "llmops.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains "operator" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-operator" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "llmops.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmops.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "llmops.labels" -}}
+{{ include "llmops.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: llmops
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "llmops.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "llmops.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "llmops.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+The operator's rights in a namespace it watches; the same rules go into the ClusterRole (all namespaces) or into
+one Role per watched namespace. Each rule is what the code does (docs/install.md explains every one):
+  - kopf lists and watches our kinds; the operator server-side-applies their status (PATCH on /status);
+    `update` on finalizers only lets it set blockOwnerDeletion on its children's owner references where the
+    OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift);
+  - children are written with server-side apply: PATCH, plus CREATE the first time (the API server checks both);
+  - the operator grants each job's Ray pods get/patch on one ConfigMap, and RBAC lets it grant only rights it
+    holds: hence `get` on configmaps;
+  - RayServices are deleted while an LLMService is suspended; RayJobs are never deleted (suspend is a field);
+  - core/v1 Events: one per phase change. No Secrets, no cluster-scoped reads.
+*/}}
+{{- define "llmops.rules" -}}
+- apiGroups: [llmops.dev]
+  resources: [finetunes, batchinferences, llmservices]
+  verbs: [list, watch]
+- apiGroups: [llmops.dev]
+  resources: [finetunes/status, batchinferences/status, llmservices/status]
+  verbs: [patch]
+- apiGroups: [llmops.dev]
+  resources: [finetunes/finalizers, batchinferences/finalizers, llmservices/finalizers]
+  verbs: [update]
+- apiGroups: [ray.io]
+  resources: [rayjobs]
+  verbs: [list, watch, create, patch]
+- apiGroups: [ray.io]
+  resources: [rayservices]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [create, patch]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{/* kopf peering: list/watch the peering objects, PATCH its keep-alive into the status of its own one. */}}
+{{- define "llmops.peeringRules" -}}
+{{- $resource := ternary "kopfpeerings" "clusterkopfpeerings" (gt (len .Values.watchNamespaces) 0) -}}
+- apiGroups: [kopf.dev]
+  resources: [{{ $resource }}]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [{{ $resource }}]
+  resourceNames: [{{ .Values.leaderElection.name }}]
+  verbs: [patch]
+{{- end -}}

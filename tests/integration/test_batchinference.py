@@ -1,0 +1,85 @@
+"""BatchInference on the real plane: the FineTune -> BatchInference chain, metrics in status, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from integration.harness import condition, phase, wait_for
+from llmops.dev.simulator import Plan, Simulator
+from manifests import batchinference, finetune
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def simulator(plane):
+    return Simulator(plane.kubeconfig, run_seconds=0)
+
+
+def _finish(simulator, cluster, ns, kind, name, job, plan=None):
+    if plan:
+        simulator.plans[(ns, job)] = plan
+    wait_for(lambda: (simulator.step() or True) and phase(cluster.get(kind, ns, name)) in ("Succeeded", "Failed"),
+             timeout=90, what=f"{kind} {name} to finish")
+
+
+def test_chain_waits_for_finetune_then_runs_with_its_adapter(plane, cluster, operator, ns, simulator):
+    cluster.create(finetune("tune"), ns)
+    cluster.create(batchinference("eval", fine_tune="tune"), ns)
+    bi = wait_for(lambda: (lambda o: o if condition(o, "Reconciling").get("reason") == "WaitingForFineTune" else None)(
+        cluster.get("BatchInference", ns, "eval")), what="WaitingForFineTune")
+    assert phase(bi) == "Waiting" and "FineTune tune" in condition(bi, "Reconciling")["message"]
+    assert cluster.ray("rayjobs", ns, "eval-bi") is None
+
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "tune")) == "Running", timeout=90, what="FineTune Running")
+    _finish(simulator, cluster, ns, "FineTune", "tune", "tune-ft")
+    job = wait_for(lambda: cluster.ray("rayjobs", ns, "eval-bi"), timeout=60, what="the BatchInference RayJob")
+    assert job["spec"]["entrypoint"].startswith("python -m payloads.batch_inference")
+    config = json.loads(cluster.core.read_namespaced_config_map("eval-bi-config", ns).data["job.json"])
+    assert config["model"] == {"source": "Qwen/Qwen2.5-7B-Instruct",
+                               "adapter": {"name": "tune", "uri": "s3://bucket/adapters/tune"}}
+    assert config["engineKwargs"]["enable_prefix_caching"] is True
+    assert config["engineKwargs"]["enable_chunked_prefill"] is True
+
+    wait_for(lambda: phase(cluster.get("BatchInference", ns, "eval")) == "Running", timeout=90, what="Running")
+    _finish(simulator, cluster, ns, "BatchInference", "eval", "eval-bi")
+    bi = cluster.get("BatchInference", ns, "eval")
+    assert phase(bi) == "Succeeded" and condition(bi, "Ready")["status"] == "True"
+    assert bi["status"]["metrics"]["exactMatch"] == pytest.approx(0.688)
+    assert bi["status"]["metrics"]["rows"] > 0
+    assert bi["status"]["outputURI"] == "s3://bucket/viggo/out-eval"
+    assert bi["status"]["adapterURI"] == "s3://bucket/adapters/tune"
+    table = plane.kubectl("get", "bi", "-n", ns, quiet=True).stdout
+    assert "Succeeded" in table and "0.688" in table
+
+
+def test_missing_finetune_stalls(cluster, operator, ns):
+    cluster.create(batchinference("orphan", fine_tune="nope"), ns)
+    bi = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("status") == "True" else None)(
+        cluster.get("BatchInference", ns, "orphan")), what="Stalled")
+    assert condition(bi, "Stalled")["reason"] == "FineTuneNotFound"
+    assert "nope" in condition(bi, "Stalled")["message"]
+
+
+def test_failed_finetune_stalls_dependent(cluster, operator, ns, simulator):
+    cluster.create(finetune("bad"), ns)
+    cluster.create(batchinference("after-bad", fine_tune="bad"), ns)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "bad")) == "Running", timeout=90, what="FineTune Running")
+    _finish(simulator, cluster, ns, "FineTune", "bad", "bad-ft", Plan("Failed", "out of memory"))
+    bi = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("status") == "True" else None)(
+        cluster.get("BatchInference", ns, "after-bad")), what="Stalled")
+    assert condition(bi, "Stalled")["reason"] == "FineTuneFailed"
+
+
+def test_bad_input_stalls_and_reports_no_output(cluster, operator, ns, simulator):
+    cluster.create(batchinference("badinput"), ns)
+    wait_for(lambda: phase(cluster.get("BatchInference", ns, "badinput")) == "Running", timeout=90, what="Running")
+    message = "input row has no field 'input' named by spec.prompt.userField; fields present: text, label"
+    _finish(simulator, cluster, ns, "BatchInference", "badinput", "badinput-bi", Plan("Failed", message))
+    bi = cluster.get("BatchInference", ns, "badinput")
+    assert phase(bi) == "Failed"
+    assert condition(bi, "Stalled")["reason"] == "PayloadFailed"
+    assert "spec.prompt.userField" in condition(bi, "Stalled")["message"]
+    assert "outputURI" not in bi["status"]

@@ -1,0 +1,187 @@
+"""The chart and the kustomize base on the real local plane; the operator running with the chart's rights.
+
+The chart is installed for real (`helm install --wait`): the API server admits every object, the Deployment's pod
+passes the `restricted` Pod Security admission, is scheduled, and kwok runs it as if (its image cannot be pulled
+here). The operator itself then runs as a local process, configured as that pod is (its args, env and settings
+ConfigMap), authenticated with a token of the chart's ServiceAccount: every request it makes is authorized by the
+chart's RBAC, and the audit log shows it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from integration.harness import REPO, OperatorProcess, phase, wait_for
+from integration.rbac import ServiceAccount, allowed, audit_records, kubeconfig_for
+from llmops.dev.plane import BUILD_HINT, bin_dir
+from llmops.dev.simulator import Simulator
+from manifests import finetune
+
+pytestmark = pytest.mark.integration
+
+CHART = REPO / "charts" / "llmops-operator"
+KUSTOMIZE_BASE = REPO / "deploy" / "kustomize" / "base"
+METRICS = ("llmops_reconciles_total", "llmops_reconcile_duration_seconds", "llmops_resources",
+           "llmops_api_errors_total")
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    account: ServiceAccount
+
+
+def helm(plane, *args: str) -> subprocess.CompletedProcess:
+    path = bin_dir() / "helm"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build the local toolchain with `{BUILD_HINT}`")
+    result = subprocess.run([str(path), *args], env=plane.env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result
+
+
+def restricted_namespace(cluster, name: str) -> str:
+    cluster.core.create_namespace({"metadata": {"name": name,
+                                                "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    return name
+
+
+@pytest.fixture(scope="module")
+def release(plane, cluster):
+    """The chart, cluster-wide, with leader election (kopf peering)."""
+    namespace = restricted_namespace(cluster, "llmops-it")
+    helm(plane, "install", "llmops-it", str(CHART), "--namespace", namespace, "--set", "leaderElection.enabled=true",
+         "--wait", "--timeout", "120s")
+    yield Release("llmops-it", namespace, ServiceAccount(namespace, "llmops-it-operator"))
+    helm(plane, "uninstall", "llmops-it", "--namespace", namespace, "--wait")
+    cluster.core.delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def chart_operator(release, plane, cluster, operator, tmp_path_factory):
+    """`llmops run` as the chart's pod runs it, with the chart's ServiceAccount token.
+
+    The session's operator (admin credentials, all namespaces) is stopped meanwhile, so that everything that happens
+    to the test's resources is this operator's doing; it is started again afterwards."""
+    folder = tmp_path_factory.mktemp("chart-operator")
+    deployment = client.AppsV1Api(cluster.api_client).read_namespaced_deployment("llmops-it-operator",
+                                                                                 release.namespace)
+    container = deployment.spec.template.spec.containers[0]
+    settings = cluster.core.read_namespaced_config_map("llmops-it-operator-settings", release.namespace)
+    (folder / "settings.yaml").write_text(settings.data["settings.yaml"])
+    env = {e.name: e.value for e in container.env if e.value is not None}
+    env.update(LLMOPS_SETTINGS_FILE=str(folder / "settings.yaml"), POD_ID="chart-operator",
+               KUBECONFIG=str(kubeconfig_for(release.account, cluster, plane, folder / "kubeconfig")))
+    # OperatorProcess chooses the ports and a plain log format; every other argument is the chart's.
+    own = ("--probe-port", "--metrics-port", "--log-format")
+    args = tuple(a for a in container.args[1:] if not a.startswith(own))
+    assert container.args[0] == "run" and "--peering=llmops" in args
+
+    operator.stop()
+    proc = OperatorProcess(plane, folder / "operator.log", env_extra=env, args=args).start()
+    yield proc
+    proc.stop()
+    operator.start()
+
+
+def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release, plane, cluster, ns):
+    manifest = yaml.safe_dump({**finetune("ft"), "metadata": {"name": "ft", "namespace": ns}})
+    plane.kubectl("apply", "--server-side", "-f", "-", input=manifest, quiet=True)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "ft")) == "Running", timeout=90, what="phase Running")
+
+    def metrics_while_running():
+        text = chart_operator.metrics()
+        return text if 'llmops_resources{kind="FineTune",phase="Running"} 1' in text else None
+    text = wait_for(metrics_while_running, timeout=30, what="llmops_resources to count the Running FineTune")
+    for name in METRICS:
+        assert f"# TYPE {name} " in text, name
+    assert 'llmops_reconciles_total{kind="FineTune",result="ok"}' in text
+    assert 'llmops_reconcile_duration_seconds_count{kind="FineTune"}' in text
+
+    simulator = Simulator(plane.kubeconfig, run_seconds=0)
+    wait_for(lambda: (simulator.step() or True) and phase(cluster.get("FineTune", ns, "ft")) == "Succeeded",
+             timeout=90, what="FineTune to succeed")
+
+    log = chart_operator.log()
+    assert "403" not in log and "Forbidden" not in log, log[-3000:]
+    # The work was done with the chart's account, and none of its requests was refused.
+    records = list(audit_records(plane, release.account))
+    refused = [(r["verb"], r.get("objectRef")) for r in records if r["responseStatus"]["code"] == 403]
+    assert not refused, refused
+    done = {(r["verb"], r["objectRef"].get("resource"), r["objectRef"].get("subresource", ""))
+            for r in records if r.get("objectRef", {}).get("namespace") == ns}
+    assert {("patch", "rayjobs", ""), ("patch", "roles", ""), ("patch", "finetunes", "status"),
+            ("create", "events", "")} <= done, done
+    # kopf's peering keep-alive went through: this operator is listed in the chart's ClusterKopfPeering.
+    peering = cluster.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmops")
+    assert "chart-operator" in (peering.get("status") or {})
+    # The operator writes only status: a GitOps tool's server-side diff of the manifest finds nothing to change.
+    diff = plane.kubectl("diff", "--server-side", "-f", "-", input=manifest, check=False, quiet=True)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+
+
+def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, ns):
+    account = release.account
+
+    def can(verb, resource, group="", namespace=ns, subresource=""):
+        return allowed(cluster, account, verb, resource, group, namespace, subresource)
+
+    needed = [("list", "finetunes", "llmops.dev"), ("watch", "llmservices", "llmops.dev"),
+              ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"), ("delete", "rayservices", "ray.io"),
+              ("patch", "configmaps", ""), ("get", "configmaps", ""), ("create", "serviceaccounts", ""),
+              ("create", "roles", "rbac.authorization.k8s.io"), ("patch", "rolebindings", "rbac.authorization.k8s.io"),
+              ("watch", "pods", ""), ("create", "events", "")]
+    for verb, resource, group in needed:
+        assert can(verb, resource, group), (verb, resource)
+        assert can(verb, resource, group, namespace=None), (verb, resource, "all namespaces")
+    assert can("patch", "finetunes", "llmops.dev", subresource="status")
+    assert can("patch", "clusterkopfpeerings", "kopf.dev", namespace=None)
+
+    for verb in ("get", "list", "watch"):
+        assert not can(verb, "secrets"), verb
+        assert not can(verb, "secrets", namespace=None), verb
+    refused = [("patch", "finetunes", "llmops.dev"), ("delete", "finetunes", "llmops.dev"),
+               ("delete", "rayjobs", "ray.io"), ("create", "pods", ""), ("get", "pods", ""),
+               ("delete", "configmaps", ""), ("update", "roles", "rbac.authorization.k8s.io"),
+               ("escalate", "roles", "rbac.authorization.k8s.io"), ("bind", "roles", "rbac.authorization.k8s.io"),
+               ("list", "namespaces", ""), ("create", "rayclusters", "ray.io")]
+    for verb, resource, group in refused:
+        assert not can(verb, resource, group), (verb, resource)
+
+    # Namespace mode: a Role in each watched namespace, nothing anywhere else.
+    other = cluster.namespace("other")
+    scoped = restricted_namespace(cluster, "llmops-scoped")
+    helm(plane, "install", "llmops-scoped", str(CHART), "--namespace", scoped, "--set", f"watchNamespaces={{{ns}}}",
+         "--set", "replicas=0")
+    try:
+        scoped_account = ServiceAccount(scoped, "llmops-scoped-operator")
+        assert allowed(cluster, scoped_account, "patch", "rayjobs", "ray.io", ns)
+        assert allowed(cluster, scoped_account, "list", "finetunes", "llmops.dev", ns)
+        assert not allowed(cluster, scoped_account, "patch", "rayjobs", "ray.io", other)
+        assert not allowed(cluster, scoped_account, "list", "finetunes", "llmops.dev", None)
+        assert not allowed(cluster, scoped_account, "get", "secrets", "", ns)
+    finally:
+        helm(plane, "uninstall", "llmops-scoped", "--namespace", scoped)
+        cluster.core.delete_namespace(scoped)
+
+
+def test_kustomize_base_applies_server_side(plane, cluster):
+    plane.kubectl("apply", "--server-side", "-k", str(KUSTOMIZE_BASE), quiet=True)
+    try:
+        apps = client.AppsV1Api(cluster.api_client)
+        wait_for(lambda: (apps.read_namespaced_deployment("llmops-operator", "llmops-system").status.available_replicas
+                          or 0) == 1, timeout=90, what="the operator Deployment (run by kwok) to be available")
+        # Applying again changes nothing and conflicts with nothing.
+        again = plane.kubectl("apply", "--server-side", "-k", str(KUSTOMIZE_BASE), quiet=True)
+        assert "configured" not in again.stdout, again.stdout
+    finally:
+        # Not `kubectl delete -k`: that would also delete the CRDs the rest of the session needs.
+        plane.kubectl("delete", "namespace", "llmops-system", "--wait=false", quiet=True)
+        plane.kubectl("delete", "clusterrole,clusterrolebinding", "llmops-operator", quiet=True)

@@ -1,0 +1,189 @@
+"""The Helm chart, its schema, the artifacts generated from it, and the Dockerfiles (which cannot be built here).
+
+Golden files: tests/golden/helm/*.yaml are `helm template` of the chart's templates (CRDs excluded: they are
+generated from the API models and checked by `llmops crds --check`). After a deliberate change, regenerate them with
+    LLMOPS_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_chart.py
+and review the YAML diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmops.dev.plane import BUILD_HINT, bin_dir
+from llmops.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "llmops-operator"
+GOLDEN = REPO / "tests" / "golden" / "helm"
+UPDATE = os.environ.get("LLMOPS_UPDATE_GOLDEN") == "1"
+
+VARIANTS = {
+    "default": [],
+    # namespace mode, with every optional template on
+    "namespaced": ["--set", "watchNamespaces={team-a,team-b}", "--set", "leaderElection.enabled=true",
+                   "--set", "metrics.serviceMonitor.enabled=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = bin_dir() / "helm"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build the local toolchain with `{BUILD_HINT}`")
+    return str(path)
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True)
+
+
+def template(helm: str, *values: str) -> str:
+    result = run_helm(helm, "template", "llmops", str(CHART), "--namespace", "llmops-system", *values)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def objects(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def test_helm_lint(helm):
+    for name, values in VARIANTS.items():
+        result = run_helm(helm, "lint", "--strict", str(CHART), *values)
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rendered_chart_matches_golden(helm, variant):
+    rendered = template(helm, *VARIANTS[variant])
+    golden = GOLDEN / f"{variant}.yaml"
+    if UPDATE:
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(rendered)
+    assert golden.exists(), f"{golden} is missing: run with LLMOPS_UPDATE_GOLDEN=1"
+    assert rendered == golden.read_text(), f"{golden.name} is stale: rerun with LLMOPS_UPDATE_GOLDEN=1 and review"
+
+
+@pytest.mark.parametrize("values, message", [
+    (["--set", "replicas=-1"], "at '/replicas': minimum: got -1, want 0"),
+    (["--set", "replicas=2"], "at '/replicas': maximum: got 2, want 1"),
+    (["--set", "watchNamespaces={Team_A}"], "at '/watchNamespaces/0'"),
+    (["--set", "replica=1"], "additional properties 'replica' not allowed"),
+    (["--set", "settings.finetune_imag=x"], "at '/settings': additional properties 'finetune_imag' not allowed"),
+    (["--set", "logLevel=loud"], "at '/logLevel'"),
+], ids=["negative-replicas", "two-replicas", "bad-namespace", "typo", "settings-typo", "log-level"])
+def test_schema_rejects_bad_values(helm, values, message):
+    result = run_helm(helm, "template", "x", str(CHART), *values)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_rbac_is_least_privilege(helm):
+    """Rights come only from the listed rules: no Secrets, no wildcards, nothing cluster-wide in namespace mode."""
+    cluster = objects(template(helm, "--set", "leaderElection.enabled=true"))
+    namespaced = objects(template(helm, *VARIANTS["namespaced"]))
+    roles = [o for o in cluster + namespaced if o["kind"] in ("ClusterRole", "Role")]
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], rule
+            assert "secrets" not in rule["resources"], rule
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
+    assert {o["kind"] for o in namespaced if o["kind"].startswith("Cluster")} == set()
+    assert sorted((o["kind"], o["metadata"]["namespace"]) for o in namespaced if o["kind"] in ("Role", "RoleBinding",
+                                                                                                "KopfPeering")) == [
+        ("KopfPeering", "team-a"), ("KopfPeering", "team-b"), ("Role", "team-a"), ("Role", "team-b"),
+        ("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
+    deployment = next(o for o in namespaced if o["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "run" and "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert "--peering=llmops" in args
+
+
+def test_deployment_is_locked_down(helm):
+    deployment = next(o for o in objects(template(helm)) if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert set(container["resources"]) == {"requests", "limits"}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "probe"}
+    assert {"name": "probe", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert container["args"] == ["run", "--probe-port=8080", "--metrics-port=9090", "--log-format=json"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LLMOPS_SETTINGS_FILE"] == "/etc/llmops/settings.yaml"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/etc/llmops"] == "settings"
+
+
+def test_chart_settings_are_the_operator_defaults(helm, tmp_path):
+    """The ConfigMap the chart renders is a settings file the operator loads, equal to its built-in defaults."""
+    config = next(o for o in objects(template(helm)) if o["kind"] == "ConfigMap")
+    path = tmp_path / "settings.yaml"
+    path.write_text(config["data"]["settings.yaml"])
+    assert Settings.load(path, environ={}) == Settings()
+    # values.schema.json knows every settings field (namespaces comes from watchNamespaces).
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["settings"]["properties"]) == set(Settings.model_fields) - {"namespaces"}
+
+
+def test_generated_install_files_are_current():
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "sync_kustomize.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- images (no container engine here: the Dockerfiles are checked as text) ---------------------------------
+def instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_operator_image():
+    steps = instructions(REPO / "docker" / "operator.Dockerfile")
+    bases = [rest.split()[0] for word, rest in steps if word == "FROM"]
+    for base in bases:
+        assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base), f"unpinned or non-slim base {base}"
+    assert len(set(bases)) == 1
+    user = [rest for word, rest in steps if word == "USER"]
+    assert user and re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1]), "the final USER must be a numeric non-root uid:gid"
+    assert steps.index(("USER", user[-1])) > max(i for i, (w, _) in enumerate(steps) if w == "RUN")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    entrypoint = json.loads(next(rest for word, rest in steps if word == "ENTRYPOINT"))
+    assert entrypoint == ["llmops"] and scripts["llmops"] == "llmops.cli:main"
+    assert json.loads(next(rest for word, rest in steps if word == "CMD")) == ["run"]
+    assert any(word == "RUN" and "pip wheel" in rest and rest.rstrip().endswith(" .") for word, rest in steps)
+    # The uid matches the chart's default securityContext.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert user[-1] == f"{values['podSecurityContext']['runAsUser']}:{values['podSecurityContext']['runAsGroup']}"
+
+
+def test_ray_runtime_image_pins_match_the_project():
+    steps = instructions(REPO / "docker" / "ray-runtime.Dockerfile")
+    base = next(rest for word, rest in steps if word == "FROM")
+    assert base == Settings().finetune_image, "the training image builds on the operator's default Ray image"
+    training = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["training"]
+    installed = re.findall(r'"([^"]+==[^"]+)"', " ".join(rest for word, rest in steps if word == "RUN"))
+    assert sorted(installed) == sorted(training)
+    assert Settings().finetune_pip == [r for r in training if r.startswith("llamafactory==")]

@@ -1,0 +1,176 @@
+"""The fast LoRA SFT recipe: choices per accelerator, user overrides, LLaMA-Factory 0.9.4 keys (pure; no GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmops.builders.recipe import memory_budget_gib, peak_memory_gib, training_recipe
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "training_recipe.json"
+
+# Field names of LLaMA-Factory 0.9.4's argument dataclasses that the recipe may emit, with the values they take
+# (hparams/data_args.py: cutoff_len, packing, neat_packing; hparams/model_args.py: flash_attn (AttentionFunction),
+# enable_liger_kernel, disable_gradient_checkpointing; transformers' TrainingArguments: the two batch keys).
+LLAMAFACTORY_KEYS = {
+    "cutoff_len": int,
+    "packing": bool,
+    "neat_packing": bool,
+    "flash_attn": {"auto", "disabled", "sdpa", "fa2", "fa3"},
+    "enable_liger_kernel": bool,
+    "per_device_train_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "disable_gradient_checkpointing": bool,
+}
+
+GIB = {"L4": 24, "A10G": 24, "L40S": 48, "A100": 80, "H100": 80}
+
+
+def recipe(gpu: str = "H100", params_b: float = 7.0, cutoff_len: int = 2048, lora_rank: int = 8, **overrides):
+    return training_recipe(gpu_memory_gib=GIB[gpu], base_model_params_b=params_b, cutoff_len=cutoff_len,
+                           lora_rank=lora_rank, overrides=overrides)
+
+
+def test_h100_default_is_the_measured_recipe():
+    assert recipe("H100") == {
+        "cutoff_len": 2048,
+        "packing": True,
+        "neat_packing": False,
+        "flash_attn": "fa2",
+        "enable_liger_kernel": True,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "disable_gradient_checkpointing": True,
+    }
+
+
+def test_l4_checkpoints_where_h100_does_not():
+    l4, h100 = recipe("L4"), recipe("H100")
+    assert l4["disable_gradient_checkpointing"] is False
+    assert h100["disable_gradient_checkpointing"] is True
+    # Same effective batch on both: one packed row per device per optimizer step.
+    for r in (l4, h100):
+        assert r["per_device_train_batch_size"] * r["gradient_accumulation_steps"] == 1
+        assert r["packing"] is True and r["flash_attn"] == "fa2"
+
+
+@pytest.mark.parametrize(("gpu", "checkpointing"), [("L4", True), ("A10G", True), ("L40S", False), ("A100", False),
+                                                    ("H100", False)])
+def test_checkpointing_per_accelerator_profile(gpu, checkpointing):
+    assert recipe(gpu)["disable_gradient_checkpointing"] is (not checkpointing)
+
+
+def test_large_model_on_h100_checkpoints():
+    assert recipe("H100", params_b=32)["disable_gradient_checkpointing"] is False
+
+
+def test_short_cutoff_packs_several_rows_per_step():
+    r = recipe("H100", cutoff_len=512)
+    assert (r["per_device_train_batch_size"], r["gradient_accumulation_steps"]) == (4, 1)
+
+
+def test_micro_batch_shrinks_and_accumulation_grows_when_memory_is_short():
+    # 4 rows of 512 per step; one row fits on an L4 without checkpointing, two do not: 1 x 4, no checkpointing.
+    r = recipe("L4", cutoff_len=512, params_b=7.0, ligerKernel=False)
+    assert r["disable_gradient_checkpointing"] is True
+    assert (r["per_device_train_batch_size"], r["gradient_accumulation_steps"]) == (1, 4)
+    assert peak_memory_gib(7.0, 8, 512, False, False) <= memory_budget_gib(24) < peak_memory_gib(7.0, 8, 1024,
+                                                                                                  False, False)
+
+
+def test_without_packing_keeps_the_reference_eight_samples_per_step():
+    for gpu in ("L4", "H100"):
+        r = recipe(gpu, packing=False)
+        assert r["packing"] is False and r["neat_packing"] is False
+        assert r["per_device_train_batch_size"] * r["gradient_accumulation_steps"] == 8
+    assert recipe("H100", packing=False)["per_device_train_batch_size"] == 4
+
+
+def test_packing_without_fa2_keeps_samples_apart_with_the_mask():
+    for attention in ("sdpa", "auto", "eager"):
+        r = recipe(attention=attention)
+        assert r["packing"] is True and r["neat_packing"] is True
+    assert recipe(attention="eager")["flash_attn"] == "disabled"
+    assert recipe(attention="sdpa")["flash_attn"] == "sdpa"
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"packing": False}, {"packing": False, "neat_packing": False}),
+    ({"perDeviceBatchSize": 3}, {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 1}),
+    ({"gradientAccumulationSteps": 4}, {"gradient_accumulation_steps": 4, "per_device_train_batch_size": 1}),
+    ({"gradientCheckpointing": True}, {"disable_gradient_checkpointing": False}),
+    ({"attention": "sdpa"}, {"flash_attn": "sdpa"}),
+    ({"ligerKernel": False}, {"enable_liger_kernel": False}),
+])
+def test_user_choice_wins_on_h100(overrides, expected):
+    r = recipe("H100", **overrides)
+    assert {k: r[k] for k in expected} == expected
+
+
+def test_user_choice_wins_even_against_the_memory_model():
+    r = recipe("L4", gradientCheckpointing=False, perDeviceBatchSize=8, gradientAccumulationSteps=2)
+    assert r["disable_gradient_checkpointing"] is True
+    assert (r["per_device_train_batch_size"], r["gradient_accumulation_steps"]) == (8, 2)
+
+
+def test_user_micro_batch_decides_checkpointing_when_unset():
+    assert recipe("H100", perDeviceBatchSize=16)["disable_gradient_checkpointing"] is False
+    assert recipe("H100", perDeviceBatchSize=2)["disable_gradient_checkpointing"] is True
+
+
+def test_none_means_choose_for_me():
+    unset = dict.fromkeys(("packing", "perDeviceBatchSize", "gradientAccumulationSteps", "gradientCheckpointing",
+                           "attention", "ligerKernel"))
+    for gpu in GIB:
+        assert recipe(gpu, **unset) == recipe(gpu)
+
+
+def test_rejects_unknown_overrides_and_attention():
+    with pytest.raises(ValueError, match="unknown recipe overrides: microBatch"):
+        recipe(microBatch=2)
+    with pytest.raises(ValueError, match="unknown attention"):
+        recipe(attention="fa9")
+
+
+def test_packed_cutoff_is_a_multiple_of_eight():
+    assert recipe(cutoff_len=1001)["cutoff_len"] == 1008
+    assert recipe(cutoff_len=1001, packing=False)["cutoff_len"] == 1001
+
+
+def test_pure_and_leaves_overrides_alone():
+    overrides = {"packing": None, "attention": "sdpa"}
+    before = dict(overrides)
+    first = training_recipe(gpu_memory_gib=24, base_model_params_b=7, cutoff_len=2048, lora_rank=8,
+                            overrides=overrides)
+    second = training_recipe(gpu_memory_gib=24, base_model_params_b=7, cutoff_len=2048, lora_rank=8,
+                             overrides=overrides)
+    assert overrides == before and first == second
+
+
+@pytest.mark.parametrize("gpu", sorted(GIB))
+@pytest.mark.parametrize("overrides", [{}, {"packing": False}, {"attention": "eager"}, {"ligerKernel": False},
+                                       {"perDeviceBatchSize": 2, "gradientCheckpointing": True}])
+def test_every_key_is_a_llamafactory_key_with_a_valid_value(gpu, overrides):
+    r = recipe(gpu, **overrides)
+    assert set(r) <= set(LLAMAFACTORY_KEYS)
+    for key, value in r.items():
+        allowed = LLAMAFACTORY_KEYS[key]
+        if isinstance(allowed, set):
+            assert value in allowed, key
+        else:
+            assert type(value) is allowed, key
+    assert r["per_device_train_batch_size"] >= 1 and r["gradient_accumulation_steps"] >= 1
+    assert r["cutoff_len"] % 8 == 0 or not r["packing"]
+
+
+def test_memory_model_reproduces_the_measured_peaks():
+    measured = {v["name"]: v for v in json.loads(RESULTS.read_text())["variants"] if "peak_alloc_gib" in v}
+    params_b = json.loads(RESULTS.read_text())["model"]["params"] / 1e9
+    for name, (checkpointing, liger) in {"packed": (False, False), "packed-x2": (False, False),
+                                         "default": (False, True), "default-x2": (False, True),
+                                         "default-ckpt": (True, True), "default-x4-ckpt": (True, True)}.items():
+        row = measured[name]
+        predicted = peak_memory_gib(params_b, 8, row["tokens_per_microbatch"], checkpointing, liger)
+        assert predicted == pytest.approx(row["peak_alloc_gib"], abs=0.3), name
