@@ -130,8 +130,8 @@ def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release
 def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, ns):
     account = release.account
 
-    def can(verb, resource, group="", namespace=ns, subresource=""):
-        return allowed(cluster, account, verb, resource, group, namespace, subresource)
+    def can(verb, resource, group="", namespace=ns, subresource="", name=""):
+        return allowed(cluster, account, verb, resource, group, namespace, subresource, name)
 
     needed = [("list", "finetunes", "llmops.dev"), ("watch", "llmservices", "llmops.dev"),
               ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"), ("delete", "rayservices", "ray.io"),
@@ -142,7 +142,9 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         assert can(verb, resource, group), (verb, resource)
         assert can(verb, resource, group, namespace=None), (verb, resource, "all namespaces")
     assert can("patch", "finetunes", "llmops.dev", subresource="status")
-    assert can("patch", "clusterkopfpeerings", "kopf.dev", namespace=None)
+    assert can("watch", "clusterkopfpeerings", "kopf.dev", namespace=None)
+    assert can("patch", "clusterkopfpeerings", "kopf.dev", namespace=None, name="llmops")
+    assert not can("patch", "clusterkopfpeerings", "kopf.dev", namespace=None, name="someone-else")
 
     for verb in ("get", "list", "watch"):
         assert not can(verb, "secrets"), verb

@@ -92,7 +92,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> l
     payloads = {m: ctx.payloads[m] for m in PAYLOAD_MODULES if m in ctx.payloads}
     claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
     image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, claims)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, payloads, claims)
     entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
     return [
         *result_channel(owner, n, ctx.settings),

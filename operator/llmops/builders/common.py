@@ -186,13 +186,13 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
 
 
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
-                     ctx: BuildContext, files: Mapping[str, str], claims: list[str], *,
+                     ctx: BuildContext, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str], *,
                      autoscale_to: int | None = None) -> dict[str, Any]:
     """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
     settings = ctx.settings
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
-    vols, mounts = volumes(names, files, ctx.payloads, claims)
+    vols, mounts = volumes(names, files, payloads, claims)
     pod_labels = labels(owner, settings)
     head = settings.head
     head_pod: dict[str, Any] = {

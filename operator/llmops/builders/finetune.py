@@ -73,7 +73,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
     claims = pvc_claims(spec.base_model.source, spec.dataset.train.uri,
                         spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri)
     image = spec.image or ctx.settings.finetune_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, claims)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, payloads, claims)
     runtime = runtime_env(spec, ctx.settings.finetune_pip)
     runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"

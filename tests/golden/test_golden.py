@@ -1,0 +1,69 @@
+"""Golden files: every object the operator renders for each example, reviewed as YAML diffs.
+
+Regenerate on purpose with `pytest tests/golden --update-golden` and read the diff before committing.
+Payload sources are shipped in the job ConfigMap; here they appear as a digest so that a payload edit shows
+as one changed line instead of the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from llmops import yamlio
+from llmops.builders.common import BuildContext
+from llmops.handlers.main import load_payloads
+from llmops.render import render_manifests
+from llmops.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parent
+EXAMPLE_SETS = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir())
+
+
+def _digest_payloads(objects: list[dict]) -> list[dict]:
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            for key, value in list((obj.get("data") or {}).items()):
+                if key.startswith("payload."):
+                    obj["data"][key] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return objects
+
+
+def rendered(example_dir: Path) -> dict[str, str]:
+    docs = [d for f in sorted(example_dir.glob("*.yaml")) for d in yamlio.load_all(f.read_text())]
+    objects, errors = render_manifests(docs, BuildContext(settings=Settings(), payloads=load_payloads()))
+    assert not errors, errors
+    files: dict[str, list[dict]] = {}
+    for obj in _digest_payloads(objects):
+        owner = obj["metadata"]["ownerReferences"][0]
+        files.setdefault(f"{owner['kind'].lower()}-{owner['name']}.yaml", []).append(obj)
+    return {name: yamlio.dump_all(objs) for name, objs in files.items()}
+
+
+@pytest.mark.parametrize("example_dir", EXAMPLE_SETS, ids=[p.name for p in EXAMPLE_SETS])
+def test_rendered_children_match_golden(example_dir, request):
+    folder = GOLDEN / example_dir.name
+    files = rendered(example_dir)
+    if request.config.getoption("--update-golden"):
+        folder.mkdir(exist_ok=True)
+        for stale in folder.glob("*.yaml"):
+            if stale.name not in files:
+                stale.unlink()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(files), \
+        "golden files differ in number: run pytest tests/golden --update-golden and review the diff"
+    for name, text in files.items():
+        assert (folder / name).read_text() == text, \
+            f"{example_dir.name}/{name} differs: run pytest tests/golden --update-golden and review the diff"
+
+
+def test_render_cli_works_offline(capsys):
+    from llmops.cli import main
+    assert main(["render", "-f", str(ROOT / "examples" / "viggo" / "finetune.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "kind: RayJob" in out and "llamafactory" not in out.split("kind: RayJob")[0][:0]
+    assert "USE_RAY" in out

@@ -1,0 +1,100 @@
+"""Pure builder properties that hold for every example and kind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmops.builders.common import Owner, child_name
+from llmops.builders.finetune import model_params_b
+from llmops.handlers.main import load_payloads
+from llmops.render import render_manifests
+from llmops.builders.common import BuildContext
+from llmops.settings import Settings
+from manifests import batchinference, example, finetune, llmservice
+
+SECRET_VALUE = "hf_planted_secret_value_123"
+
+
+def _render(*docs):
+    objects, errors = render_manifests(list(docs), BuildContext(settings=Settings(), payloads=load_payloads()))
+    assert not errors, errors
+    return objects
+
+
+def _all_examples():
+    return _render(example("viggo/finetune.yaml"), example("viggo/batchinference.yaml"),
+                   example("viggo/llmservice.yaml"))
+
+
+def _pod_specs(obj):
+    cluster = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig")
+    yield cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster["workerGroupSpecs"]:
+        yield group["template"]["spec"]
+
+
+def test_every_mounted_configmap_key_exists():
+    objects = _all_examples()
+    config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    for ray in (o for o in objects if o["kind"] in ("RayJob", "RayService")):
+        for pod in _pod_specs(ray):
+            for volume in pod.get("volumes", []):
+                if "configMap" in volume:
+                    data = config_maps[volume["configMap"]["name"]]["data"]
+                    for item in volume["configMap"].get("items", []):
+                        assert item["key"] in data, (ray["metadata"]["name"], item["key"])
+
+
+def test_every_child_is_owned_by_its_resource():
+    for obj in _all_examples():
+        refs = obj["metadata"]["ownerReferences"]
+        assert len(refs) == 1 and refs[0]["controller"] is True and refs[0]["apiVersion"] == "llmops.dev/v1alpha1"
+
+
+def test_secrets_appear_only_as_references():
+    ft = finetune("s")
+    ft["spec"]["secrets"] = {"huggingFaceToken": {"name": "hf", "key": "token"}, "storage": {"name": "s3"}}
+    text = json.dumps(_render(ft))
+    assert '"secretKeyRef": {"name": "hf", "key": "token"}' in text
+    assert '"secretRef": {"name": "s3"}' in text
+    assert SECRET_VALUE not in text
+
+
+def test_head_runs_no_gpu_work_and_workers_are_on_the_pool():
+    for obj in _all_examples():
+        if obj["kind"] not in ("RayJob", "RayService"):
+            continue
+        cluster = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig")
+        assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+        assert "nvidia.com/gpu" not in head["limits"]
+        worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+        assert worker["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
+
+
+def test_result_role_grants_one_configmap_only():
+    role = next(o for o in _render(batchinference("b")) if o["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["b-bi-result"],
+                              "verbs": ["get", "patch"]}]
+
+
+def test_long_names_are_shortened_stably():
+    owner = Owner("llmops.dev/v1alpha1", "FineTune", "x" * 120, "ns", "uid")
+    name = child_name(owner, "ft-config")
+    assert len(name) <= 63 and name.endswith("-ft-config") and name == child_name(owner, "ft-config")
+    assert child_name(Owner("a", "b", "short", "ns", "u"), "ft") == "short-ft"
+
+
+@pytest.mark.parametrize("source,expected", [("Qwen/Qwen2.5-7B-Instruct", 7.0), ("meta-llama/Llama-3.1-70B", 70.0),
+                                             ("Qwen/Qwen2.5-0.5B", 0.5), ("s3://bucket/model", 7.0)])
+def test_model_size_from_name(source, expected):
+    assert model_params_b(source) == expected
+
+
+def test_service_without_adapters_has_no_lora_config():
+    service = _render(llmservice("plain"))[0]
+    assert "lora_config" not in service["spec"]["serveConfigV2"]
+    assert service["kind"] == "RayService"
