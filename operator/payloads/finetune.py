@@ -60,7 +60,9 @@ _CHECKPOINT_FILE = re.compile(r"^(?:(?P<trial>[^/]+)/)?(?P<ckpt>checkpoint_[^/]+
 _LOG_DICT = re.compile(r"\{'[^{}]*\}")
 _TOTAL_STEPS = re.compile(r"Total optimization steps = ([\d,]+)")
 _BAR = re.compile(r"\|\s*(\d+)/(\d+) \[")
-_RAY_PREFIX = re.compile(r"^\s*\([\w.]+ pid=\d+[^)]*\)\s*")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RAY_PREFIX = re.compile(r"^\s*\([\w.]+ pid=\d+[^)]*\)\s*")  # "(RayTrainWorker pid=7, ip=10.0.0.7) "
+_RAY_DEDUP = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 HINTS = (
     (re.compile(r"CUDA out of memory|OutOfMemoryError"), "the GPUs ran out of memory: lower "
@@ -338,7 +340,7 @@ class Progress:
 
     def feed(self, raw: str) -> bool:
         """Read one output line; True when the progress changed."""
-        line = _RAY_PREFIX.sub("", raw.rstrip("\n"))
+        line = _RAY_DEDUP.sub("", _RAY_PREFIX.sub("", _ANSI.sub("", raw.rstrip("\n"))))
         self.tail.append(line)
         before = dict(self.state)
         total = _TOTAL_STEPS.search(line)
@@ -374,6 +376,7 @@ class Progress:
 
     def failure(self, returncode: int) -> str:
         errors = [m.group(1) for m in map(_ERROR_LINE.match, self.tail) if m]
+        errors = [e for e in errors if not e.startswith("ray.")] or errors  # the cause, not Ray's wrapper of it
         cause = errors[-1] if errors else (next((t for t in reversed(self.tail) if t.strip()), "no output"))
         hint = next((h for pattern, h in HINTS if any(pattern.search(t) for t in self.tail)), None)
         message = f"LLaMA-Factory training exited with code {returncode}: {cause[:600]}"

@@ -70,7 +70,7 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
   verbs: [list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [list, watch, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create, patch]

@@ -329,8 +329,9 @@ def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(tmp_path, r
 
 def test_progress_reads_the_trainer_log_lines_as_ray_forwards_them():
     progress = finetune.Progress()
-    prefix = "(RayTrainWorker pid=7, ip=10.1.2.3) "
-    assert progress.feed(prefix + "[INFO|trainer.py:2524]   Total optimization steps = 1,550\n")
+    prefix = "\x1b[36m(RayTrainWorker pid=7, ip=10.1.2.3)\x1b[0m "  # as Ray 2.60 colours a worker's lines
+    assert progress.feed(prefix + "[INFO|trainer.py:2527] 2026-11-25 21:33:41,439 >>   Total optimization steps = "
+                                  "1,550\n")
     assert not progress.feed(prefix + "Running tokenizer on dataset (num_proc=16): 100%|##| 1000/1000 [00:01<00:00]")
     assert progress.feed(prefix + " 10%|#         | 155/1550 [07:12<00:00,  2.85s/it]")
     assert progress.feed(prefix + "{'loss': 0.3, 'grad_norm': 0.14, 'learning_rate': 9.5e-05, 'epoch': 1.2}")
@@ -358,6 +359,19 @@ def test_checkpoint_storage_is_read_where_llamafactory_hands_it_to_ray(tmp_path)
     assert folder.endswith("TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000001/checkpoint")
     assert names == ["adapter_config.json"]
     assert finetune.latest_checkpoint({"ray_storage_path": str(tmp_path / "none"), "ray_run_name": "x"}) is None
+
+
+def test_failure_names_the_workers_exception_rather_than_rays_wrapper():
+    progress = finetune.Progress()
+    for line in ("\x1b[36m(RayTrainWorker pid=5251)\x1b[0m Error in training function:",
+                 "\x1b[36m(RayTrainWorker pid=5251)\x1b[0m ValueError: Template qwen3x does not exist.",
+                 "\x1b[36m(TrainController pid=5103)\x1b[0m ray.train.WorkerGroupError: Training failed due to "
+                 "worker errors:",
+                 "ray.train.WorkerGroupError: Training failed due to worker errors:"):
+        progress.feed(line)
+    assert progress.failure(1) == ("LLaMA-Factory training exited with code 1: ValueError: Template qwen3x does not "
+                                   "exist.; spec.template is not a LLaMA-Factory 0.9.4 template; the RayJob driver "
+                                   "log has the full trace")
 
 
 # ---------------------------------------------------------------- the real LLaMA-Factory 0.9.4 (when installed)
