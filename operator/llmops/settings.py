@@ -56,8 +56,13 @@ class Settings(BaseModel):
 
     finetune_image: str = f"rayproject/ray:{RAY_VERSION}-py311-cu128"
     """Ray image for FineTune jobs; LLaMA-Factory comes through `finetune_pip` unless the image has it."""
-    finetune_pip: list[str] = Field(default_factory=lambda: [f"llamafactory=={LLAMAFACTORY_VERSION}"])
-    """pip requirements added to every FineTune's runtime environment (empty when the image carries them)."""
+    finetune_pip: list[str] = Field(default_factory=lambda: [
+        f"llamafactory=={LLAMAFACTORY_VERSION}", "transformers==4.52.4", "liger-kernel==0.5.10"])
+    """pip requirements added to every FineTune's runtime environment (empty when the image carries them).
+    transformers 4.52.4 keeps LLaMA-Factory's neat packing working with SDPA attention (no flash-attn needed)."""
+    finetune_flash_attention: bool = False
+    """The FineTune image has flash-attn (our runtime image does): the recipe then uses FA2 varlen attention,
+    otherwise SDPA with neat packing (measured 3-10% slower; docs/training-recipe.md)."""
     inference_image: str = f"rayproject/ray-llm:{RAY_VERSION}-py311-cu128"
     """Ray LLM image (vLLM) for BatchInference and LLMService."""
     accelerators: dict[str, AcceleratorProfile] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))

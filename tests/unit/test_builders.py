@@ -98,3 +98,22 @@ def test_service_without_adapters_has_no_lora_config():
     service = _render(llmservice("plain"))[0]
     assert "lora_config" not in service["spec"]["serveConfigV2"]
     assert service["kind"] == "RayService"
+
+
+def test_attention_follows_what_the_training_image_has():
+    import yaml
+    from llmops.builders import finetune as ft_builder
+    doc = finetune("attn")
+    doc["metadata"].update(namespace="default", uid="u")
+    doc["apiVersion"] = "llmops.dev/v1alpha1"
+
+    def train_yaml(settings):
+        cm = next(o for o in ft_builder.build(doc, BuildContext(settings=settings, payloads={}))
+                  if o["metadata"]["name"].endswith("-config"))
+        return yaml.safe_load(cm["data"]["train.yaml"])
+    stock = train_yaml(Settings())
+    assert stock["flash_attn"] == "sdpa" and stock["neat_packing"] is True and stock["packing"] is True
+    runtime = train_yaml(Settings(finetune_flash_attention=True))
+    assert runtime["flash_attn"] == "fa2"
+    doc["spec"]["training"] = {"attention": "eager"}
+    assert train_yaml(Settings())["flash_attn"] != "sdpa"
