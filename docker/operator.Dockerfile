@@ -17,7 +17,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN groupadd --gid 65532 llmops \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin llmops
 COPY --from=build /wheels /wheels
-RUN python -m pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN python -m pip install --no-cache-dir --no-index --find-links /wheels llmops && rm -rf /wheels
 USER 65532:65532
 # probe (kopf /healthz) and Prometheus /metrics: `llmops run` defaults
 EXPOSE 8080 9090

@@ -7,7 +7,6 @@
 # Versions: pyproject.toml's `training` extra (tests/unit/test_chart.py keeps them equal).
 
 FROM rayproject/ray:2.60.0-py311-cu128
-ENV DISABLE_VERSION_CHECK=1
 RUN python -m pip install --no-cache-dir "ray[train]==2.60.0" "llamafactory==0.9.4" "peft==0.17.1" \
  && python -c "import llamafactory, peft"
 # The Ray image's own non-root user (uid 1000).

@@ -78,9 +78,9 @@ def adapter_template(tmp_path_factory) -> Optional[Path]:
 class Run:
     """One driver run in a temporary world: pvc root, node-local staging dir, job ConfigMap files."""
 
-    def __init__(self, root: Path, api, adapter_template: Optional[Path], pvc: Optional[Path] = None):
+    def __init__(self, root: Path, api, adapter_template: Optional[Path]):
         self.root, self.api = root, api
-        self.pvc = pvc or root / "pvc"
+        self.pvc = root / "pvc"
         self.staging = root / "scratch"
         self.job_dir = root / "job"
         self.bin = root / "bin"
@@ -285,26 +285,37 @@ RAY_HEAD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """(address, pvc root) of a one-node Ray cluster with one (logical) L4 GPU, in a process of its own like a
-    RayJob's head. Its tasks see the claims under the pvc root given to it, as pods see their mounts."""
+    RayJob's head. Its pvc root is a symbolic link that each test points at its own claims (ray_run)."""
     pytest.importorskip("ray")
-    pvc = tmp_path_factory.mktemp("ray-pvc")
+    root = tmp_path_factory.mktemp("ray-head")
+    link = root / "pvc"
+    link.symlink_to(root / "unset")
     head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled", "LLMOPS_PVC_ROOT": str(pvc)})
+                            text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled", "LLMOPS_PVC_ROOT": str(link)})
     try:
         address = head.stdout.readline().strip()
         assert address, "the local Ray head did not start"
-        yield address, pvc
+        yield address, link
     finally:
         head.stdin.close()
         head.wait(timeout=60)
 
 
+@pytest.fixture
+def ray_run(tmp_path, reporter_env, adapter_template, ray_head) -> Run:
+    """A Run whose claims the Ray head's tasks see, with RAY_ADDRESS set as in a RayJob."""
+    address, link = ray_head
+    run = Run(tmp_path, reporter_env, adapter_template)
+    link.unlink()
+    link.symlink_to(run.pvc)
+    run.env.update({"LLMOPS_PVC_ROOT": str(link), "RAY_ADDRESS": address})
+    return run
+
+
 @needs_peft
-def test_staging_and_collection_run_as_ray_tasks_on_the_gpu_nodes(tmp_path, reporter_env, adapter_template,
-                                                                  ray_head):
-    address, pvc = ray_head
-    run = Run(tmp_path, reporter_env, adapter_template, pvc=pvc)
-    done = run(RAY_ADDRESS=address, LLMOPS_GPU_WAIT_S="60")
+def test_staging_and_collection_run_as_ray_tasks_on_the_gpu_nodes(ray_run):
+    run = ray_run
+    done = run(LLMOPS_GPU_WAIT_S="60")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "staged by Ray tasks on 1 node(s)" in done.stderr
     assert run.final["state"] == "Succeeded"
@@ -312,13 +323,12 @@ def test_staging_and_collection_run_as_ray_tasks_on_the_gpu_nodes(tmp_path, repo
     assert (run.staging / "data" / "train" / "train.jsonl").exists()
 
 
-def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(tmp_path, reporter_env, ray_head):
-    address, pvc = ray_head
-    run = Run(tmp_path, reporter_env, None, pvc=pvc / "other")
+def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(ray_run):
+    run = ray_run
     spec = json.loads(json.dumps(SPEC))
     spec["resources"]["workers"] = 2
     run.render(spec)
-    done = run(RAY_ADDRESS=address, LLMOPS_GPU_WAIT_S="1")
+    done = run(LLMOPS_GPU_WAIT_S="1")
     assert done.returncode == 1
     assert "room for 1 of 2 training workers" in run.final["message"]
     assert "check that the GPU worker pods are scheduled" in run.final["message"]
@@ -426,3 +436,57 @@ def test_llamafactory_094_parses_the_config_and_loads_the_staged_datasets(tmp_pa
     first = json.loads(lines[0])
     assert train[0]["_prompt"][0]["content"] == first["instruction"] + "\n" + first["input"]
     assert train[0]["_response"][0]["content"] == first["output"]
+
+
+def make_tiny_qwen(folder: Path) -> None:
+    """A random two-layer Qwen2 and a small BPE tokenizer with Qwen's chat tokens, saved like a hub snapshot."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    rows = [json.loads(line) for line in (PAYLOAD_DATA / "viggo_test.jsonl").read_text().splitlines()]
+    texts = [row[k] for row in rows for k in ("instruction", "input", "output")] + ["system user assistant"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False)).save_pretrained(str(folder))
+
+
+@pytest.mark.skipif(not has_llamafactory_094(), reason="needs LLaMA-Factory 0.9.4 (the training image's stack)")
+def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
+    """The driver with the real `USE_RAY=1 llamafactory-cli train` (workers on CPU, tiny random model from a pvc):
+    staging by Ray tasks, Ray Train V2 checkpoints beside the output, all_results.json from the worker's
+    output_dir, peft's check of the adapter LLaMA-Factory wrote, publishing and every report."""
+    run = ray_run
+    make_tiny_qwen(run.pvc / "models" / "tiny-qwen")
+    (run.bin / "llamafactory-cli").write_text(
+        f"#!/bin/sh\nexec '{sys.executable}' '{HERE / 'cpu_llamafactory_cli.py'}' \"$@\"\n")
+    spec = json.loads(json.dumps(SPEC))
+    spec.update({"baseModel": {"source": "pvc://models/tiny-qwen"}, "method": {"rank": 4, "target": "all"},
+                 "training": {"epochs": 2, "precision": "fp32", "loggingSteps": 1, "saveSteps": 3, "evalSteps": 2}})
+    spec["dataset"]["cutoffLen"] = 256
+    run.render(spec, recipe={"per_device_train_batch_size": 2, "packing": False})
+    done = run(LLMOPS_GPU_WAIT_S="60", FAKE_LF_ADAPTER_TEMPLATE="")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    final = run.final
+    assert final["state"] == "Succeeded", final
+    assert json.loads(final["adapter"]) == {"uri": OUTPUT_URI, "baseModel": "pvc://models/tiny-qwen", "rank": 4}
+    assert set(json.loads(final["metrics"])) == {"trainLoss", "evalLoss", "trainRuntimeSeconds",
+                                                 "trainSamplesPerSecond"}
+    assert json.loads(final["progress"])["step"] == json.loads(final["progress"])["totalSteps"]
+    published = {p.name for p in run.output.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "all_results.json"} <= published
+    assert not {"optimizer.pt", "scheduler.pt", "training_args.bin"} & published
+    steps = json.loads((run.output / "trainer_state.json").read_text())["global_step"]
+    assert steps == json.loads(final["progress"])["totalSteps"]  # the newest checkpoint, not an earlier one
+    checkpoints = run.pvc / "models" / "adapters" / "viggo-checkpoints" / "viggo"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint_"))
