@@ -1,13 +1,19 @@
-# Ray runtime image for FineTune jobs: the pinned Ray image plus LLaMA-Factory 0.9.4 and the versions it pins,
-# so jobs start without a pip step (the operator's default installs LLaMA-Factory through the runtime env).
-# Build from the repository root:  docker build -f docker/ray-runtime.Dockerfile -t llmops/ray-llamafactory:2.60.0-0.9.4 .
+# Ray runtime image for FineTune jobs: the operator's Ray image plus LLaMA-Factory 0.9.4, the versions the operator
+# would otherwise install through the runtime env (Settings.finetune_pip), and flash-attn for FA2 varlen attention.
+# Build from the repository root:
+#   docker build -f docker/ray-runtime.Dockerfile -t llmops/ray-llamafactory:2.60.0-0.9.4 .
 # Then point the operator at it (Helm values):
 #   settings.finetune_image: llmops/ray-llamafactory:2.60.0-0.9.4
 #   settings.finetune_pip: []
-# Versions: pyproject.toml's `training` extra (tests/unit/test_chart.py keeps them equal).
+#   settings.finetune_flash_attention: true
+# tests/unit/test_chart.py keeps the pins equal to pyproject.toml's `training` extra and Settings.finetune_pip.
 
 FROM rayproject/ray:2.60.0-py311-cu128
+# torch is pinned to a release flash-attn 2.8.3 publishes prebuilt wheels for (its setup fetches the matching wheel
+# instead of compiling for an hour).
 RUN python -m pip install --no-cache-dir "ray[train]==2.60.0" "llamafactory==0.9.4" "peft==0.17.1" \
- && python -c "import llamafactory, peft"
+      "transformers==4.52.4" "liger-kernel==0.5.10" "torch==2.8.0"
+RUN MAX_JOBS=4 python -m pip install --no-cache-dir --no-build-isolation "flash-attn==2.8.3" \
+ && python -c "import flash_attn, liger_kernel, llamafactory, peft"
 # The Ray image's own non-root user (uid 1000).
 USER 1000

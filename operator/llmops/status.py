@@ -162,15 +162,15 @@ def pod_problems(pods: list[Mapping[str, Any]]) -> list[PodProblem]:
 def service_verdict(ray_service: Mapping[str, Any] | None, adapters_summary: str, problems: list[PodProblem],
                     upgrade_strategy: str) -> Verdict:
     """Map a RayService's conditions (Ready, UpgradeInProgress) and application statuses."""
+    suffix = f"; {adapters_summary}" if adapters_summary else ""
     if ray_service is None:
-        return Verdict("Pending", "progressing", "Creating", "creating the RayService")
+        return Verdict("Pending", "progressing", "Creating", "creating the RayService" + suffix)
     status = ray_service.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     ready = conditions.get("Ready", {})
     upgrading = conditions.get("UpgradeInProgress", {}).get("status") == "True"
     apps = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
     failed = {name: app for name, app in apps.items() if app.get("status") in ("DEPLOY_FAILED", "UNHEALTHY")}
-    suffix = f"; {adapters_summary}" if adapters_summary else ""
     unschedulable = [p for p in problems if p.reason == "Unschedulable"]
     if upgrading:
         if unschedulable and upgrade_strategy == "NewCluster":

@@ -122,6 +122,8 @@ def load_job(job_path: str, train_path: str, dataset_info_path: str) -> Job:
             config = yaml.safe_load(handle)
     except (OSError, yaml.YAMLError) as exc:
         raise FineTuneError(f"cannot read the training config at {train_path} ({exc})")
+    if not isinstance(config, dict):
+        raise FineTuneError(f"the training config at {train_path} is not a mapping: re-render the job")
     dataset = spec.get("dataset") or {}
     validation = dataset.get("validation") or {}
     job = Job(name=spec["name"], output_uri=spec["output"]["uri"], base_model=spec.get("baseModel") or {},
@@ -567,52 +569,62 @@ def metrics_from(all_results: Mapping[str, Any]) -> Dict[str, float]:
 
 # ---------------------------------------------------------------- the run
 
+def stage_inputs(job: Job, nodes: Nodes) -> None:
+    config = job.config
+    staged = nodes.run(prepare_node, staging_plan(job), os.path.join(config["dataset_dir"], "dataset_info.json"),
+                       json.dumps(job.dataset_info, indent=2), config["output_dir"])
+    errors = sorted({s["error"] for s in staged if "error" in s})
+    if errors:
+        raise FineTuneError("staging the inputs failed: " + "; ".join(errors))
+    logger.info("staged %s: %s", f"by Ray tasks on {len(staged)} node(s)" if nodes.address else "locally",
+                ", ".join(f"{s['node']} ({s['files']} files, {s['bytes']} bytes)" for s in staged))
+
+
+def gather_model(job: Job, nodes: Nodes, model_dir: str) -> Optional[str]:
+    """Copy the final model into model_dir: the newest Ray Train checkpoint, else the rank-0 worker's output_dir.
+    Returns all_results.json's text (None when no node has it)."""
+    config = job.config
+    checkpoint = latest_checkpoint(config)
+    if checkpoint:
+        download(*checkpoint, model_dir)
+        logger.info("final checkpoint: %s", checkpoint[1])
+    collected = nodes.run(collect_node_outputs, config["output_dir"], checkpoint is None)
+    if checkpoint is None:
+        source = next((c for c in collected if c.get("files") or c.get("error")), None)
+        if source is None or source.get("error"):
+            raise FineTuneError("training finished but left no model: no Ray Train checkpoint under "
+                                f"{config['ray_storage_path']} and no final model in output_dir"
+                                + (f" ({source['error']})" if source else "")
+                                + "; keep checkpointing on (do not set save_strategy: no in extraArgs)")
+        for name, data in source["files"].items():
+            with open(os.path.join(model_dir, name), "wb") as handle:
+                handle.write(data)
+    return next((c["all_results"] for c in collected if c.get("all_results")), None)
+
+
 def run(job: Job, reporter: ResultReporter, workdir: str, env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     env = os.environ if env is None else env
     interval = float(env.get(PROGRESS_INTERVAL_ENV) or DEFAULT_PROGRESS_INTERVAL_S)
     _report_running(reporter, "Checking the training environment", None)
     version = check_llamafactory_version()
     check_packing_attention(job.config)
-    job.config = localize_pvc_paths(job.config, env)
-    config = job.config
+    job.config = config = localize_pvc_paths(job.config, env)
     nodes = Nodes(config, env)
     try:
         _report_running(reporter, "Staging the dataset on the training nodes", None)
-        dataset_info_path = os.path.join(config["dataset_dir"], "dataset_info.json")
-        staged = nodes.run(prepare_node, staging_plan(job), dataset_info_path,
-                           json.dumps(job.dataset_info, indent=2), config["output_dir"])
-        errors = sorted({s["error"] for s in staged if "error" in s})
-        if errors:
-            raise FineTuneError("staging the inputs failed: " + "; ".join(errors))
-        logger.info("staged %s: %s", f"by Ray tasks on {len(staged)} node(s)" if nodes.address else "locally",
-                    ", ".join(f"{s['node']} ({s['files']} files, {s['bytes']} bytes)" for s in staged))
+        stage_inputs(job, nodes)
         clear_experiment(config)
         config_path = os.path.join(workdir, "train.json")  # JSON: exact numbers, read by LLaMA-Factory's driver
         with open(config_path, "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
         _report_running(reporter, f"Training with LLaMA-Factory {version} on {config['ray_num_workers']} GPU "
-                                  f"worker(s)", None)
+                                  "worker(s)", None)
         progress = Progress()
         run_training(config_path, reporter, progress, interval)
 
         model_dir = os.path.join(workdir, "model")
         os.makedirs(model_dir)
-        checkpoint = latest_checkpoint(config)
-        if checkpoint:
-            download(*checkpoint, model_dir)
-            logger.info("final checkpoint: %s", checkpoint[1])
-        collected = nodes.run(collect_node_outputs, config["output_dir"], checkpoint is None)
-        results_text = next((c["all_results"] for c in collected if c.get("all_results")), None)
-        if checkpoint is None:
-            source = next((c for c in collected if c.get("files") or c.get("error")), None)
-            if source is None or source.get("error"):
-                raise FineTuneError("training finished but left no model: no Ray Train checkpoint under "
-                                    f"{config['ray_storage_path']} and no final model in output_dir"
-                                    + (f" ({source['error']})" if source else "")
-                                    + "; keep checkpointing on (do not set save_strategy: no in extraArgs)")
-            for name, data in source["files"].items():
-                with open(os.path.join(model_dir, name), "wb") as handle:
-                    handle.write(data)
+        results_text = gather_model(job, nodes, model_dir)
         check_complete(model_dir, job.method_type)
         adapter: Dict[str, Any] = {"uri": job.output_uri, "baseModel": job.base_model.get("source")}
         if job.method_type != "full":
@@ -622,7 +634,7 @@ def run(job: Job, reporter: ResultReporter, workdir: str, env: Optional[Mapping[
                 handle.write(results_text)
             metrics = metrics_from(json.loads(results_text))
         else:
-            logger.warning("no %s was found on the training nodes; metrics come from the trainer's log", ALL_RESULTS)
+            logger.warning("no %s on the training nodes; metrics come from the trainer's log", ALL_RESULTS)
             metrics = metrics_from({**progress.train_summary, **progress.eval_summary})
         _report_running(reporter, f"Publishing the trained model to {job.output_uri}", progress.state)
         published = publish(model_dir, job.output_uri)

@@ -41,5 +41,8 @@ def operator(plane, tmp_path_factory):
 
 
 @pytest.fixture()
-def ns(cluster) -> str:
-    return cluster.namespace()
+def ns(cluster):
+    """A fresh namespace; deleted afterwards so the simulated GPU pool is free for the next test."""
+    name = cluster.namespace()
+    yield name
+    cluster.core.delete_namespace(name)

@@ -2,14 +2,13 @@
 
 Golden files: tests/golden/helm/*.yaml are `helm template` of the chart's templates (CRDs excluded: they are
 generated from the API models and checked by `llmops crds --check`). After a deliberate change, regenerate them with
-    LLMOPS_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_chart.py
+    python -m pytest tests/unit/test_chart.py --update-golden
 and review the YAML diff.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from llmops.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llmops-operator"
 GOLDEN = REPO / "tests" / "golden" / "helm"
-UPDATE = os.environ.get("LLMOPS_UPDATE_GOLDEN") == "1"
 
 VARIANTS = {
     "default": [],
@@ -65,14 +63,14 @@ def test_helm_lint(helm):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_rendered_chart_matches_golden(helm, variant):
+def test_rendered_chart_matches_golden(helm, variant, request):
     rendered = template(helm, *VARIANTS[variant])
     golden = GOLDEN / f"{variant}.yaml"
-    if UPDATE:
+    if request.config.getoption("--update-golden"):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(rendered)
-    assert golden.exists(), f"{golden} is missing: run with LLMOPS_UPDATE_GOLDEN=1"
-    assert rendered == golden.read_text(), f"{golden.name} is stale: rerun with LLMOPS_UPDATE_GOLDEN=1 and review"
+    assert golden.exists(), f"{golden} is missing: run with --update-golden"
+    assert rendered == golden.read_text(), f"{golden.name} is stale: rerun with --update-golden and review the diff"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -183,7 +181,10 @@ def test_ray_runtime_image_pins_match_the_project():
     steps = instructions(REPO / "docker" / "ray-runtime.Dockerfile")
     base = next(rest for word, rest in steps if word == "FROM")
     assert base == Settings().finetune_image, "the training image builds on the operator's default Ray image"
+    quoted = re.findall(r'"([^"]+)"', " ".join(rest for word, rest in steps if word == "RUN"))
+    requirements = [q for q in quoted if not q.startswith("import ")]
+    assert all(re.fullmatch(r"[\w\[\],.-]+==[\w.]+", r) for r in requirements), requirements
     training = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["training"]
-    installed = re.findall(r'"([^"]+==[^"]+)"', " ".join(rest for word, rest in steps if word == "RUN"))
-    assert sorted(installed) == sorted(training)
-    assert Settings().finetune_pip == [r for r in training if r.startswith("llamafactory==")]
+    # Everything the project pins for training, and everything the runtime env would add, at the same versions.
+    assert set(training) | set(Settings().finetune_pip) <= set(requirements)
+    assert any(r.startswith("flash-attn==") for r in requirements)

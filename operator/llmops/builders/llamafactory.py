@@ -18,10 +18,9 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from llmops.api.finetune import FineTuneSpec
+from ..api.finetune import FineTuneSpec
+from .common import PVC_ROOT as PVC_MOUNT_ROOT  # claim C is mounted on every Ray pod at <root>/C
 
-# Same convention as payloads/storage.py: the operator mounts claim C on every Ray pod at <root>/C.
-PVC_MOUNT_ROOT = "/mnt/llmops/pvc"
 TRAIN_DATASET = "train"
 VALIDATION_DATASET = "validation"
 CHECKPOINTS_SUFFIX = "-checkpoints"
