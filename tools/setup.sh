@@ -27,13 +27,24 @@ step "installing the operator and its test tools into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 
-if [ "${LLMOPS_SKIP_RAY_VENV:-0}" != 1 ]; then
-  if [ ! -x .venv-ray/bin/python ] || ! .venv-ray/bin/python -c 'import ray, transformers, pytest' 2>/dev/null; then
-    step "creating .venv-ray (Ray 2.60 on CPU, for the payload tests; about 1 GB, cached by pip)"
-    "$PYTHON" -m venv .venv-ray
-    .venv-ray/bin/python -m pip install -q --upgrade pip
-    .venv-ray/bin/python -m pip install -q 'ray[data,serve]==2.60.0' transformers pytest pyyaml
+# The payload suites run where their code runs: Ray 2.60 (batch and serve payloads, plus peft for the adapter
+# check) and LLaMA-Factory 0.9.4's own stack (the training payload against the real CLI on CPU). pip's cache makes
+# later runs quick; the first one downloads a few GB (PyTorch).
+make_venv() {  # name, check, packages...
+  local name=$1 check=$2; shift 2
+  if [ ! -x "$name/bin/python" ] || ! "$name/bin/python" -c "$check" 2>/dev/null; then
+    step "creating $name"
+    "$PYTHON" -m venv "$name"
+    "$name/bin/python" -m pip install -q --upgrade pip
+    "$name/bin/python" -m pip install -q "$@"
   fi
+}
+if [ "${LLMOPS_SKIP_RAY_VENV:-0}" != 1 ]; then
+  make_venv .venv-ray 'import ray.data.llm, ray.serve, transformers, peft, pytest, yaml' \
+    'ray[data,serve]==2.60.0' transformers peft pytest pyyaml
+  make_venv .venv-lf 'import importlib.metadata as m, ray.train, pytest; assert m.version("llamafactory") == "0.9.4"' \
+    'llamafactory==0.9.4' 'ray[data,train]==2.60.0' 'torch==2.11.0' 'torchaudio==2.11.0' 'torchvision==0.26.0' \
+    pytest pyyaml
 fi
 
 step "building the local control plane from source (cold: ~10 min on 2 cores; warm: seconds)"

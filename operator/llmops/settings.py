@@ -57,7 +57,9 @@ class Settings(BaseModel):
     finetune_image: str = f"rayproject/ray:{RAY_VERSION}-py311-cu128"
     """Ray image for FineTune jobs; LLaMA-Factory comes through `finetune_pip` unless the image has it."""
     finetune_pip: list[str] = Field(default_factory=lambda: [
-        f"llamafactory=={LLAMAFACTORY_VERSION}", "transformers==4.52.4", "liger-kernel==0.5.10"])
+        f"llamafactory=={LLAMAFACTORY_VERSION}", "transformers==4.52.4", "liger-kernel==0.5.10",
+        # torchaudio does not declare its torch version and LLaMA-Factory imports it: pin the three together.
+        "torch==2.11.0", "torchaudio==2.11.0", "torchvision==0.26.0"])
     """pip requirements added to every FineTune's runtime environment (empty when the image carries them).
     transformers 4.52.4 keeps LLaMA-Factory's neat packing working with SDPA attention (no flash-attn needed)."""
     finetune_flash_attention: bool = False

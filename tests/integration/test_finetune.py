@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def simulator(plane):
-    return Simulator(plane.kubeconfig, run_seconds=0)
+def simulator(plane, ns):
+    return Simulator(plane.kubeconfig, run_seconds=0, namespace=ns)
 
 
 def _rayjob(cluster, ns, name="ft"):

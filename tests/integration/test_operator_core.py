@@ -35,7 +35,7 @@ def test_metrics_endpoint(cluster, operator, ns):
 
 
 def test_restart_converges_without_rewriting(plane, cluster, ns, tmp_path):
-    first = OperatorProcess(plane, tmp_path / "first.log").start()
+    first = OperatorProcess(plane, tmp_path / "first.log", args=("-n", ns)).start()
     try:
         cluster.create(finetune("steady"), ns)
         cluster.create(batchinference("waiting", fine_tune="missing"), ns)
@@ -47,7 +47,7 @@ def test_restart_converges_without_rewriting(plane, cluster, ns, tmp_path):
                    for k, n in (("FineTune", "steady"), ("BatchInference", "waiting"))}
     finally:
         first.kill()
-    second = OperatorProcess(plane, tmp_path / "second.log").start()
+    second = OperatorProcess(plane, tmp_path / "second.log", args=("-n", ns)).start()
     try:
         time.sleep(5)   # long enough for the restarted operator to reconcile everything it lists
         text = second.metrics()

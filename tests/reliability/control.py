@@ -97,3 +97,15 @@ def restart_apiserver(plane: LocalPlane, down_seconds: float, sig: int = signal.
     plane.save_state()
     assert new.pid != old.pid
     return time.monotonic() - went
+
+
+@contextmanager
+def paused(plane: LocalPlane, name: str) -> Iterator[None]:
+    """One plane component stopped (SIGSTOP) for the block: e.g. the controller-manager, whose garbage collector
+    then falls behind, as it does in a busy cluster."""
+    proc = next(p for p in plane.processes if p.name == name)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)

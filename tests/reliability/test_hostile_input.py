@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 
 from integration.harness import GROUP, PLURALS, VERSION, condition, phase, wait_for
 from manifests import batchinference, finetune, llmservice
-from reliability.control import simulator_running, unhandled_errors
+from reliability.control import paused, simulator_running, unhandled_errors
 from reliability.schema_fuzz import MUTATION_KINDS, PRESENT, Case, cases, dotted, names_field
 from reliability.support import inventory, metric, ray_children, settled, wait_until
 
@@ -71,7 +71,7 @@ class Tally:
 
     accepted: dict[tuple[str, str], Case] = field(default_factory=dict)
     rejected: int = 0
-    named_exactly: int = 0            # the message names the mutated field itself
+    named_exactly: int = 0            # certainly invalid mutations whose refusal names the mutated field itself
     by_mutation: Counter = field(default_factory=Counter)
     rejected_by_mutation: Counter = field(default_factory=Counter)
     gaps: list[str] = field(default_factory=list)   # certainly invalid by the schema, yet admitted
@@ -98,7 +98,7 @@ class Tally:
             self.rejected_by_mutation[label] += 1
             assert e.status in (400, 422), f"{case.label}: HTTP {e.status}: {message}\n{json.dumps(doc)[:2000]}"
             assert "spec." in message, f"{case.label}: the refusal names no spec field: {message}"
-            if case.mutation:
+            if case.mutation and case.mutation.must_reject:  # (else an edit may be what was refused)
                 named = names_field(message, case.mutation.path)
                 assert named, f"{case.label}: the refusal does not name {dotted(case.mutation.path)}: {message}"
                 self.named_exactly += named == dotted(case.mutation.path)
@@ -243,11 +243,16 @@ def _children_uids(cluster, ns: str, owner_uid: str) -> dict[str, tuple[str, str
     return out
 
 
-def test_recreate_same_name_never_adopts_old_children(plane, cluster, ns, operators, long_run, record):
+@pytest.mark.parametrize("how", ["immediately", "while-gc-is-behind", "after-orphaning-delete"])
+def test_recreate_same_name_never_adopts_old_children(plane, cluster, ns, operators, long_run, record, how):
     """Run a FineTune to the end (its RayJob Complete, its result ConfigMap full), delete it and create it again
-    at once with the same name: the new one must get new children and start from nothing, never take over the old
-    RayJob or the old result (which would make it 'Succeeded' with the previous run's adapter)."""
-    cycles = 8 if long_run else 3
+    with the same name: the new one must get new children and start from nothing, never take over the old RayJob
+    or the old result (which would make it 'Succeeded' with the previous run's adapter).
+
+    immediately: a plain delete (background propagation) and an immediate re-create, racing the garbage collector.
+    while-gc-is-behind: the same with the controller-manager paused meanwhile, as when its garbage collector lags.
+    after-orphaning-delete: `kubectl delete --cascade=orphan`; the old children stay, without an owner."""
+    cycles = (8 if long_run else 3) if how == "immediately" else (3 if long_run else 1)
     op = operators.start(ns, name="operator")
     stale: list[str] = []
     for cycle in range(cycles):
@@ -258,20 +263,23 @@ def test_recreate_same_name_never_adopts_old_children(plane, cluster, ns, operat
             wait_for(lambda: phase(cluster.get("FineTune", ns, "again")) == "Succeeded", timeout=120,
                      what="the first run to succeed")
         old = _children_uids(cluster, ns, first["metadata"]["uid"])
-        cluster.delete("FineTune", ns, "again")
         doc["spec"]["method"] = {"rank": 9 + cycle}
-        second = None
-        deadline = time.monotonic() + 60
-        while second is None:  # the name is free once the old object is gone (no finalizers: at once)
-            try:
-                second = create_strict(cluster, doc, ns)
-            except ApiException as e:
-                if e.status != 409 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        if how == "while-gc-is-behind":
+            with paused(plane, "kube-controller-manager"):
+                cluster.delete("FineTune", ns, "again")
+                second = _create_when_name_is_free(cluster, doc, ns)
+                wait_for(lambda: settled(cluster.get("FineTune", ns, "again")), timeout=90,
+                         what="the new FineTune to settle")
+        else:
+            cluster.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, ns, "finetunes", "again",
+                propagation_policy="Orphan" if how == "after-orphaning-delete" else "Background")
+            second = _create_when_name_is_free(cluster, doc, ns)
         new_uid = second["metadata"]["uid"]
         wait_for(lambda: settled(cluster.get("FineTune", ns, "again")), timeout=90, what="the new FineTune to settle")
-        time.sleep(2)  # let the garbage collector finish with the old children
+        # Let the garbage collector finish with the old children (nothing of theirs may remain, or be ours).
+        wait_until(lambda: not set(_children_uids(cluster, ns, first["metadata"]["uid"])) - set(
+            _children_uids(cluster, ns, new_uid)), timeout=30)
         ft = cluster.get("FineTune", ns, "again")
         new = _children_uids(cluster, ns, new_uid)
         reused = sorted(k for k, (uid, _) in new.items() if uid in {u for u, _ in old.values()})
@@ -286,9 +294,39 @@ def test_recreate_same_name_never_adopts_old_children(plane, cluster, ns, operat
         cluster.delete("FineTune", ns, "again")
         wait_for(lambda: cluster.get("FineTune", ns, "again") is None, timeout=60, what="deletion")
         wait_for(lambda: not _children_uids(cluster, ns, new_uid), timeout=90, what="garbage collection")
-    record(recreate_cycles=cycles, stale_children_adopted=len(stale))
+        for kind_name in _children_uids(cluster, ns, first["metadata"]["uid"]):  # orphans of the first run
+            _delete_child(cluster, ns, kind_name)
+    record(how=how, recreate_cycles=cycles, stale_children_adopted=len(stale))
     assert not stale, "the re-created FineTune took over the old one's children:\n" + "\n".join(stale)
     assert not unhandled_errors(op.log())
+
+
+def _create_when_name_is_free(cluster, doc: dict, ns: str) -> dict:
+    """Create as soon as the old object is gone (at once, or once the orphan finalizer has run)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return create_strict(cluster, doc, ns)
+        except ApiException as e:
+            if e.status != 409 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _delete_child(cluster, ns: str, kind_name: str) -> None:
+    kind, name = kind_name.split("/", 1)
+    calls = {"RayJob": lambda: cluster.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name),
+             "RayService": lambda: cluster.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayservices",
+                                                                                 name),
+             "ConfigMap": lambda: cluster.core.delete_namespaced_config_map(name, ns),
+             "ServiceAccount": lambda: cluster.core.delete_namespaced_service_account(name, ns),
+             "Role": lambda: cluster.rbac.delete_namespaced_role(name, ns),
+             "RoleBinding": lambda: cluster.rbac.delete_namespaced_role_binding(name, ns)}
+    try:
+        calls[kind]()
+    except ApiException as e:
+        if e.status != 404:
+            raise
 
 
 # ---- huge specs -------------------------------------------------------------------------------------------------------------
@@ -304,7 +342,8 @@ def test_huge_specs_refused_cleanly_or_stalled_without_retry_loop(cluster, ns, o
         except ApiException as e:
             message = message_of(e)
             # Past the request limit (3 MiB) or etcd's (1.5 MiB): refused whole, before any field is looked at.
-            assert e.status in (413, 500) and "too large" in message.lower(), f"HTTP {e.status}: {message}"
+            assert e.status in (413, 500) and ("too large" in message or "larger than max" in message), \
+                f"HTTP {e.status}: {message}"
             refused.append((doc["metadata"]["name"], e.status))
 
     bi = batchinference("prompt-at-limit")

@@ -235,7 +235,7 @@ TUNABLE_KEYS = {"preprocessing_num_workers", "dataloader_num_workers", "per_devi
                 "overwrite_cache"}
 # Should join MANAGED_KEYS in api/finetune.py: extraArgs could move the checkpoints away from where the driver
 # looks, or override spec.method.dropout.
-NOT_YET_MANAGED = {"ray_storage_filesystem", "lora_dropout"}
+NOT_YET_MANAGED: set[str] = set()
 
 
 def test_every_rendered_key_is_managed_or_a_tuning_knob():

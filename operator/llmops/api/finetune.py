@@ -26,7 +26,7 @@ MANAGED_KEYS = frozenset({
     "dataset_dir", "template", "cutoff_len", "max_samples", "output_dir", "num_train_epochs", "learning_rate",
     "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "bf16",
     "fp16", "packing", "neat_packing", "logging_steps", "save_steps", "eval_steps", "eval_strategy",
-    "ray_run_name", "ray_storage_path", "ray_num_workers", "resources_per_worker", "placement_strategy",
+    "ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_num_workers", "resources_per_worker", "placement_strategy",
     "ray_init_kwargs", "disable_gradient_checkpointing", "flash_attn", "report_to", "overwrite_output_dir",
     "hf_hub_token",
 })

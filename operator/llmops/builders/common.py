@@ -129,8 +129,8 @@ def pvc_claims(*uris: str | None) -> list[str]:
     return claims
 
 
-def volumes(names: Names, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str]
-            ) -> tuple[list[dict], list[dict]]:
+def volumes(names: Names, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str],
+            scratch: str | None = None) -> tuple[list[dict], list[dict]]:
     vols = [
         {"name": "llmops-job", "configMap": {"name": names.config,
                                              "items": [{"key": k, "path": k} for k in sorted(files)]}},
@@ -142,6 +142,9 @@ def volumes(names: Names, files: Mapping[str, str], payloads: Mapping[str, str],
     for i, claim in enumerate(claims):
         vols.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    if scratch:
+        vols.append({"name": "llmops-scratch", "emptyDir": {}})
+        mounts.append({"name": "llmops-scratch", "mountPath": scratch})
     return vols, mounts
 
 
@@ -187,12 +190,12 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
 
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
                      ctx: BuildContext, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str], *,
-                     autoscale_to: int | None = None) -> dict[str, Any]:
+                     autoscale_to: int | None = None, scratch: str | None = None) -> dict[str, Any]:
     """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
     settings = ctx.settings
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
-    vols, mounts = volumes(names, files, payloads, claims)
+    vols, mounts = volumes(names, files, payloads, claims, scratch)
     pod_labels = labels(owner, settings)
     head = settings.head
     head_pod: dict[str, Any] = {

@@ -25,7 +25,8 @@ from .recipe import training_recipe
 
 TAG = "ft"
 PAYLOAD_MODULES = ("__init__.py", "finetune.py", "report.py", "storage.py")
-STAGING_DIR = "/tmp/llmops/data"
+# Node-local scratch (an emptyDir on every Ray pod) where the driver stages datasets for the workers.
+STAGING_DIR = "/mnt/llmops/scratch"
 DEFAULT_PARAMS_B = 7.0
 
 
@@ -74,7 +75,8 @@ def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
     claims = pvc_claims(spec.base_model.source, spec.dataset.train.uri,
                         spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri)
     image = spec.image or ctx.settings.finetune_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, payloads, claims)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, payloads, claims,
+                               scratch=STAGING_DIR)
     runtime = runtime_env(spec, ctx.settings.finetune_pip)
     runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"

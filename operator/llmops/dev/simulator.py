@@ -25,6 +25,7 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from payloads.report import ReportError
 
 MANAGED = "app.kubernetes.io/managed-by=llmops"
 
@@ -47,6 +48,7 @@ class Plan:
 class Simulator:
     kubeconfig: Path
     run_seconds: float = 2.0
+    namespace: str | None = None   # None: every namespace
     plans: dict[tuple[str, str], Plan] = field(default_factory=dict)   # (namespace, rayjob) -> plan
     _seen: dict[tuple[str, str], float] = field(default_factory=dict)
     _done: set[tuple[str, str]] = field(default_factory=set)
@@ -61,8 +63,14 @@ class Simulator:
     def step(self) -> int:
         """One pass over every llmops RayJob; returns how many jobs it finished."""
         finished = 0
-        jobs = self.custom.list_cluster_custom_object("ray.io", "v1", "rayjobs", label_selector=MANAGED)["items"]
+        if self.namespace:
+            jobs = self.custom.list_namespaced_custom_object("ray.io", "v1", self.namespace, "rayjobs",
+                                                             label_selector=MANAGED)["items"]
+        else:
+            jobs = self.custom.list_cluster_custom_object("ray.io", "v1", "rayjobs", label_selector=MANAGED)["items"]
         for job in jobs:
+            if job["metadata"].get("deletionTimestamp"):
+                continue
             key = (job["metadata"]["namespace"], job["metadata"]["name"])
             if key in self._done or job.get("spec", {}).get("suspend"):
                 continue
@@ -70,10 +78,14 @@ class Simulator:
             if status.get("jobDeploymentStatus") != "Running":
                 continue
             first = self._seen.setdefault(key, time.monotonic())
-            if time.monotonic() - first < self.run_seconds:
-                self._report(job, "Running", "simulated: the job is running", progress={"simulatedStep": 1})
+            try:
+                if time.monotonic() - first < self.run_seconds:
+                    self._report(job, "Running", "simulated: the job is running", progress={"simulatedStep": 1})
+                    continue
+                self._finish(job, self.plans.get(key, Plan()))
+            except (ApiException, ReportError) as e:  # e.g. its namespace is being deleted: leave the job alone
+                print(f"[simulator] {key[0]}/{key[1]}: {e}", flush=True)
                 continue
-            self._finish(job, self.plans.get(key, Plan()))
             self._done.add(key)
             finished += 1
         return finished

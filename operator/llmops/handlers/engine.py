@@ -157,6 +157,8 @@ class Engine:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
             await self._write_status(body, outcome)
         except ApiError as e:
+            if e.status == 403 and "being terminated" in e.message:
+                return None  # the namespace is going away, and this resource with it
             self.metrics.api_errors[e.reason or str(e.status)] = self.metrics.api_errors.get(
                 e.reason or str(e.status), 0) + 1
             if e.transient:
