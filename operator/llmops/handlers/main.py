@@ -54,6 +54,12 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> Non
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     settings.batching.worker_limit = 200
+    # Server-side filters: the API server sends only our children, not every ConfigMap and Pod in the cluster.
+    managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
+    settings.watching.label_selectors["rayjobs"] = managed
+    settings.watching.label_selectors["rayservices"] = managed
+    settings.watching.label_selectors["configmaps"] = f"{managed},llmops.dev/role=result"
+    settings.watching.label_selectors["pods"] = "llmops.dev/owner-uid"
     if options.get("peering"):
         settings.peering.name = options["peering"]
         settings.peering.standalone = False

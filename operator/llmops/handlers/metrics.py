@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .engine import DURATION_BUCKETS
+
 if TYPE_CHECKING:
     from .engine import Engine
-
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 def render(engine: Engine) -> str:
@@ -20,13 +20,12 @@ def render(engine: Engine) -> str:
         lines.append(f'llmops_reconciles_total{{kind="{kind}",result="{result}"}} {count}')
     lines += ["# HELP llmops_reconcile_duration_seconds Reconcile duration by kind.",
               "# TYPE llmops_reconcile_duration_seconds histogram"]
-    for kind, samples in sorted(m.durations.items()):
-        for bound in BUCKETS:
-            lines.append(f'llmops_reconcile_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} '
-                         f'{sum(1 for s in samples if s <= bound)}')
-        lines.append(f'llmops_reconcile_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {len(samples)}')
-        lines.append(f'llmops_reconcile_duration_seconds_sum{{kind="{kind}"}} {sum(samples):.6f}')
-        lines.append(f'llmops_reconcile_duration_seconds_count{{kind="{kind}"}} {len(samples)}')
+    for kind, hist in sorted(m.durations.items()):
+        for bound, count in zip(DURATION_BUCKETS, hist.counts):
+            lines.append(f'llmops_reconcile_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {count}')
+        lines.append(f'llmops_reconcile_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {hist.n}')
+        lines.append(f'llmops_reconcile_duration_seconds_sum{{kind="{kind}"}} {hist.total:.6f}')
+        lines.append(f'llmops_reconcile_duration_seconds_count{{kind="{kind}"}} {hist.n}')
     lines += ["# HELP llmops_resources Resources by kind and phase.", "# TYPE llmops_resources gauge"]
     phases: dict[tuple[str, str], int] = {}
     for (kind, _, _), body in engine.caches.owners.items():
@@ -45,11 +44,7 @@ def render(engine: Engine) -> str:
 
 
 async def serve_metrics(engine: Engine, port: int) -> web.AppRunner:
-    # Durations are kept as samples; cap them so a long-running operator stays small.
     async def handle(_: web.Request) -> web.Response:
-        for kind, samples in engine.metrics.durations.items():
-            if len(samples) > 10000:
-                del samples[:-10000]
         return web.Response(text=render(engine), content_type="text/plain", charset="utf-8")
 
     app = web.Application()
