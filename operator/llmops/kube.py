@@ -127,6 +127,14 @@ class Kube:
         return await self.apply({"apiVersion": api_version, "kind": kind,
                                  "metadata": {"name": name, "namespace": namespace}, "status": status}, "status")
 
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", path_of(api_version, kind, namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         return await self.request("POST", path_of(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)

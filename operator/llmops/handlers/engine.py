@@ -115,6 +115,16 @@ class Outcome:
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove
 
 
+class PreviousRunPresent(Exception):
+    """A child's name is taken by an object of an earlier resource of the same name (not yet collected, or
+    orphaned). Taking it over would show that run's state as ours, so the reconcile waits instead."""
+
+
+# Children whose state would be inherited by a new owner: the Ray object and the result report.
+def _stateful(child: dict[str, Any], ray_kind: str) -> bool:
+    return child["kind"] == ray_kind or child["metadata"].get("labels", {}).get("llmops.dev/role") == "result"
+
+
 class Engine:
     def __init__(self, kube: Kube, ctx: BuildContext, caches: Caches | None = None):
         self.kube = kube
@@ -192,6 +202,11 @@ class Engine:
                 return self._retry(key, kind, started, "status write failed")
             self.metrics.count(kind, "stalled", time.monotonic() - started)
             return None
+        except PreviousRunPresent as e:
+            await self._write_status(body, Outcome([], Verdict("Pending", "progressing", "WaitingForPreviousRun",
+                                                                str(e))))
+            self.metrics.count(kind, "waiting", time.monotonic() - started)
+            return 5.0
         except Exception as e:  # a bug or an unreachable API server: never hot-loop on it
             log.exception("reconcile of %s %s/%s failed", kind, key[1], key[2])
             return self._retry(key, kind, started, repr(e))
@@ -210,9 +225,21 @@ class Engine:
     async def _apply_children(self, body: dict[str, Any], outcome: Outcome) -> None:
         """Apply every child once per change of the whole set: the hash rides on the Ray object."""
         wanted = short_hash(outcome.children, 16)
-        current = self.caches.ray_objects.get(body["metadata"]["uid"])
+        uid = body["metadata"]["uid"]
+        current = self.caches.ray_objects.get(uid)
         if current and current.get("metadata", {}).get("annotations", {}).get(HASH_ANNOTATION) == wanted:
             return
+        if current is None:  # first creation (or after a restart): make sure the names are ours to take
+            for child in outcome.children:
+                if _stateful(child, outcome.ray_kind):
+                    meta = child["metadata"]
+                    found = await self.kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+                    owner = ((found or {}).get("metadata", {}).get("labels") or {}).get("llmops.dev/owner-uid")
+                    if found is not None and owner != uid:
+                        raise PreviousRunPresent(
+                            f"{child['kind']} {meta['name']} still belongs to an earlier {body['kind']} named "
+                            f"{body['metadata']['name']} (uid {owner or 'unknown'}); waiting for the garbage "
+                            f"collector to remove it (if it was orphaned, delete it yourself)")
         for child in outcome.children:
             if child["kind"] == outcome.ray_kind:
                 child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
