@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmops.dev.install import install_crds
+from llmops.dev.nodes import Pool
 from llmops.dev.plane import LocalPlane
 
 from integration.harness import Cluster, OperatorProcess
@@ -18,7 +19,9 @@ from integration.harness import Cluster, OperatorProcess
 def plane():
     """etcd + kube-apiserver + controller-manager + scheduler + kwok + KubeRay, for the whole session."""
     root = Path(tempfile.mkdtemp(prefix="llmops-plane-"))
-    plane = LocalPlane(root)
+    # A larger simulated L4 pool than the demo's: many tests run jobs side by side in one session.
+    plane = LocalPlane(root, pools=(Pool("cpu", 1, cpu="64", memory="256Gi"),
+                                    Pool("l4", 8, cpu="48", memory="192Gi", gpus=4, gpu_product="NVIDIA-L4")))
     plane.start()  # raises with the build command when binaries are missing
     install_crds(plane)
     yield plane

@@ -102,7 +102,7 @@ def test_job_failure_stalls_with_reason(cluster, operator, ns, simulator):
 
 def test_unschedulable_pool_stalls(cluster, operator, ns):
     doc = finetune("big")
-    doc["spec"]["resources"].update(workers=3, gpusPerWorker=4)   # the pool has 2 nodes x 4 GPUs
+    doc["spec"]["resources"].update(workers=1, gpusPerWorker=8)   # no L4 node has more than 4 GPUs
     cluster.create(doc, ns)
     ft = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("status") == "True" else None)(
         cluster.get("FineTune", ns, "big")), timeout=90, what="Stalled")

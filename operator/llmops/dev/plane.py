@@ -65,6 +65,7 @@ class LocalPlane:
     """One local control plane rooted at `root` (created if missing)."""
 
     root: Path
+    pools: tuple[nodes.Pool, ...] = nodes.DEFAULT_POOLS
     processes: list[Process] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -104,7 +105,7 @@ class LocalPlane:
             self._start_apiserver()
             self._start_controllers()
             self._start_kwok()
-            nodes.register_pools(self)
+            nodes.register_pools(self, self.pools)
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(cache_dir() / "share" / "kuberay-crds"),
                          quiet=True)
             self.wait_crds_established(["rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io"])
