@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-port", type=int, default=8080, help="liveness/readiness port (0: off)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
     p.add_argument("--peering", default=None, help="kopf peering name for leader election (default: standalone)")
+    p.add_argument("--priority", type=int, default=int(os.environ.get("LLMOPS_PEERING_PRIORITY", "0")),
+                   help="kopf peering priority: with --peering, the highest-priority operator is active and the "
+                        "others stand by (give replicas different priorities)")
     p.add_argument("--log-format", choices=("json", "plain"), default="json")
     p.set_defaults(func=cmd_run)
 

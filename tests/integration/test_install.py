@@ -94,7 +94,11 @@ def chart_operator(release, plane, cluster, operator, tmp_path_factory):
 def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release, plane, cluster, ns):
     manifest = yaml.safe_dump({**finetune("ft"), "metadata": {"name": "ft", "namespace": ns}})
     plane.kubectl("apply", "--server-side", "-f", "-", input=manifest, quiet=True)
-    wait_for(lambda: phase(cluster.get("FineTune", ns, "ft")) == "Running", timeout=90, what="phase Running")
+    try:
+        wait_for(lambda: phase(cluster.get("FineTune", ns, "ft")) == "Running", timeout=90, what="phase Running")
+    except AssertionError as e:
+        status = (cluster.get("FineTune", ns, "ft") or {}).get("status")
+        raise AssertionError(f"{e}\nstatus: {status}\noperator log:\n{chart_operator.log()[-4000:]}") from None
 
     def metrics_while_running():
         text = chart_operator.metrics()
@@ -134,7 +138,8 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         return allowed(cluster, account, verb, resource, group, namespace, subresource, name)
 
     needed = [("list", "finetunes", "llmops.dev"), ("watch", "llmservices", "llmops.dev"),
-              ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"), ("delete", "rayservices", "ray.io"),
+              ("get", "rayjobs", "ray.io"), ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"),
+              ("delete", "rayservices", "ray.io"),
               ("patch", "configmaps", ""), ("get", "configmaps", ""), ("create", "serviceaccounts", ""),
               ("create", "roles", "rbac.authorization.k8s.io"), ("patch", "rolebindings", "rbac.authorization.k8s.io"),
               ("watch", "pods", ""), ("create", "events", "")]

@@ -86,9 +86,9 @@ def ns(cluster):  # noqa: F811
 
 @pytest.fixture(scope="session")
 def capacity(plane):  # noqa: F811
-    """More simulated nodes than the default pools (1 CPU node, 2 x 4 L4), so that dozens of Ray clusters can be
-    placed at once: 4 CPU nodes for heads (2 CPUs each) and 8 x 4 L4 GPUs for workers."""
-    nodes.register_pools(plane, (nodes.Pool("cpu", 4, cpu="32", memory="128Gi"),
+    """Room for dozens of Ray clusters at once: 4 CPU nodes for the heads (2 CPUs each) and 8 x 4 L4 GPUs for the
+    workers (more than the demo's pools; a no-op for the nodes the session's plane already has)."""
+    nodes.register_pools(plane, (nodes.Pool("cpu", 4, cpu="64", memory="256Gi"),
                                  nodes.Pool("l4", 8, cpu="48", memory="192Gi", gpus=4, gpu_product="NVIDIA-L4")))
     return {"cpu_nodes": 4, "l4_gpus": 32}
 

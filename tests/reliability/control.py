@@ -48,10 +48,10 @@ def unhandled_errors(log: str) -> list[str]:
 
 # ---- the simulated data plane, in the background ------------------------------------------------------------------
 @contextmanager
-def simulator_running(plane: LocalPlane, run_seconds: float = 0.0, interval: float = 0.5
+def simulator_running(plane: LocalPlane, namespace: str, run_seconds: float = 0.0, interval: float = 0.5
                       ) -> Iterator[Simulator]:
-    """The simulator finishing every Running RayJob, in a thread, until the block ends."""
-    sim = Simulator(plane.kubeconfig, run_seconds=run_seconds)
+    """The simulator finishing every Running RayJob of `namespace`, in a thread, until the block ends."""
+    sim = Simulator(plane.kubeconfig, run_seconds=run_seconds, namespace=namespace)
     stop = threading.Event()
     errors: list[str] = []
 
@@ -80,7 +80,8 @@ def restart_apiserver(plane: LocalPlane, down_seconds: float, sig: int = signal.
     args = [a.decode() for a in args]
     went = time.monotonic()
     os.killpg(old.pid, sig)
-    deadline = time.monotonic() + 30
+    # After SIGTERM it stops listening at once, then may linger ~30 s draining; past 10 s it is killed.
+    deadline = time.monotonic() + 10
     while _alive(old.pid) and time.monotonic() < deadline:
         try:
             os.waitpid(old.pid, os.WNOHANG)

@@ -194,6 +194,21 @@ def child_generations(inv: Inventory) -> dict[str, Any]:
     return out
 
 
+def eventually_quiet(observe: Callable[[], dict[str, Any]], seconds: float, timeout: float
+                     ) -> tuple[bool, dict[str, tuple[Any, Any]]]:
+    """Wait for a window of `seconds` in which nothing `observe()` returns changes (resourceVersions, write
+    counters). A late legitimate change only delays the window; a write loop never lets it come. Returns whether
+    a quiet window came, and what changed in the last one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = observe()
+        time.sleep(seconds)
+        after = observe()
+        changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        if not changed or time.monotonic() > deadline:
+            return not changed, changed
+
+
 def wait_until(check: Callable[[], Any], timeout: float, interval: float = 1.0) -> tuple[bool, Any]:
     """Poll `check` until it returns something falsy-free; (True, value) or (False, last value)."""
     deadline = time.monotonic() + timeout

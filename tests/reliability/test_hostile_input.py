@@ -122,24 +122,31 @@ def wait_settled(cluster, ns: str, keys, timeout: float) -> dict[tuple[str, str]
     return objs
 
 
-def quiet_check(cluster, ns: str, op, keys) -> dict:
-    """Over a quiet window: no retries, and Stalled/Suspended statuses are not rewritten."""
-    before = list_all(cluster, ns)
-    metrics_before = op.metrics()
-    time.sleep(QUIET_SECONDS)
-    after = list_all(cluster, ns)
-    metrics_after = op.metrics()
-    resting = [k for k in keys if (settled(before.get(k)) or "").split(":")[0] in ("Stalled", "Suspended")]
-    rewritten = [k for k in resting
-                 if before[k]["metadata"]["resourceVersion"] != after[k]["metadata"]["resourceVersion"]]
-    return {
-        "retries_total": metric(metrics_after, "llmops_reconciles_total", result="retry"),
-        "retries_in_window": metric(metrics_after, "llmops_reconciles_total", result="retry")
-        - metric(metrics_before, "llmops_reconciles_total", result="retry"),
-        "stalled_reconciles_in_window": metric(metrics_after, "llmops_reconciles_total", result="stalled")
-        - metric(metrics_before, "llmops_reconciles_total", result="stalled"),
-        "resting": len(resting), "rewritten": rewritten,
-    }
+def quiet_check(cluster, ns: str, op, keys, timeout: float = 90) -> dict:
+    """Wait for a quiet window: QUIET_SECONDS without retries, without stalled reconciles and without any rewrite
+    of a Stalled or Suspended status. Late but legitimate transitions (a big child seen late) only delay the
+    window; a retry loop never lets it come, and the last window's findings are returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = list_all(cluster, ns)
+        metrics_before = op.metrics()
+        time.sleep(QUIET_SECONDS)
+        after = list_all(cluster, ns)
+        metrics_after = op.metrics()
+        resting = [k for k in keys if (settled(before.get(k)) or "").split(":")[0] in ("Stalled", "Suspended")]
+        found = {
+            "retries_total": metric(metrics_after, "llmops_reconciles_total", result="retry"),
+            "retries_in_window": metric(metrics_after, "llmops_reconciles_total", result="retry")
+            - metric(metrics_before, "llmops_reconciles_total", result="retry"),
+            "stalled_reconciles_in_window": metric(metrics_after, "llmops_reconciles_total", result="stalled")
+            - metric(metrics_before, "llmops_reconciles_total", result="stalled"),
+            "resting": len(resting),
+            "rewritten": [k for k in resting
+                          if before[k]["metadata"]["resourceVersion"] != after[k]["metadata"]["resourceVersion"]],
+        }
+        quiet = not found["retries_in_window"] and not found["stalled_reconciles_in_window"] and not found["rewritten"]
+        if quiet or time.monotonic() > deadline:
+            return found
 
 
 # ---- generated manifests ------------------------------------------------------------------------------------------
@@ -256,7 +263,7 @@ def test_recreate_same_name_never_adopts_old_children(plane, cluster, ns, operat
     op = operators.start(ns, name="operator")
     stale: list[str] = []
     for cycle in range(cycles):
-        with simulator_running(plane):
+        with simulator_running(plane, ns):
             doc = finetune("again")
             doc["spec"]["method"] = {"rank": 8 + cycle}
             first = create_strict(cluster, doc, ns)
@@ -277,9 +284,8 @@ def test_recreate_same_name_never_adopts_old_children(plane, cluster, ns, operat
             second = _create_when_name_is_free(cluster, doc, ns)
         new_uid = second["metadata"]["uid"]
         wait_for(lambda: settled(cluster.get("FineTune", ns, "again")), timeout=90, what="the new FineTune to settle")
-        # Let the garbage collector finish with the old children (nothing of theirs may remain, or be ours).
-        wait_until(lambda: not set(_children_uids(cluster, ns, first["metadata"]["uid"])) - set(
-            _children_uids(cluster, ns, new_uid)), timeout=30)
+        if how != "after-orphaning-delete":  # let the garbage collector finish with the old children
+            wait_until(lambda: not _children_uids(cluster, ns, first["metadata"]["uid"]), timeout=30)
         ft = cluster.get("FineTune", ns, "again")
         new = _children_uids(cluster, ns, new_uid)
         reused = sorted(k for k, (uid, _) in new.items() if uid in {u for u, _ in old.values()})
@@ -331,6 +337,9 @@ def _delete_child(cluster, ns: str, kind_name: str) -> None:
 
 # ---- huge specs -------------------------------------------------------------------------------------------------------------
 def test_huge_specs_refused_cleanly_or_stalled_without_retry_loop(cluster, ns, operators, record):
+    """A system prompt at maxLength in 4-byte characters, 64 pip entries and 64 environment variables of 16 KB, an
+    extraArgs blob of 1.4 MB (admitted, but its job ConfigMap would pass the 1 MiB limit), and specs past etcd's and
+    the API server's request limits."""
     op = operators.start(ns, name="operator")
     accepted, refused = [], []
 

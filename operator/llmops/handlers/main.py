@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from importlib import resources
 from typing import Any
 
@@ -232,13 +233,14 @@ kopf.on.event("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})(_
 
 # ---- entry point ------------------------------------------------------------------------------------------
 def run(*, namespaces: list[str], all_namespaces: bool, probe_port: int, metrics_port: int,
-        standalone: bool, peering: str | None, log_format: str) -> int:
+        standalone: bool, peering: str | None, log_format: str, priority: int = 0) -> int:
     STATE["options"] = {"metrics_port": metrics_port, "peering": peering, "clusterwide": all_namespaces}
     kopf.configure(verbose=False, log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.PLAIN)
+    logging.getLogger().setLevel(os.environ.get("LLMOPS_LOG_LEVEL", "INFO").upper())
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     liveness = f"http://0.0.0.0:{probe_port}/healthz" if probe_port else None
     asyncio.run(kopf.operator(
         clusterwide=all_namespaces, namespaces=namespaces, liveness_endpoint=liveness,
-        standalone=standalone, peering_name=peering,
+        standalone=standalone, peering_name=peering, priority=priority,
     ))
     return 0
