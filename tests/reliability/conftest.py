@@ -30,10 +30,6 @@ def pytest_addoption(parser):
                      help="reliability: run the long variants (also: LLMOPS_LONG=1)")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "reliability: reliability/security test on the local plane")
-
-
 def is_long(config) -> bool:
     return os.environ.get("LLMOPS_LONG") == "1" or bool(config.getoption("--long", default=False))
 

@@ -32,7 +32,7 @@ POD_COUNT_CAPS = {("resources", "workers"): 2, ("autoscaling", "minReplicas"): 1
 # Names present in the namespace before the run (a FineTune and a BatchInference), so references hit or miss.
 PRESENT = {"FineTune": "present-ft", "BatchInference": "present-bi"}
 UNICODE_SAMPLES = ["ünïcödé", "名前とモデル", "🙂🚀🔥", "\u202eRTL\u202c", "zero\u200bwidth", "tab\there",
-                   "new\nline", "quote\"'`", "{{ .Values }}", "${HOME}", "\\x00", "\x7f\x01ctl", "a: b\n- c"]
+                   "new\nline", "quote\"'`", "{{ .Values }}", "${HOME}", "nul\x00byte", "\x7f\x01ctl", "a: b\n- c"]
 
 
 def spec_schema(kind: str) -> dict[str, Any]:
@@ -316,7 +316,8 @@ def cases(draw, mutation: str, kinds=tuple(PLURAL_FILES)) -> Case:
         put(doc, node.path, draw(valid(node.schema)))
         case.edits.append(dotted(node.path))
     if mutation != NO_MUTATION:
-        pool = [n for n in MUTATION_TABLE[kind][mutation] if mutation != "missing-required" or get(doc, n.path) is not DROP]
+        pool = [n for n in MUTATION_TABLE[kind][mutation]
+                if mutation != "missing-required" or get(doc, n.path) is not DROP]
         if pool:
             case.mutation = draw(mutations(draw(st.sampled_from(pool)))[mutation])
             put(doc, case.mutation.path, case.mutation.value)

@@ -86,7 +86,8 @@ SAR_DENIED = [("update", "configmaps", "", "{own}"), ("delete", "configmaps", ""
               ("list", "pods", "", ""), ("create", "pods", "", ""), ("create", "pods/exec", "", ""),
               ("get", "rayjobs", "ray.io", "{job}"), ("patch", "rayjobs", "ray.io", "{job}"),
               ("list", "finetunes", "llmops.dev", ""), ("patch", "finetunes/status", "llmops.dev", "rights"),
-              ("create", "serviceaccounts/token", "", "default"), ("escalate", "roles", "rbac.authorization.k8s.io", ""),
+              ("create", "serviceaccounts/token", "", "default"),
+              ("escalate", "roles", "rbac.authorization.k8s.io", ""),
               ("bind", "clusterroles", "rbac.authorization.k8s.io", ""), ("impersonate", "users", "", ""),
               ("list", "namespaces", "", "")]
 

@@ -49,7 +49,7 @@ def test_planted_secret_values_never_leak(plane, cluster, ns, operators, record)
         k: values[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     refs = {"huggingFaceToken": {"name": "hf-token", "key": "token"}, "storage": {"name": "storage-creds"}}
 
-    op = operators.start(ns, name="operator")
+    operators.start(ns, name="operator")
     docs = [finetune("tuned"), batchinference("judged", fine_tune="tuned"),
             llmservice("served", adapters=[{"name": "tuned", "fineTuneRef": {"name": "tuned"},
                                             "gate": {"batchInferenceRef": {"name": "judged"}, "minimum": 0.5}}]),
