@@ -150,6 +150,7 @@ class AuditLog(threading.Thread):
         self.agents: set[str] = set()
         self.caught_up = 0.0
         self.stop = threading.Event()
+        self.namespaces: dict[str, float] = {}   # namespace -> when a write by anyone in it was last read
 
     def run(self) -> None:
         while not self.path.exists() and not self.stop.is_set():
@@ -176,6 +177,9 @@ class AuditLog(threading.Thread):
             time.sleep(0.05)
 
     def _line(self, line: bytes) -> None:
+        for ns in self.namespaces:
+            if f'"namespace":"{ns}"'.encode() in line and any(f'"verb":"{v}"'.encode() in line for v in WRITE_VERBS):
+                self.namespaces[ns] = time.time()
         if not any(a.encode() in line for a in AGENTS):
             return
         e = json.loads(line)
@@ -531,12 +535,15 @@ def kuberay_burst(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
     done = {k: v[1] for k, v in created.items()}
     life = audit.select(("kuberay",), t0, t_end + 0.001)
     to_cluster = audit.select(("kuberay",), t0, t_all + 0.001)
+    first = first_requests(to_cluster, r"^(ft-\d{5}-ft)$", ("update", "rayjobs"))
     running = {k: f["running"] for k, f in jobs_seen.firsts.items() if "running" in f}
     return {
         "namespace": ns,
         "create_s": round(max(v[1] for v in created.values()) - t0, 2),
         "creation_to_raycluster_s": quantiles(latencies(done, clusters.added)),
         "creation_to_rayjob_running_s": quantiles(latencies(done, running)),
+        "creation_to_first_request_s": quantiles(latencies(done, first)),
+        "first_request_to_raycluster_s": quantiles(latencies(first, clusters.added)),
         "all_rayclusters_after_s": round(t_all - t0, 2),
         "all_rayjobs_running_after_s": round(max(running.values(), default=t0) - t0, 2),
         "requests_until_all_clusters": {"total": len(to_cluster), "per_rayjob": round(len(to_cluster) / n, 2),
@@ -554,6 +561,7 @@ def kuberay_burst(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
 
 def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str, Any]:
     ns = f"llmops-{n}"
+    audit.namespaces[ns] = 0.0
     run_async(ensure_namespace(kube, ns))
     fts = Track(own_name)
     fts.predicates["left_pending"] = lambda o: (o.get("status") or {}).get("phase") not in (None, "Pending")
@@ -572,7 +580,10 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
     out: dict[str, Any] = {}
     try:
         t_up = time.time()
-        audit.wait_quiet(("llmops", "kopf"), 3, 60)
+        # /healthz answers before kopf's watchers start: wait for them, then for quiet
+        wait_until(lambda: any(r[1] == "kopf" and r[3] == "watch" for r in list(audit.records)), 120,
+                   "kopf's watch requests")
+        audit.wait_quiet(("llmops", "kopf"), 3, 60, since=time.time())
         startup = audit.select(("llmops", "kopf"), 0, time.time())
         streams = sum(1 for r in startup if r[3] == "watch")
         out["operator_startup"] = {"requests": len(startup), "by_verb": verbs_only(startup),
@@ -594,12 +605,18 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
         use = usage.done()
         done = {k: v[1] for k, v in created.items()}
         burst = audit.select(("llmops", "kopf"), t0, t_end + 0.001)
+        ours = [r for r in burst if r[1] == "llmops"]
+        first = first_requests(ours, r"^(ft-\d{5})")
+        applied = first_requests(ours, r"^(ft-\d{5})", ("patch", "rayjobs"))
         out["llmops_burst"] = {
             "namespace": ns,
             "create_s": round(max(v[1] for v in created.values()) - t0, 2),
             "creation_to_rayjob_s": quantiles(latencies(done, jobs.added)),
             "creation_to_first_status_s": quantiles(latencies(done, {k: f["has_status"] for k, f in
                                                                       fts.firsts.items() if "has_status" in f})),
+            # where the time goes: waiting for a reconcile to start, then the reconcile's own requests
+            "creation_to_first_request_s": quantiles(latencies(done, first)),
+            "first_request_to_rayjob_apply_s": quantiles(latencies(first, applied)),
             "all_rayjobs_after_s": round(t_all - t0, 2),
             "requests": {"total": len(burst), "per_finetune": round(len(burst) / n, 2),
                          "window_s": round(t_end - t0, 1), "by_verb": verbs_only(burst),
@@ -656,6 +673,7 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
         }
 
         # a reconcile that finds nothing to change writes nothing
+        wait_at_rest(audit, ns, args)
         log(f"N={n}: no-op reconciles: touching {n} FineTunes")
         before = operator_metrics(operator)
         t_touch = time.time()
@@ -668,7 +686,7 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
                        "by_resource": by_verb(touch)}
 
         # phase 4: steady state
-        wait_quiet_all(audit, args)
+        wait_at_rest(audit, ns, args)
         log(f"N={n}: steady state: {args.steady:.0f}s with {n} FineTunes at rest")
         usage = Usage({"llmops": op, "kuberay": pid_of(plane, "kuberay-operator"), **plane_pids})
         cpu0 = proc_cpu_s(op)
@@ -744,8 +762,24 @@ def restart_check(n, plane, kube, ns, jobs, audit, args) -> dict[str, Any]:
         operator.stop()
 
 
-def wait_quiet_all(audit: AuditLog, args) -> None:
+def wait_at_rest(audit: AuditLog, ns: str, args) -> None:
+    """Until nobody (operators, garbage collector, scheduler, kwok) has written in the namespace for a while."""
     audit.wait_quiet(("llmops", "kopf", "kuberay"), args.quiet, args.timeout, since=time.time())
+    wait_until(lambda: audit.caught_up - audit.namespaces.get(ns, 0) >= 2 * args.quiet, args.timeout,
+               f"no writes in {ns} for {2 * args.quiet:.0f}s")
+
+
+def first_requests(records: list[tuple], pattern: str, verb_resource: tuple[str, str] | None = None
+                   ) -> dict[str, float]:
+    """FineTune name -> when the first request about it (or the first `verb resource` about it) arrived."""
+    import re
+    name_of = re.compile(pattern)
+    out: dict[str, float] = {}
+    for r in records:
+        m = name_of.match(r[7])
+        if m and (verb_resource is None or (r[3], r[4]) == verb_resource):
+            out.setdefault(m.group(1), r[0])
+    return out
 
 
 def writes_per_object(records: list[tuple], n: int) -> dict[str, Any]:
@@ -888,6 +922,10 @@ def table(report: dict[str, Any]) -> str:
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         w = b["writes"]
         lines += [
+            f"  where the time goes: ours creation -> first request {fmt_q(b['creation_to_first_request_s'])} s, "
+            f"first request -> RayJob applied {fmt_q(b['first_request_to_rayjob_apply_s'])} s; KubeRay creation -> "
+            f"first request {fmt_q(k['creation_to_first_request_s'])} s, first request -> RayCluster seen "
+            f"{fmt_q(k['first_request_to_raycluster_s'])} s",
             f"  requests by verb, first step: ours {b['requests']['by_verb']}; KubeRay's "
             f"{k['requests_until_all_clusters']['by_verb']}",
             f"  requests by verb, whole life: ours (hand-off) {h['requests']['by_verb']}; KubeRay's "

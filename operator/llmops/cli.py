@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .handlers.main import run
     return run(namespaces=args.namespace, all_namespaces=not args.namespace, probe_port=args.probe_port,
                metrics_port=args.metrics_port, standalone=not args.peering, peering=args.peering,
-               log_format=args.log_format)
+               log_format=args.log_format, priority=args.priority)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

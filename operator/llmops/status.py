@@ -77,8 +77,23 @@ def result_report(data: Mapping[str, str] | None) -> dict[str, Any]:
     return out
 
 
+REPORT_GRACE_SECONDS = 60.0
+"""How long a finished RayJob may wait for its result report: the two arrive through separate watches."""
+
+
+def _seconds_since(timestamp: str | None, now: float | None) -> float:
+    if not timestamp or now is None:
+        return float("inf")
+    import datetime
+    try:
+        then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")
+    return now - then
+
+
 def job_verdict(kind: str, suspended: bool, ray_job: Mapping[str, Any] | None, report: Mapping[str, Any],
-                problems: list[PodProblem]) -> Verdict:
+                problems: list[PodProblem], now: float | None = None) -> Verdict:
     """Map a RayJob (jobDeploymentStatus + jobStatus + reason; it has no conditions) and the payload's report."""
     status = (ray_job or {}).get("status") or {}
     deployment = status.get("jobDeploymentStatus", "")
@@ -111,6 +126,9 @@ def job_verdict(kind: str, suspended: bool, ray_job: Mapping[str, Any] | None, r
         detail = f": {ray_message}" if ray_message else ""
         return Verdict("Failed", "stalled", reason or "JobFailed", f"{why}{detail}")
     if deployment == "Complete" or job_status == "SUCCEEDED":
+        if _seconds_since(status.get("endTime"), now) < REPORT_GRACE_SECONDS:
+            return Verdict("Running", "progressing", "CollectingResult",
+                           "the Ray job finished; waiting for its result report")
         return Verdict("Failed", "stalled", "NoResultReported",
                        "the Ray job finished but the payload reported no result; see the driver logs")
     unschedulable = [p for p in problems if p.reason == "Unschedulable"]

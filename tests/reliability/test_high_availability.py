@@ -1,8 +1,10 @@
 """High availability: two `llmops run --peering` replicas, as the chart runs them with leaderElection.enabled.
 
-Wanted: exactly one replica reconciles while both live (the other is paused by kopf peering); after a kill -9 of
-the active one, the other takes over by itself and reconciles new resources; no duplicate children and no
-conflicting writes (every child's spec written by the one field manager `llmops`; one RayJob per resource).
+Wanted, with distinct priorities (`--priority`): exactly one replica reconciles while both live (the other is
+paused by kopf peering and writes nothing); after a kill -9 of the active one, the other takes over by itself
+and reconciles new resources; no duplicate children and no conflicting writes (every child applied by the one
+field manager `llmops`; one RayJob per resource). With equal priorities kopf pauses both: nothing is written
+twice, and the survivor of a graceful stop resumes at once.
 
 The peering CRDs come from the chart (charts/llmops-operator/charts/kopf-peering/crds); if that file is missing
 they are created from kopf's documented schema. The operators watch only the test namespace, so the peering
@@ -16,7 +18,7 @@ import time
 
 import pytest
 
-from integration.harness import REPO, phase
+from integration.harness import REPO
 from manifests import finetune
 from reliability.control import unhandled_errors
 from reliability.support import duplicates, inventory, metric, orphans, wait_until
@@ -92,58 +94,89 @@ def appliers(inv) -> dict[str, set[str]]:
     return out
 
 
-def test_one_active_replica_and_takeover_after_kill9(plane, cluster, ns, operators, peering_crds, record):
+def start_pair(cluster, ns: str, operators, priorities: tuple[int, int]):
+    """replica-a alone first (it must reconcile on its own), then replica-b joins the peering."""
     cluster.custom.create_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings", {
         "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}})
-    findings: list[str] = []
-
-    a = operators.start(ns, f"--peering={PEERING}", name="replica-a", env={"POD_ID": "replica-a"})
+    a = operators.start(ns, f"--peering={PEERING}", f"--priority={priorities[0]}", name="replica-a",
+                        env={"POD_ID": "replica-a"})
     cluster.create(finetune("alone"), ns)
     ok, _ = wait_until(lambda: rayjob(cluster, ns, "alone"), timeout=60)
     assert ok, "a single replica with --peering reconciles nothing:\n" + a.log()[-3000:]
-
-    b = operators.start(ns, f"--peering={PEERING}", name="replica-b", env={"POD_ID": "replica-b"})
+    b = operators.start(ns, f"--peering={PEERING}", f"--priority={priorities[1]}", name="replica-b",
+                        env={"POD_ID": "replica-b"})
     ok, _ = wait_until(lambda: {"replica-a", "replica-b"} <= set(peers(cluster, ns)), timeout=60)
     assert ok, f"replica-b never joined the peering: {peers(cluster, ns)}"
     time.sleep(3)  # let both react to each other's keep-alive
-    before = {"replica-a": reconciles(a), "replica-b": reconciles(b)}
-    writes_before = {"replica-a": writes(a), "replica-b": writes(b)}
-    cluster.create(finetune("both-alive"), ns)
-    served, _ = wait_until(lambda: rayjob(cluster, ns, "both-alive"), timeout=30)
-    after = {"replica-a": reconciles(a), "replica-b": reconciles(b)}
-    writers = {name: writes(op) - writes_before[name] for name, op in (("replica-a", a), ("replica-b", b))}
-    active = [name for name in before if after[name] > before[name]]
-    if not served or len(active) != 1:
-        pausing = [line for line in (a.log() + b.log()).splitlines() if "Pausing" in line or "conflicting" in line]
-        findings.append(f"with both replicas alive, {len(active)} reconciled (want exactly 1; "
-                        f"RayJob for a new resource: {'yes' if served else 'NO'}); kopf says:\n    "
-                        + "\n    ".join(pausing[:6]))
+    return a, b
 
-    victim, survivor = (a, b) if active in ([], ["replica-a"]) else (b, a)
-    victim_name = "replica-a" if victim is a else "replica-b"
-    victim.kill()
+
+def with_both_alive(cluster, ns: str, a, b, name: str, timeout: float) -> tuple[bool, list[str], dict[str, float]]:
+    """Create a resource while both replicas live: was it served, which replicas reconciled, who wrote what."""
+    replicas = {"replica-a": a, "replica-b": b}
+    reconciled = {n: reconciles(op) for n, op in replicas.items()}
+    written = {n: writes(op) for n, op in replicas.items()}
+    cluster.create(finetune(name), ns)
+    served, _ = wait_until(lambda: rayjob(cluster, ns, name), timeout=timeout)
+    active = [n for n, op in replicas.items() if reconciles(op) > reconciled[n]]
+    return bool(served), active, {n: writes(op) - written[n] for n, op in replicas.items()}
+
+
+def kopf_says(*ops) -> list[str]:
+    return [line for op in ops for line in op.log().splitlines()
+            if "Pausing" in line or "Resuming" in line or "conflicting" in line][:8]
+
+
+def test_replicas_with_distinct_priorities_fail_over_after_kill9(plane, cluster, ns, operators, peering_crds,
+                                                                 record):
+    """The HA setup (`--priority`): the higher-priority replica works, the other stands by and writes nothing;
+    kill -9 the active one and the other takes over by itself."""
+    a, b = start_pair(cluster, ns, operators, (5, 10))
+    served, active, writers = with_both_alive(cluster, ns, a, b, "both-alive", timeout=60)
+    assert served and active == ["replica-b"], (
+        f"want replica-b (priority 10) alone active; served={served}, active={active}, kopf says: {kopf_says(a, b)}")
+    assert not writers["replica-a"], f"the standby replica wrote: {writers}"
+
+    b.kill()
     killed_at = time.monotonic()
     cluster.create(finetune("after-kill"), ns)
-    took_over, _ = wait_until(lambda: rayjob(cluster, ns, "after-kill") and rayjob(cluster, ns, "both-alive"),
-                              timeout=TAKEOVER_TIMEOUT)
+    took_over, _ = wait_until(lambda: rayjob(cluster, ns, "after-kill"), timeout=TAKEOVER_TIMEOUT)
     takeover_seconds = round(time.monotonic() - killed_at)
-    if not took_over:
-        findings.append(f"after kill -9 of {victim_name}, the survivor reconciled nothing in {TAKEOVER_TIMEOUT}s")
-    else:
-        wait_until(lambda: phase(cluster.get("FineTune", ns, "after-kill")) in ("Running", "Pending"), timeout=60)
+    assert took_over, f"after kill -9 of the active replica nothing was reconciled in {TAKEOVER_TIMEOUT}s: " \
+                      f"{kopf_says(a)}"
+    ok, _ = wait_until(lambda: (cluster.get("FineTune", ns, "after-kill").get("status") or {}).get(
+        "observedGeneration") == 1, timeout=60)
+    assert ok, "the survivor created the RayJob but wrote no status"
 
     inv = inventory(cluster, ns)
     dup, orph = duplicates(inv), orphans(inv)
     conflicting = {k: v for k, v in appliers(inv).items() if v != {"llmops"}}
-    if sum(1 for w in writers.values() if w) > 1:
-        findings.append(f"both replicas wrote while both were alive: {writers}")
     errors = unhandled_errors(operators.logs())
-    record(replicas=2, active_while_both_alive=len(active), kills_survived=1 if took_over else 0,
-           takeover_seconds=takeover_seconds if took_over else None, duplicates=len(dup), orphans=len(orph),
-           writes_while_both_alive=writers, conflicting_appliers=len(conflicting), peering_crds=peering_crds)
+    record(replicas=2, priorities="5/10", active_while_both_alive=active, writes_while_both_alive=writers,
+           kills_survived=1, takeover_seconds=takeover_seconds, resources=len(inv.resources), duplicates=len(dup),
+           orphans=len(orph), conflicting_appliers=len(conflicting), peering_crds=peering_crds)
     assert not dup, dup
     assert not orph, orph
     assert not conflicting, conflicting
     assert not errors, errors[:10]
-    assert not findings, "high availability does not hold:\n" + "\n".join(findings)
 
+
+def test_replicas_with_equal_priorities_never_both_write(plane, cluster, ns, operators, peering_crds, record):
+    """Two replicas with the same priority (the chart's replicas > 1, or a rolling update's surge pod): kopf
+    pauses both rather than let both write. Nothing is written twice; once one of them stops (gracefully, as the
+    old pod of a rolling update does: it takes itself out of the peering), the other resumes at once."""
+    a, b = start_pair(cluster, ns, operators, (0, 0))
+    served, active, writers = with_both_alive(cluster, ns, a, b, "both-alive", timeout=15)
+    assert len(active) <= 1 and sum(1 for w in writers.values() if w) <= 1, \
+        f"both replicas worked at once: active={active}, writes={writers}"
+    stopped_at = time.monotonic()
+    b.stop()  # SIGTERM: kopf takes the replica out of the peering on its way out
+    ok, _ = wait_until(lambda: rayjob(cluster, ns, "both-alive"), timeout=60)
+    resumed_seconds = round(time.monotonic() - stopped_at, 1)
+    assert ok, f"replica-a did not resume after replica-b stopped: {kopf_says(a)}"
+    inv = inventory(cluster, ns)
+    record(replicas=2, priorities="0/0", active_while_both_alive=active, served_while_both_alive=served,
+           writes_while_both_alive=writers, served_after_graceful_stop_began_seconds=resumed_seconds,
+           duplicates=len(duplicates(inv)), kopf_says=kopf_says(a, b)[:2])
+    assert not duplicates(inv)
+    assert not unhandled_errors(operators.logs())

@@ -114,3 +114,13 @@ def test_upgrade_that_cannot_fit_names_the_fix():
     verdict = service_verdict(rayservice("True", upgrading="True"),
                               "", [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w")], "NewCluster")
     assert "twice the GPUs" in verdict.message and "upgradeStrategy" in verdict.message
+
+
+def test_finished_job_waits_a_grace_period_for_its_report():
+    import datetime
+    end = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    job = rayjob("Complete", "SUCCEEDED", endTime="2026-01-01T00:00:00Z")
+    soon = job_verdict("FineTune", False, job, {}, [], end.timestamp() + 5)
+    assert (soon.phase, soon.state, soon.reason) == ("Running", "progressing", "CollectingResult")
+    late = job_verdict("FineTune", False, job, {}, [], end.timestamp() + 600)
+    assert (late.phase, late.reason) == ("Failed", "NoResultReported")

@@ -113,6 +113,7 @@ class Outcome:
     verdict: Verdict
     ray_kind: str = "RayJob"
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove
+    requeue_after: float | None = None   # look again after this many seconds even if nothing changes
 
 
 class PreviousRunPresent(Exception):
@@ -213,7 +214,7 @@ class Engine:
         self._backoff.pop(key, None)
         self._refused.pop(key, None)
         self.metrics.count(kind, "ok", time.monotonic() - started)
-        return None
+        return outcome.requeue_after
 
     def _retry(self, key: Key, kind: str, started: float, why: str) -> float:
         delay = min(self._backoff.get(key, 0.5) * 2, 300.0)

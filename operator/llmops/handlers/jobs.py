@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ValidationError
 
 from ..builders.common import BuildContext, UnknownAccelerator
-from ..status import Verdict, job_verdict, pod_problems, result_report
+from ..status import REPORT_GRACE_SECONDS, Verdict, job_verdict, pod_problems, result_report
 from .engine import Engine, Outcome, now_rfc3339
 
 TERMINAL = ("Succeeded", "Failed")
@@ -55,7 +56,7 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
     ray = engine.caches.ray_objects.get(uid)
     report = result_report(engine.caches.results.get(uid))
     problems = pod_problems(engine.caches.pods.all(uid))
-    verdict = job_verdict(kind, spec.suspend, ray, report, problems)
+    verdict = job_verdict(kind, spec.suspend, ray, report, problems, time.time())
 
     ray_status = (ray or {}).get("status") or {}
     fields: dict[str, Any] = {"rayJobName": ray_name, **(extra_fields or {})}
@@ -70,4 +71,6 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
         fields["progress"] = report["progress"]
     fields.update(result_fields(report))
     verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields)
+    if verdict.reason == "CollectingResult":  # decide again once the grace period is over
+        return Outcome(children, verdict, requeue_after=REPORT_GRACE_SECONDS + 1)
     return Outcome(children, verdict)
