@@ -22,6 +22,7 @@ log = logging.getLogger("llmops")
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 HASH_ANNOTATION = "llmops.dev/children-hash"
+APPLIED_MEMORY_SECONDS = 30.0   # long enough for the watch to bring back what was just applied
 
 
 def without_none(value: Any) -> Any:
@@ -137,6 +138,7 @@ class Engine:
         self._again: set[Key] = set()
         self._backoff: dict[Key, float] = {}
         self._refused: dict[Key, str] = {}   # what the API server refused for good, until the inputs change
+        self._applied: dict[str, tuple[str, float]] = {}   # owner uid -> (children hash, when) applied here
 
     # ---- scheduling --------------------------------------------------------------------------------------
     def schedule(self, key: Key) -> None:
@@ -144,6 +146,13 @@ class Engine:
             self._again.add(key)
             return
         self._running[key] = asyncio.get_running_loop().create_task(self._run(key))
+
+    def forget(self, key: Key, uid: str | None) -> None:
+        """Drop what this process remembers about a deleted resource."""
+        self._backoff.pop(key, None)
+        self._refused.pop(key, None)
+        if uid:
+            self._applied.pop(uid, None)
 
     def schedule_dependents(self, key: Key) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
@@ -230,6 +239,9 @@ class Engine:
         current = self.caches.ray_objects.get(uid)
         if current and current.get("metadata", {}).get("annotations", {}).get(HASH_ANNOTATION) == wanted:
             return
+        applied = self._applied.get(uid)
+        if applied and applied[0] == wanted and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
+            return  # applied moments ago; the watch has not brought the Ray object back yet
         if current is None:  # first creation (or after a restart): make sure the names are ours to take
             for child in outcome.children:
                 if _stateful(child, outcome.ray_kind):
@@ -241,11 +253,15 @@ class Engine:
                             f"{child['kind']} {meta['name']} still belongs to an earlier {body['kind']} named "
                             f"{body['metadata']['name']} (uid {owner or 'unknown'}); waiting for the garbage "
                             f"collector to remove it (if it was orphaned, delete it yourself)")
-        for child in outcome.children:
-            if child["kind"] == outcome.ray_kind:
-                child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
+        # The supporting objects first (together), the Ray object last: its pods need their config and account.
+        ray_objects = [c for c in outcome.children if c["kind"] == outcome.ray_kind]
+        others = [c for c in outcome.children if c["kind"] != outcome.ray_kind]
+        await asyncio.gather(*(with_retries(lambda c=child: self.kube.apply(c)) for child in others))
+        for child in ray_objects:
+            child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
             await with_retries(lambda c=child: self.kube.apply(c))
-            self.metrics.child_writes += 1
+        self.metrics.child_writes += len(outcome.children)
+        self._applied[uid] = (wanted, time.monotonic())
 
     async def _write_status(self, body: dict[str, Any], outcome: Outcome) -> None:
         meta = body["metadata"]

@@ -54,7 +54,9 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
-    settings.batching.worker_limit = 200
+    # No worker limit: kopf holds each object's worker until every index has its initial listing, so a limit
+    # below the number of watched objects would deadlock the start-up.
+    settings.batching.worker_limit = None
     # Server-side filters: the API server sends only our children, not every ConfigMap and Pod in the cluster.
     managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
     settings.watching.label_selectors["rayjobs"] = managed
@@ -202,7 +204,9 @@ def _owner_event(kind: str):
     async def on_event(type: str, namespace: str, name: str, **kwargs: Any) -> None:
         eng = _bind(kwargs)
         key = (kind, namespace, name)
-        if type != "DELETED":
+        if type == "DELETED":
+            eng.forget(key, (kwargs.get("body") or {}).get("metadata", {}).get("uid"))
+        else:
             eng.schedule(key)
         eng.schedule_dependents(key)
     return on_event
