@@ -253,10 +253,14 @@ class Engine:
                             f"{child['kind']} {meta['name']} still belongs to an earlier {body['kind']} named "
                             f"{body['metadata']['name']} (uid {owner or 'unknown'}); waiting for the garbage "
                             f"collector to remove it (if it was orphaned, delete it yourself)")
-        # The supporting objects first (together), the Ray object last: its pods need their config and account.
+        # In stages: the independent objects together; then the RoleBinding (RBAC checks it against its Role, which
+        # must exist by then); the Ray object last, since its pods need their config and account.
         ray_objects = [c for c in outcome.children if c["kind"] == outcome.ray_kind]
-        others = [c for c in outcome.children if c["kind"] != outcome.ray_kind]
+        bindings = [c for c in outcome.children if c["kind"] == "RoleBinding"]
+        others = [c for c in outcome.children if c not in ray_objects and c not in bindings]
         await asyncio.gather(*(with_retries(lambda c=child: self.kube.apply(c)) for child in others))
+        for child in bindings:
+            await with_retries(lambda c=child: self.kube.apply(c))
         for child in ray_objects:
             child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
             await with_retries(lambda c=child: self.kube.apply(c))
