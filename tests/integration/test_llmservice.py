@@ -28,7 +28,7 @@ def _adapter(obj, name):
 def _finish(simulator, cluster, ns, kind, name, job, plan=None):
     if plan:
         simulator.plans[(ns, job)] = plan
-    wait_for(lambda: phase(cluster.get(kind, ns, name)) == "Running", timeout=90, what=f"{kind} {name} Running")
+    wait_for(lambda: phase(cluster.get(kind, ns, name)) == "Running", timeout=150, what=f"{kind} {name} Running")
     wait_for(lambda: (simulator.step() or True) and phase(cluster.get(kind, ns, name)) in ("Succeeded", "Failed"),
              timeout=90, what=f"{kind} {name} to finish")
 
@@ -64,13 +64,13 @@ def test_finetune_chain_and_gate(cluster, operator, ns, simulator):
         "name": "viggo", "fineTuneRef": {"name": "viggo"},
         "gate": {"batchInferenceRef": {"name": "viggo-eval"}, "metric": "exactMatch", "minimum": 0.6}}]), ns)
     wait_for(lambda: _adapter(cluster.get("LLMService", ns, "svc"), "viggo").get("state") == "WaitingForFineTune",
-             what="WaitingForFineTune")
+             timeout=120, what="WaitingForFineTune")
     _finish(simulator, cluster, ns, "FineTune", "viggo", "viggo-ft")
     wait_for(lambda: _adapter(cluster.get("LLMService", ns, "svc"), "viggo").get("state") == "WaitingForEvaluation",
-             what="WaitingForEvaluation")
+             timeout=120, what="WaitingForEvaluation")
     _finish(simulator, cluster, ns, "BatchInference", "viggo-eval", "viggo-eval-bi")
     svc = wait_for(lambda: (lambda o: o if _adapter(o, "viggo").get("state") == "Serving" else None)(
-        cluster.get("LLMService", ns, "svc")), what="the adapter to be served")
+        cluster.get("LLMService", ns, "svc")), timeout=120, what="the adapter to be served")
     assert "ft-model:viggo" in svc["status"]["models"]
     serve = yaml.safe_load(_service(cluster, ns)["spec"]["serveConfigV2"])
     lora = serve["applications"][0]["args"]["llm_configs"][0]["lora_config"]
