@@ -44,10 +44,15 @@ def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None
     finetunes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "FineTune"}
     objects: list[dict] = []
     errors: list[str] = []
+    seen: set[tuple[str, str, str]] = set()   # a shared object (the payload sources) once per namespace
     for doc in docs:
         where = f"{doc['kind']} {doc['metadata']['namespace']}/{doc['metadata'].get('name')}"
         try:
-            objects += _render_one(doc, finetunes, ctx)
+            for obj in _render_one(doc, finetunes, ctx):
+                key = (obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+                if key not in seen:
+                    seen.add(key)
+                    objects.append(obj)
         except ValidationError as e:
             errors.append(f"{where}: {spec_errors(e)}")
         except (KeyError, ValueError) as e:

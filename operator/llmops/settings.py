@@ -64,7 +64,7 @@ class Settings(BaseModel):
     transformers 4.52.4 keeps LLaMA-Factory's neat packing working with SDPA attention (no flash-attn needed)."""
     finetune_flash_attention: bool = False
     """The FineTune image has flash-attn (our runtime image does): the recipe then uses FA2 varlen attention,
-    otherwise SDPA with neat packing (measured 3-10% slower; docs/training-recipe.md)."""
+    otherwise SDPA with neat packing, the default (about 6% slower on one H100; docs/training-recipe.md)."""
     inference_image: str = f"rayproject/ray-llm:{RAY_VERSION}-py311-cu128"
     """Ray LLM image (vLLM) for BatchInference and LLMService."""
     accelerators: dict[str, AcceleratorProfile] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))

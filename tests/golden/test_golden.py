@@ -38,8 +38,9 @@ def rendered(example_dir: Path) -> dict[str, str]:
     assert not errors, errors
     files: dict[str, list[dict]] = {}
     for obj in _digest_payloads(objects):
-        owner = obj["metadata"]["ownerReferences"][0]
-        files.setdefault(f"{owner['kind'].lower()}-{owner['name']}.yaml", []).append(obj)
+        refs = obj["metadata"].get("ownerReferences")
+        name = f"{refs[0]['kind'].lower()}-{refs[0]['name']}.yaml" if refs else "shared.yaml"
+        files.setdefault(name, []).append(obj)
     return {name: yamlio.dump_all(objs) for name, objs in files.items()}
 
 

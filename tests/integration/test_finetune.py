@@ -49,7 +49,8 @@ def test_finetune_runs_on_the_l4_pool(cluster, operator, ns):
 
     config = cluster.core.read_namespaced_config_map("ft-ft-config", ns)
     assert "train.yaml" in config.data and "dataset_info.json" in config.data
-    assert "payload.finetune.py" in config.data
+    payloads = next(v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "llmops-payloads")
+    assert "payload.finetune.py" in cluster.core.read_namespaced_config_map(payloads, ns).data
     assert json.loads(config.data["job.json"])["output"]["uri"] == "s3://bucket/adapters/ft"
 
     # KubeRay (real) creates the cluster; the scheduler places it; kwok runs it.

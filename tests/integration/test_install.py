@@ -147,7 +147,7 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         return allowed(cluster, account, verb, resource, group, namespace, subresource, name)
 
     needed = [("list", "finetunes", "llmops.dev"), ("watch", "llmservices", "llmops.dev"),
-              ("get", "rayjobs", "ray.io"), ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"),
+              ("watch", "rayjobs", "ray.io"), ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"),
               ("delete", "rayservices", "ray.io"),
               ("patch", "configmaps", ""), ("get", "configmaps", ""), ("create", "serviceaccounts", ""),
               ("create", "roles", "rbac.authorization.k8s.io"), ("patch", "rolebindings", "rbac.authorization.k8s.io"),
@@ -164,7 +164,7 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         assert not can(verb, "secrets"), verb
         assert not can(verb, "secrets", namespace=None), verb
     refused = [("patch", "finetunes", "llmops.dev"), ("delete", "finetunes", "llmops.dev"),
-               ("delete", "rayjobs", "ray.io"), ("create", "pods", ""), ("get", "pods", ""),
+               ("delete", "rayjobs", "ray.io"), ("get", "rayjobs", "ray.io"), ("create", "pods", ""), ("get", "pods", ""),
                ("delete", "configmaps", ""), ("update", "roles", "rbac.authorization.k8s.io"),
                ("escalate", "roles", "rbac.authorization.k8s.io"), ("bind", "roles", "rbac.authorization.k8s.io"),
                ("list", "namespaces", ""), ("create", "rayclusters", "ray.io")]

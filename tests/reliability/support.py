@@ -96,6 +96,8 @@ def orphans(inv: Inventory) -> list[str]:
     owners = inv.by_uid()
     found = []
     for kind, obj in inv.all_children():
+        if (obj["metadata"].get("labels") or {}).get("llmops.dev/role") == "payloads":
+            continue  # the payload sources: shared by the namespace's jobs, owned by none of them
         ref = controller(obj)
         owner = owners.get(ref["uid"]) if ref else None
         if owner is None or owner["kind"] != ref["kind"] or owner["metadata"]["name"] != ref["name"] \

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmops.builders.common import Owner, child_name
+from llmops.builders.common import Owner, child_name, is_shared, payloads_name
 from llmops.builders.finetune import model_params_b
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
@@ -49,8 +49,26 @@ def test_every_mounted_configmap_key_exists():
 
 def test_every_child_is_owned_by_its_resource():
     for obj in _all_examples():
+        if is_shared(obj):
+            continue
         refs = obj["metadata"]["ownerReferences"]
         assert len(refs) == 1 and refs[0]["controller"] is True and refs[0]["apiVersion"] == "llmops.dev/v1alpha1"
+
+
+def test_payload_sources_are_shared_by_the_jobs_of_a_namespace():
+    objects = _all_examples()
+    shared = [o for o in objects if is_shared(o)]
+    assert len(shared) == 1   # the FineTune and the BatchInference of one namespace mount the same one
+    payloads = shared[0]
+    assert payloads["immutable"] is True and "ownerReferences" not in payloads["metadata"]
+    assert payloads["metadata"]["name"] == payloads_name(load_payloads())
+    mounted = {v["configMap"]["name"] for o in objects if o["kind"] == "RayJob" for pod in _pod_specs(o)
+               for v in pod["volumes"] if v["name"] == "llmops-payloads"}
+    assert mounted == {payloads["metadata"]["name"]}
+    job_configs = [o for o in objects if o["kind"] == "ConfigMap" and not is_shared(o)]
+    assert not any(k.startswith("payload.") for o in job_configs for k in o["data"])   # no per-job copies
+    changed = {**load_payloads(), "report.py": "# changed\n"}
+    assert payloads_name(changed) != payloads["metadata"]["name"]   # an upgrade gets a new one
 
 
 def test_secrets_appear_only_as_references():

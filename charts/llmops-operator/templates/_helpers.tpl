@@ -47,8 +47,8 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
     `update` on finalizers only lets it set blockOwnerDeletion on its children's owner references where the
     OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift);
   - children are written with server-side apply: PATCH, plus CREATE the first time (the API server checks both);
-    before first creating a RayJob/RayService or result ConfigMap it GETs the name, so as never to take over an
-    earlier same-named resource's run;
+    the namespace's shared payload ConfigMap is CREATEd once (immutable); whether a name is still held by an
+    earlier same-named resource's run is read from the watches, not with GETs;
   - the operator grants each job's Ray pods get/patch on one ConfigMap, and RBAC lets it grant only rights it
     holds: hence `get` on configmaps;
   - RayServices are deleted while an LLMService is suspended; RayJobs are never deleted (suspend is a field);
@@ -66,10 +66,10 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
   verbs: [update]
 - apiGroups: [ray.io]
   resources: [rayjobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [list, watch, create, patch]
 - apiGroups: [ray.io]
   resources: [rayservices]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch]

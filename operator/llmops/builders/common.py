@@ -5,6 +5,7 @@ All functions are pure: (custom resource, settings, inputs) -> plain dicts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -110,11 +111,37 @@ def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[
     ]
 
 
-def config_map(owner: Owner, names: Names, settings: Settings, files: Mapping[str, str],
-               payloads: Mapping[str, str]) -> dict[str, Any]:
-    data = {**files, **{f"payload.{module}": source for module, source in sorted(payloads.items())}}
-    return owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.config}, "data": data},
+def config_map(owner: Owner, names: Names, settings: Settings, files: Mapping[str, str]) -> dict[str, Any]:
+    return owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.config}, "data": dict(files)},
                  owner, settings, {f"{settings.label_prefix}/role": "config"})
+
+
+# ---- the payload sources, shared ----------------------------------------------------------------------------
+PAYLOADS_ROLE = "payloads"
+
+
+def payloads_name(payloads: Mapping[str, str]) -> str:
+    """Named by content: an operator upgrade that changes a payload makes a new one, and running jobs keep theirs."""
+    return _payloads_name(tuple(sorted(payloads.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _payloads_name(items: tuple[tuple[str, str], ...]) -> str:
+    return f"llmops-payloads-{short_hash([list(item) for item in items])}"
+
+
+def payload_config_map(namespace: str, payloads: Mapping[str, str], settings: Settings) -> dict[str, Any]:
+    """Every payload module in one immutable ConfigMap per namespace, shared by all jobs there (each job used to
+    carry its own ~80 KB copy). It has no owner: it is written once and stays until the namespace goes."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
+            "metadata": {"name": payloads_name(payloads), "namespace": namespace,
+                         "labels": {"app.kubernetes.io/managed-by": "llmops",
+                                    f"{settings.label_prefix}/role": PAYLOADS_ROLE}},
+            "data": {f"payload.{module}": source for module, source in sorted(payloads.items())}}
+
+
+def is_shared(child: Mapping[str, Any]) -> bool:
+    return (child["metadata"].get("labels") or {}).get("llmops.dev/role") == PAYLOADS_ROLE
 
 
 # ---- pods ---------------------------------------------------------------------------------------------------
@@ -129,12 +156,12 @@ def pvc_claims(*uris: str | None) -> list[str]:
     return claims
 
 
-def volumes(names: Names, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str],
-            scratch: str | None = None) -> tuple[list[dict], list[dict]]:
+def volumes(names: Names, files: Mapping[str, str], payload_config: str, payloads: Mapping[str, str],
+            claims: list[str], scratch: str | None = None) -> tuple[list[dict], list[dict]]:
     vols = [
         {"name": "llmops-job", "configMap": {"name": names.config,
                                              "items": [{"key": k, "path": k} for k in sorted(files)]}},
-        {"name": "llmops-payloads", "configMap": {"name": names.config, "items": [
+        {"name": "llmops-payloads", "configMap": {"name": payload_config, "items": [
             {"key": f"payload.{m}", "path": f"payloads/{m}"} for m in sorted(payloads)]}},
     ]
     mounts = [{"name": "llmops-job", "mountPath": JOB_MOUNT, "readOnly": True},
@@ -195,7 +222,7 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     settings = ctx.settings
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
-    vols, mounts = volumes(names, files, payloads, claims, scratch)
+    vols, mounts = volumes(names, files, payloads_name(ctx.payloads), payloads, claims, scratch)
     pod_labels = labels(owner, settings)
     head = settings.head
     head_pod: dict[str, Any] = {

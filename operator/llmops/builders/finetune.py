@@ -14,6 +14,7 @@ from .common import (
     Names,
     Owner,
     config_map,
+    payload_config_map,
     profile_for,
     pvc_claims,
     ray_cluster_spec,
@@ -82,6 +83,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"
     return [
         *result_channel(owner, n, ctx.settings),
-        config_map(owner, n, ctx.settings, files, payloads),
+        payload_config_map(owner.namespace, ctx.payloads, ctx.settings),
+        config_map(owner, n, ctx.settings, files),
         ray_job(owner, n, spec, cluster, entrypoint, runtime, ctx.settings),
     ]

@@ -9,7 +9,8 @@ What it decides, each unless the user chose (`overrides` wins, always):
   in attention: with `flash_attn: fa2` through the position ids (plain `packing`; the image needs flash-attn),
   otherwise through `neat_packing`'s block-diagonal mask (LLaMA-Factory 0.9.4 allows that only with
   transformers < 4.53, and refuses to start otherwise: a loud failure rather than samples attending each other).
-* attention: fa2.
+* attention: fa2 unless the caller asks otherwise (the FineTune builder asks for sdpa when the image has no
+  flash-attn, which is the stock image's case: SDPA with neat packing is the operator's default).
 * Liger kernels: on (fused RMSNorm, SwiGLU, RoPE and linear cross-entropy; the image needs liger-kernel).
 * effective batch: about one 2048-token packed row per device per optimizer step, the closest row count to the
   reference's 8 samples per device per step (ViGGO: ~10 samples a row).
@@ -38,12 +39,15 @@ SAMPLES_PER_DEVICE_STEP = 8
 # Memory model, measured on one H100 (Qwen2.5-7B architecture, 7.62 B parameters, LoRA r=8 on all linear layers,
 # bf16 weights, fp32 adapter under autocast): peak allocated = fixed + tokens per micro-batch x per-token.
 CALIBRATION_PARAMS_B = 7.62
-ACTIVATION_MIB_PER_TOKEN = {  # (gradient checkpointing, liger) -> MiB per token in the micro-batch
+ACTIVATION_MIB_PER_TOKEN = {  # (gradient checkpointing, liger) -> MiB per token in the micro-batch, FA2 attention
     (False, True): 5.16,
     (False, False): 8.17,  # includes ~2 MiB of fp32 logits and their gradient (vocab 152k)
     (True, True): 0.51,
     (True, False): 1.95,
 }
+# Any attention but FA2 (SDPA with neat packing's mask, or padding) keeps more per token when no layer is recomputed:
+# 0.87-0.88 GiB more per 2048-token row than FA2 varlen, with and without Liger. Checkpointing hides it.
+NON_FA2_ATTENTION_MIB_PER_TOKEN = 0.44
 # Activations grow with layers x width, slower than the parameter count (Qwen2.5 0.5B..72B); never scaled down,
 # so small models are sized as if they were 7B (they fit regardless).
 ACTIVATION_SCALING_EXPONENT = 0.8
@@ -82,8 +86,8 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
         units_per_step = SAMPLES_PER_DEVICE_STEP
 
     def fits(micro_batch: int, checkpointing: bool) -> bool:
-        return peak_memory_gib(base_model_params_b, lora_rank, micro_batch * unit_tokens, checkpointing,
-                               liger) <= memory_budget_gib(gpu_memory_gib)
+        return peak_memory_gib(base_model_params_b, lora_rank, micro_batch * unit_tokens, checkpointing, liger,
+                               fa2=flash_attn == "fa2") <= memory_budget_gib(gpu_memory_gib)
 
     user_batch = chosen.get("perDeviceBatchSize")
     if "gradientCheckpointing" in chosen:
@@ -113,12 +117,16 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
     }
 
 
-def peak_memory_gib(params_b: float, lora_rank: int, tokens: int, checkpointing: bool, liger: bool) -> float:
+def peak_memory_gib(params_b: float, lora_rank: int, tokens: int, checkpointing: bool, liger: bool, *,
+                    fa2: bool) -> float:
     """Predicted peak GPU memory of one LoRA training step (see the calibration constants above)."""
     weights = params_b * 1e9 * WEIGHT_BYTES_PER_PARAM / 2**30
     adapter = lora_rank * LORA_PARAMS_PER_RANK_PER_BASE_PARAM * params_b * 1e9 * LORA_BYTES_PER_PARAM / 2**30
     scale = max(1.0, params_b / CALIBRATION_PARAMS_B) ** ACTIVATION_SCALING_EXPONENT
-    activations = tokens * ACTIVATION_MIB_PER_TOKEN[(checkpointing, liger)] * scale / 1024
+    per_token = ACTIVATION_MIB_PER_TOKEN[(checkpointing, liger)]
+    if not (fa2 or checkpointing):
+        per_token += NON_FA2_ATTENTION_MIB_PER_TOKEN
+    activations = tokens * per_token * scale / 1024
     return weights + adapter + FIXED_OVERHEAD_GIB + activations
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..builders.common import BuildContext, short_hash
+from ..builders.common import BuildContext, is_shared, short_hash
 from ..kube import ApiError, Kube, with_retries
 from ..status import Verdict, conditions_for, same_status
 
@@ -102,6 +102,8 @@ class Caches:
     ray_objects: IndexView = field(default_factory=IndexView)   # owner uid -> RayJob/RayService
     results: IndexView = field(default_factory=IndexView)       # owner uid -> result ConfigMap data
     pods: IndexView = field(default_factory=IndexView)          # owner uid -> pods (name, status)
+    names: IndexView = field(default_factory=IndexView)         # (kind, ns, name) -> owner uid of a stateful child
+    shared: IndexView = field(default_factory=IndexView)        # (ns, name) -> a shared child that exists
     owner_keys: IndexView = field(default_factory=IndexView)    # owner uid -> (kind, ns, name)
     refs: IndexView = field(default_factory=IndexView)          # referenced key -> keys of dependents
 
@@ -110,9 +112,10 @@ class Caches:
 class Outcome:
     """What a kind's reconcile decided: children to have, and where the resource stands."""
 
-    children: list[dict[str, Any]]
+    children: list[dict[str, Any]]   # empty: nothing to have, or (with memo_key) already applied as they are
     verdict: Verdict
     ray_kind: str = "RayJob"
+    memo_key: Any = None   # what the children are a function of, besides the process (None: not memoized)
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove
     requeue_after: float | None = None   # look again after this many seconds even if nothing changes
 
@@ -138,7 +141,10 @@ class Engine:
         self._again: set[Key] = set()
         self._backoff: dict[Key, float] = {}
         self._refused: dict[Key, str] = {}   # what the API server refused for good, until the inputs change
-        self._applied: dict[str, tuple[str, float]] = {}   # owner uid -> (children hash, when) applied here
+        self._applied: dict[str, tuple[str, float, dict | None]] = {}  # uid -> (hash, when, Ray object) applied
+        self._hashes: dict[str, tuple[Any, str]] = {}    # uid -> (memo key, children hash): skip rebuilding
+        self._written: dict[str, tuple[str, dict]] = {}  # uid -> (resourceVersion before, status) we wrote
+        self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
 
     # ---- scheduling --------------------------------------------------------------------------------------
     def schedule(self, key: Key) -> None:
@@ -152,7 +158,45 @@ class Engine:
         self._backoff.pop(key, None)
         self._refused.pop(key, None)
         if uid:
-            self._applied.pop(uid, None)
+            for memory in (self._applied, self._hashes, self._written):
+                memory.pop(uid, None)
+
+    # ---- what the caches do not show yet ---------------------------------------------------------------------
+    def ray_object(self, uid: str) -> dict[str, Any] | None:
+        """The owner's Ray object: from the watch, or the one this process created moments ago."""
+        current = self.caches.ray_objects.get(uid)
+        if current is not None:
+            return current
+        applied = self._applied.get(uid)
+        if applied and applied[2] is not None and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
+            return applied[2]
+        return None
+
+    def _with_written_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body with the status this process wrote last, while the watch has not brought that write back
+        (same resourceVersion as before it): deciding on the older status would write the same change again."""
+        uid = body["metadata"]["uid"]
+        written = self._written.get(uid)
+        if written is None:
+            return body
+        if written[0] != body["metadata"].get("resourceVersion", ""):
+            del self._written[uid]   # the watch has caught up (or someone else wrote): the cache is the truth
+            return body
+        return {**body, "status": written[1]}
+
+    def children_current(self, uid: str, memo_key: Any) -> bool:
+        """True when the children for `memo_key` were built and applied already: no need to build them again."""
+        memo = self._hashes.get(uid)
+        return memo is not None and memo[0] == memo_key and self._applied_hash(uid) == memo[1]
+
+    def _applied_hash(self, uid: str) -> str | None:
+        current = self.caches.ray_objects.get(uid)
+        if current is not None:
+            return (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
+        applied = self._applied.get(uid)
+        if applied and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
+            return applied[0]   # the watch has not brought the Ray object back yet
+        return None
 
     def schedule_dependents(self, key: Key) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
@@ -182,15 +226,16 @@ class Engine:
         body = self.caches.owners.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
+        body = self._with_written_status(body)
         started = time.monotonic()
-        attempt = ""
+        outcome: Outcome | None = None
         try:
             outcome = self.kinds[kind](self, body)
-            attempt = short_hash([outcome.children, outcome.verdict.__dict__, meta_generation(body)], 16)
-            if self._refused.get(key) == attempt:
+            if key in self._refused and self._refused[key] == _attempt(outcome, body):
                 return None  # already reported as Stalled; retrying the same request cannot succeed
-            if outcome.children:
-                await self._apply_children(body, outcome)
+            if outcome.children and await self._apply_children(body, outcome):
+                # Created just now: decide again with the new object, so the first status write already says so.
+                outcome = self.kinds[kind](self, body)
             for api_version, child_kind, name in outcome.delete:
                 if self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
@@ -203,7 +248,7 @@ class Engine:
             if e.transient:
                 return self._retry(key, kind, started, f"transient API error: {e}")
             log.warning("permanent API error on %s/%s %s: %s", key[1], key[2], kind, e)
-            self._refused[key] = attempt
+            self._refused[key] = _attempt(outcome, body) if outcome else ""
             verdict = Verdict("Failed", "stalled", "ApplyFailed",
                               f"the API server refused a child object: {e.message}")
             try:
@@ -232,40 +277,67 @@ class Engine:
         log.info("will retry %s %s/%s in %.1fs: %s", kind, key[1], key[2], delay, why)
         return delay
 
-    async def _apply_children(self, body: dict[str, Any], outcome: Outcome) -> None:
-        """Apply every child once per change of the whole set: the hash rides on the Ray object."""
+    async def _apply_children(self, body: dict[str, Any], outcome: Outcome) -> bool:
+        """Apply every child once per change of the whole set (the hash rides on the Ray object), in two rounds:
+        the objects the Ray pods need, then the RoleBinding (RBAC checks it against its Role, which must exist by
+        then) with the Ray object. Returns True when the Ray object was created."""
         wanted = short_hash(outcome.children, 16)
         uid = body["metadata"]["uid"]
-        current = self.caches.ray_objects.get(uid)
-        if current and current.get("metadata", {}).get("annotations", {}).get(HASH_ANNOTATION) == wanted:
-            return
-        applied = self._applied.get(uid)
-        if applied and applied[0] == wanted and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
-            return  # applied moments ago; the watch has not brought the Ray object back yet
-        if current is None:  # first creation (or after a restart): make sure the names are ours to take
-            for child in outcome.children:
-                if _stateful(child, outcome.ray_kind):
-                    meta = child["metadata"]
-                    found = await self.kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
-                    owner = ((found or {}).get("metadata", {}).get("labels") or {}).get("llmops.dev/owner-uid")
-                    if found is not None and owner != uid:
-                        raise PreviousRunPresent(
-                            f"{child['kind']} {meta['name']} still belongs to an earlier {body['kind']} named "
-                            f"{body['metadata']['name']} (uid {owner or 'unknown'}); waiting for the garbage "
-                            f"collector to remove it (if it was orphaned, delete it yourself)")
-        # In stages: the independent objects together; then the RoleBinding (RBAC checks it against its Role, which
-        # must exist by then); the Ray object last, since its pods need their config and account.
-        ray_objects = [c for c in outcome.children if c["kind"] == outcome.ray_kind]
-        bindings = [c for c in outcome.children if c["kind"] == "RoleBinding"]
-        others = [c for c in outcome.children if c not in ray_objects and c not in bindings]
-        await asyncio.gather(*(with_retries(lambda c=child: self.kube.apply(c)) for child in others))
-        for child in bindings:
-            await with_retries(lambda c=child: self.kube.apply(c))
-        for child in ray_objects:
+        if outcome.memo_key is not None:
+            self._hashes[uid] = (outcome.memo_key, wanted)
+        if self._applied_hash(uid) == wanted:
+            return False
+        created = self.caches.ray_objects.get(uid) is None
+        if created:  # first creation (or after a restart): make sure the names are ours to take
+            self._check_names_free(body, outcome)
+        ray = [c for c in outcome.children if c["kind"] == outcome.ray_kind]
+        second = [c for c in outcome.children if c["kind"] == "RoleBinding"] + ray
+        first = [c for c in outcome.children if c not in second]
+        for child in ray:
             child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
-            await with_retries(lambda c=child: self.kube.apply(c))
-        self.metrics.child_writes += len(outcome.children)
-        self._applied[uid] = (wanted, time.monotonic())
+        await asyncio.gather(*(self._apply_one(c) for c in first))
+        applied = await asyncio.gather(*(self._apply_one(c) for c in second))
+        self._applied[uid] = (wanted, time.monotonic(), applied[-1] if ray and created else None)
+        return created and bool(ray)
+
+    async def _apply_one(self, child: dict[str, Any]) -> dict[str, Any] | None:
+        if not is_shared(child):
+            self.metrics.child_writes += 1
+            return await with_retries(lambda: self.kube.apply(child))
+        key = (child["metadata"]["namespace"], child["metadata"]["name"])
+        created = self._shared.get(key)
+        if self.caches.shared.get(key) is not None or (
+                isinstance(created, float) and time.monotonic() - created < APPLIED_MEMORY_SECONDS):
+            return None
+        if not isinstance(created, asyncio.Future):   # one create for all the reconciles that need it now
+            created = self._shared[key] = asyncio.ensure_future(self._create_shared(key, child))
+        await asyncio.shield(created)
+        return None
+
+    async def _create_shared(self, key: tuple[str, str], child: dict[str, Any]) -> None:
+        try:  # written once, never changed (immutable, named by its content)
+            await with_retries(lambda: self.kube.create(child))
+            self.metrics.child_writes += 1
+        except ApiError as e:
+            if e.status != 409:
+                self._shared.pop(key, None)
+                raise
+        self._shared[key] = time.monotonic()   # until the watch shows it
+
+    def _check_names_free(self, body: dict[str, Any], outcome: Outcome) -> None:
+        """The Ray object and the result report carry a run's state: if an earlier resource of the same name still
+        owns one (not yet collected, or orphaned), taking it over would show that run's state as ours."""
+        uid = body["metadata"]["uid"]
+        for child in outcome.children:
+            if not _stateful(child, outcome.ray_kind):
+                continue
+            meta = child["metadata"]
+            owner = self.caches.names.get((child["kind"], meta["namespace"], meta["name"]))
+            if owner is not None and owner != uid:
+                raise PreviousRunPresent(
+                    f"{child['kind']} {meta['name']} still belongs to an earlier {body['kind']} named "
+                    f"{body['metadata']['name']} (uid {owner or 'unknown'}); waiting for the garbage "
+                    f"collector to remove it (if it was orphaned, delete it yourself)")
 
     async def _write_status(self, body: dict[str, Any], outcome: Outcome) -> None:
         meta = body["metadata"]
@@ -284,6 +356,7 @@ class Engine:
             return
         await with_retries(lambda: self.kube.apply_status(body["apiVersion"], body["kind"], meta["namespace"],
                                                           meta["name"], status))
+        self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)
         self.metrics.status_writes += 1
         if current.get("phase") != verdict.phase:
             await self._event(body, verdict)
@@ -304,6 +377,11 @@ class Engine:
             await self.kube.create(event)
         except ApiError as e:  # an event is best effort: status already says it
             log.info("could not post event for %s: %s", meta["name"], e)
+
+
+def _attempt(outcome: Outcome, body: dict[str, Any]) -> str:
+    """What a reconcile tried to write: a refused attempt is not repeated until something in it changes."""
+    return short_hash([outcome.children, outcome.verdict.__dict__, meta_generation(body)], 16)
 
 
 def meta_generation(body: dict[str, Any]) -> int:

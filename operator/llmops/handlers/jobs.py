@@ -48,12 +48,15 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
     generation = body["metadata"].get("generation", 1)
     if status.get("phase") in TERMINAL and status.get("observedGeneration") == generation:
         return Outcome([], kept(body))
-    try:
-        children = build(body, engine.ctx)
-    except UnknownAccelerator as e:
-        return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)))
     uid = body["metadata"]["uid"]
-    ray = engine.caches.ray_objects.get(uid)
+    memo_key = (generation, tuple(sorted((extra_fields or {}).items())))   # the children depend on nothing else
+    children: list[dict[str, Any]] = []
+    if not engine.children_current(uid, memo_key):
+        try:
+            children = build(body, engine.ctx)
+        except UnknownAccelerator as e:
+            return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)))
+    ray = engine.ray_object(uid)
     report = result_report(engine.caches.results.get(uid))
     problems = pod_problems(engine.caches.pods.all(uid))
     verdict = job_verdict(kind, spec.suspend, ray, report, problems, time.time())
@@ -72,5 +75,5 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
     fields.update(result_fields(report))
     verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields)
     if verdict.reason == "CollectingResult":  # decide again once the grace period is over
-        return Outcome(children, verdict, requeue_after=REPORT_GRACE_SECONDS + 1)
-    return Outcome(children, verdict)
+        return Outcome(children, verdict, requeue_after=REPORT_GRACE_SECONDS + 1, memo_key=memo_key)
+    return Outcome(children, verdict, memo_key=memo_key)

@@ -51,7 +51,7 @@ def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
         return Outcome([], Verdict("Failed", "stalled", "InvalidServeConfig", str(e)), ray_kind="RayService")
     uid = body["metadata"]["uid"]
     problems = pod_problems(engine.caches.pods.all(uid))
-    verdict = service_verdict(engine.caches.ray_objects.get(uid), plan.summary, problems, spec.upgrade_strategy)
+    verdict = service_verdict(engine.ray_object(uid), plan.summary, problems, spec.upgrade_strategy)
     if verdict.state == "ready" and any(s["state"] != "Serving" for s in plan.states):
         verdict = Verdict(verdict.phase, "ready", "ServingWithAdaptersPending", verdict.message)
     return Outcome(children, Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields),

@@ -61,7 +61,7 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> Non
     managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
     settings.watching.label_selectors["rayjobs"] = managed
     settings.watching.label_selectors["rayservices"] = managed
-    settings.watching.label_selectors["configmaps"] = f"{managed},llmops.dev/role=result"
+    settings.watching.label_selectors["configmaps"] = f"{managed},llmops.dev/role in (result,payloads)"
     settings.watching.label_selectors["pods"] = "llmops.dev/owner-uid"
     if options.get("peering"):
         settings.peering.name = options["peering"]
@@ -107,15 +107,23 @@ def _controller(body: kopf.Body) -> dict[str, Any] | None:
     return None
 
 
+# Every index and event handler is a coroutine: kopf runs plain functions in a thread pool, and the hop to a
+# thread and back for each of several handlers per event cost more than the handlers themselves.
 def _owner_index(kind: str):
-    def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
         return {(kind, namespace, name): _plain(body)}
     return index
 
 
 def _uid_index(kind: str):
-    def index(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict:
+    async def index(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict:
         return {uid: (kind, namespace, name)}
+    return index
+
+
+def _refs_index(kind: str):
+    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+        return references(kind, namespace, name, dict(body.get("spec") or {}))
     return index
 
 
@@ -139,30 +147,48 @@ for _kind in KINDS.values():
     kopf.index(GROUP, VERSION, _kind.plural, id=f"owners_{_kind.plural}")(_owner_index(_kind.kind))
     kopf.index(GROUP, VERSION, _kind.plural, id=f"uids_{_kind.plural}")(_uid_index(_kind.kind))
 for _kind in (KINDS["BatchInference"], KINDS["LLMService"]):
-    kopf.index(GROUP, VERSION, _kind.plural, id=f"refs_{_kind.plural}")(
-        lambda body, namespace, name, _k=_kind.kind, **_: references(_k, namespace, name, dict(body.get("spec") or {})))
+    kopf.index(GROUP, VERSION, _kind.plural, id=f"refs_{_kind.plural}")(_refs_index(_kind.kind))
 
 
 @kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED)
-def ray_jobs(body: kopf.Body, **_: Any) -> dict | None:
+async def ray_jobs(body: kopf.Body, **_: Any) -> dict | None:
     ref = _controller(body)
     return {ref["uid"]: _plain(body)} if ref else None
 
 
 @kopf.index("ray.io", "v1", "rayservices", labels=MANAGED)
-def ray_services(body: kopf.Body, **_: Any) -> dict | None:
+async def ray_services(body: kopf.Body, **_: Any) -> dict | None:
     ref = _controller(body)
     return {ref["uid"]: _plain(body)} if ref else None
 
 
 @kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"})
-def results(body: kopf.Body, **_: Any) -> dict | None:
+async def results(body: kopf.Body, **_: Any) -> dict | None:
     ref = _controller(body)
     return {ref["uid"]: dict(body.get("data") or {})} if ref else None
 
 
+def _name_index(kind: str):
+    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+        return {(kind, namespace, name): body.get("metadata", {}).get("labels", {}).get("llmops.dev/owner-uid", "")}
+    return index
+
+
+# Names of the children that carry a run's state, whoever owns them: a new resource of an old name waits for the
+# old run's objects to go instead of taking them over (engine.PreviousRunPresent).
+kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED, id="names_rayjobs")(_name_index("RayJob"))
+kopf.index("ray.io", "v1", "rayservices", labels=MANAGED, id="names_rayservices")(_name_index("RayService"))
+kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"}, id="names_results")(
+    _name_index("ConfigMap"))
+
+
+@kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "payloads"})
+async def shared(namespace: str, name: str, **_: Any) -> dict:
+    return {(namespace, name): True}
+
+
 @kopf.index("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})
-def pods(body: kopf.Body, name: str, **_: Any) -> dict:
+async def pods(body: kopf.Body, name: str, **_: Any) -> dict:
     return {body["metadata"]["labels"]["llmops.dev/owner-uid"]:
             {"metadata": {"name": name}, "status": dict(body.get("status") or {})}}
 
@@ -194,6 +220,8 @@ def _bind(kwargs: dict[str, Any]) -> Engine:
         c.refs.index = _Merged(kwargs["refs_batchinferences"], kwargs["refs_llmservices"])
         c.ray_objects.index = _Merged(kwargs["ray_jobs"], kwargs["ray_services"])
         c.results.index = kwargs["results"]
+        c.names.index = _Merged(kwargs["names_rayjobs"], kwargs["names_rayservices"], kwargs["names_results"])
+        c.shared.index = kwargs["shared"]
         c.pods.index = kwargs["pods"]
         STATE["bound"] = True
     return eng
