@@ -22,7 +22,11 @@ does with transformers + peft, step for step:
 * packed: samples packed into `cutoff_len` rows by LLaMA-Factory's greedy rule (capacity cutoff_len - 1,
   padded to cutoff_len), position ids restarting at every sample. `varlen` keeps attention inside each sample
   with PyTorch's FlashAttention-2 variable-length kernel on the sample bounds (what `flash_attn: fa2` does
-  from the position ids with transformers 4.57); `sdpa-mask` lets transformers build a block-diagonal mask.
+  from the position ids with transformers 4.57); `sdpa-mask` lets transformers build a block-diagonal mask
+  (what `neat_packing` does with `flash_attn: sdpa`).
+* default: the keys the operator renders, from `llmops.builders.recipe.training_recipe()` itself (stdlib only,
+  imported from operator/): for an H100 FineTune of Qwen2.5-7B with the stock image (no flash-attn), SDPA with
+  neat packing and Liger; `default-fa2` is the same for an image with flash-attn.
 * liger: liger-kernel's own Qwen2 patch, the call LLaMA-Factory makes for `enable_liger_kernel: true` in SFT
   (RoPE, RMSNorm, SwiGLU and fused linear cross-entropy). It cannot be removed once applied, so every recipe
   without it is measured first.
@@ -52,6 +56,9 @@ import types
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "operator"))
+from llmops.builders.recipe import training_recipe  # noqa: E402  (pure, stdlib only: no pydantic needed here)
 
 GIB = 2**30
 IGNORE = -100
@@ -464,6 +471,33 @@ class Recipe:
     checkpointing: bool
     lora_dtype: str = "fp32"  # fp32 under bf16 autocast (LLaMA-Factory default) or bf16 (pure_bf16)
     liger: bool = False  # Liger kernels (enable_liger_kernel): RoPE, RMSNorm, SwiGLU, fused linear cross-entropy
+    rendered: dict | None = None  # the LLaMA-Factory keys this recipe stands for, as training_recipe() returns them
+
+
+# What the operator renders for a FineTune of Qwen2.5-7B (the renderer reads 7 B from the name) with rank 8 on the
+# H100 profile (settings.DEFAULT_PROFILES: 80 GiB). builders/finetune.recipe_for asks for `attention: sdpa` unless
+# settings.finetune_flash_attention says the image has flash-attn; tests/unit/test_recipe.py checks that the
+# recorded rows match what the renderer produces now.
+RENDER_ARGS = {"gpu_memory_gib": 80, "base_model_params_b": 7.0, "lora_rank": 8}
+IMAGE_OVERRIDES = {"stock": {"attention": "sdpa"}, "flash-attn": {}}
+
+
+def rendered_recipe(name: str, description: str, image: str, cutoff_len: int, **overrides) -> Recipe:
+    """A bench recipe from the keys the operator renders (`overrides` are FineTune spec.training choices)."""
+    keys = training_recipe(**RENDER_ARGS, cutoff_len=cutoff_len, overrides={**IMAGE_OVERRIDES[image], **overrides})
+    if keys["cutoff_len"] != cutoff_len:
+        raise ValueError(f"rendered cutoff_len {keys['cutoff_len']} differs from the bench's {cutoff_len}")
+    if not keys["packing"]:
+        attention = "sdpa"
+    elif keys["flash_attn"] == "fa2":
+        attention = "varlen"  # with or without neat_packing: FA2 on the sample bounds
+    elif keys["neat_packing"] and keys["flash_attn"] == "sdpa":
+        attention = "sdpa-mask"
+    else:
+        raise ValueError(f"no bench attention for {keys}")
+    return Recipe(name, description, keys["packing"], attention, keys["per_device_train_batch_size"],
+                  keys["gradient_accumulation_steps"], not keys["disable_gradient_checkpointing"], "fp32",
+                  keys["enable_liger_kernel"], keys)
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -784,6 +818,8 @@ def main() -> int:
     parser.add_argument("--loss-samples", type=int, default=1024)
     parser.add_argument("--loss-lrs", type=lambda x: [float(v) for v in x.split(",")], default=[1e-4, 1e-3],
                         help="learning rates of the learning comparison (1e-4 is the reference's)")
+    parser.add_argument("--no-learning", dest="learning", action="store_false",
+                        help="throughput rows and profiles only (about 2 minutes instead of 5)")
     args = parser.parse_args()
     row_len = args.cutoff_len
     t_start = time.perf_counter()
@@ -821,23 +857,33 @@ def main() -> int:
     results["variants"] = []
     write(args.out, results)
 
-    def recipe(name, description, mb, ckpt, liger, lora_dtype="fp32", attention=packed_attention):
-        return Recipe(name, description, True, attention, mb, 1, ckpt, lora_dtype, liger)
+    def rendered(name, description, image, **overrides):
+        return rendered_recipe(name, description, image, row_len, **overrides)
 
-    reference = Recipe("reference", "1 sample/micro-batch, accum 8, gradient checkpointing, SDPA", False, "sdpa",
-                       1, 8, True)
-    default = recipe("default", "packed 2048-token row x1, accum 1, no checkpointing, FA2 varlen, liger", 1,
-                     False, True)
-    default_x2 = recipe("default-x2", "as default, packed rows x2 (twice the effective batch)", 2, False, True)
+    def bf16_adapter(base: Recipe, name: str) -> Recipe:  # `pure_bf16` goes through extraArgs, not the recipe
+        return dataclasses.replace(base, name=name, description=f"as {base.name}, adapter in bf16 without autocast "
+                                   "(pure_bf16)", lora_dtype="bf16")
+
+    # The reference is the LLaMA-Factory config with the reference's keys given as user choices.
+    reference = rendered("reference", "1 sample/micro-batch, accum 8, gradient checkpointing, SDPA", "stock",
+                         packing=False, perDeviceBatchSize=1, gradientAccumulationSteps=8,
+                         gradientCheckpointing=True, ligerKernel=False)
+    default = rendered("default", "what the operator renders with the stock image: packed 2048-token row x1, "
+                       "neat packing (SDPA, block-diagonal mask), liger, no checkpointing", "stock")
+    default_fa2 = rendered("default-fa2", "what the operator renders for an image with flash-attn "
+                           "(finetune_flash_attention): as default with FA2 varlen, no mask", "flash-attn")
+    default_x2 = rendered("default-x2", "as default, packed rows x2 (twice the effective batch)", "stock",
+                          perDeviceBatchSize=2)
+    packed_sdpa_mask = rendered("packed-sdpa-mask", "as default without liger", "stock", ligerKernel=False)
+    packed_fa2 = rendered("packed-fa2", "as default-fa2 without liger", "flash-attn", ligerKernel=False)
     # 1. without Liger
     run_variants(model, adapter, [
-        (reference, 1, 3),
-        (recipe("packed-sdpa-mask", "packed row x1, SDPA with a block-diagonal mask", 1, False, False,
-                attention="sdpa-mask"), 2, 6),
-        (recipe("packed", "packed row x1, no checkpointing, FA2 varlen", 1, False, False), 2, 15),
-        (recipe("packed-x2", "packed rows x2", 2, False, False), 1, 5),
-        (recipe("packed-pure-bf16", "packed row x1, adapter in bf16 without autocast", 1, False, False, "bf16"),
-         2, 8),
+        (reference, 3, 8),  # 3 warm-up steps see most padded lengths (new shapes cost kernel set-up)
+        (packed_sdpa_mask, 2, 10),
+        (packed_fa2, 2, 10),
+        (rendered("packed-fa2-x2", "as packed-fa2, rows x2", "flash-attn", ligerKernel=False,
+                  perDeviceBatchSize=2), 1, 5),
+        (bf16_adapter(packed_fa2, "packed-fa2-pure-bf16"), 2, 8),
     ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     held_out = task.stream(seed=13, n=96)
@@ -857,13 +903,15 @@ def main() -> int:
     # The reference's schedule (8 samples per optimizer step, no Liger), run as one packed row per step with
     # attention kept inside each sample: the same gradient as 8 one-sample micro-batches under token-sum
     # normalization (`equivalence` checks the forward part), at a fraction of the device time.
-    ref_schedule = recipe("reference-schedule", "8 samples per optimizer step", 1, False, False)
+    ref_schedule = dataclasses.replace(packed_fa2 if Varlen.available else packed_sdpa_mask, rendered=None,
+                                       name="reference-schedule", description="8 samples per optimizer step")
     ref_steps = []
     for i in range(0, len(learn), 8):
         group = learn[i:i + 8]
         ref_steps.append([packed_microbatch([group], -(-sum(len(s.input_ids) for s in group) // 8) * 8)])
-    learning_runs(model, adapter, ref_schedule, "reference (8/step)", ref_steps, args.loss_lrs, eval_rows, row_len,
-                  len(learn), results, args.out)
+    if args.learning:
+        learning_runs(model, adapter, ref_schedule, "reference (8/step)", ref_steps, args.loss_lrs, eval_rows,
+                      row_len, len(learn), results, args.out)
 
     # 2. with Liger (cannot be taken off again: everything after this point runs with it)
     try:
@@ -880,18 +928,25 @@ def main() -> int:
         results["liger"] = f"unavailable: {exc!r}"[:500]
         traceback.print_exc()
     if Liger.applied:
+        # The two defaults twice, interleaved: their spread is the run's timing noise.
         run_variants(model, adapter, [
             (default, 2, 20),
+            (default_fa2, 2, 20),
             (default_x2, 1, 10),
-            (recipe("default-ckpt", "as default, gradient checkpointing", 1, True, True), 1, 6),
-            (recipe("default-x4-ckpt", "as default, rows x4, gradient checkpointing", 4, True, True), 1, 3),
-            (recipe("default-pure-bf16", "as default, adapter in bf16 without autocast (pure_bf16)", 1, False, True,
-                    "bf16"), 2, 8),
+            (rendered("default-fa2-x2", "as default-fa2, rows x2", "flash-attn", perDeviceBatchSize=2), 1, 10),
+            (rendered("default-ckpt", "as default, gradient checkpointing", "stock", gradientCheckpointing=True),
+             1, 6),
+            (rendered("default-x4-ckpt", "as default, rows x4, gradient checkpointing", "stock",
+                      perDeviceBatchSize=4, gradientCheckpointing=True), 1, 3),
+            (bf16_adapter(default, "default-pure-bf16"), 2, 8),
+            (dataclasses.replace(default, name="default-again"), 1, 20),
+            (dataclasses.replace(default_fa2, name="default-fa2-again"), 1, 20),
         ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     by_name = {v["name"]: v for v in results["variants"] if "samples_per_s" in v}
     results["targets"] = []
-    for name in ("default", "default-x2", "packed"):
+    for name in ("default", "default-again", "default-x2", "default-fa2", "default-fa2-again", "packed-sdpa-mask",
+                 "packed-fa2"):
         if "reference" in by_name and name in by_name:
             speedup = by_name[name]["samples_per_s"] / by_name["reference"]["samples_per_s"]
             results["targets"].append({
@@ -903,39 +958,42 @@ def main() -> int:
             })
     results["memory_calibration"] = {
         "weights_gib": round(n_params * 2 / GIB, 2),
-        "no_ckpt": slope(by_name, "packed", "packed-x2"),
+        "no_ckpt": slope(by_name, "packed-fa2", "packed-fa2-x2"),
         "no_ckpt_liger": slope(by_name, "default", "default-x2"),
+        "no_ckpt_liger_fa2": slope(by_name, "default-fa2", "default-fa2-x2"),
         "ckpt_liger": slope(by_name, "default-ckpt", "default-x4-ckpt"),
     }
     print("memory calibration:", json.dumps(results["memory_calibration"]), flush=True)
     write(args.out, results)
 
-    profiled = default if Liger.applied else recipe("packed", "", 1, False, False)
-    try:
-        results["profile"] = profile_recipe(model, adapter, profiled, make_steps(profiled, pool, rows, 3, row_len))
-        step_s = by_name.get(profiled.name, {}).get("seconds", 0) / max(1, by_name.get(profiled.name, {}).get(
-            "timed_steps", 1))
-        if step_s:
-            results["profile"]["unprofiled_s_per_step"] = round(step_s, 4)
-            results["profile"]["gpu_busy_fraction_unprofiled"] = round(
-                results["profile"]["gpu_kernel_s_per_step"] / step_s, 3)
-        print("profile:", json.dumps(results["profile"]), flush=True)
-    except Exception as exc:  # noqa: BLE001
-        results["profile"] = {"error": repr(exc)[:500]}
-        traceback.print_exc()
-    write(args.out, results)
+    results["profiles"] = []
+    for profiled in ((default, default_fa2) if Liger.applied else (packed_sdpa_mask, packed_fa2)):
+        try:
+            profile = profile_recipe(model, adapter, profiled, make_steps(profiled, pool, rows, 4, row_len))
+            timed = by_name.get(profiled.name, {})
+            if timed:
+                step_s = timed["seconds"] / timed["timed_steps"]
+                profile["unprofiled_s_per_step"] = round(step_s, 4)
+                profile["gpu_busy_fraction_unprofiled"] = round(profile["gpu_kernel_s_per_step"] / step_s, 3)
+        except Exception as exc:  # noqa: BLE001
+            profile = {"recipe": profiled.name, "error": repr(exc)[:500]}
+            traceback.print_exc()
+        results["profiles"].append(profile)
+        print("profile:", json.dumps(profile), flush=True)
+        write(args.out, results)
 
-    if Liger.applied:
+    if Liger.applied and args.learning:  # most telling first: the device time may run out before the last
         learn_rows = pack_rows(learn, row_len, seed=19)
-        default_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
-        learning_runs(model, adapter, default, "default (1 row/step)", default_steps, args.loss_lrs, eval_rows,
+        row_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
+        learning_runs(model, adapter, default, "default (1 row/step)", row_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)
         x2_steps = [[packed_microbatch(learn_rows[i:i + 2], row_len)] for i in range(0, len(learn_rows), 2)]
         learning_runs(model, adapter, default_x2, "default-x2 (2 rows/step)", x2_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)
-        pure = recipe("default-pure-bf16", "", 1, False, True, "bf16")
-        learning_runs(model, adapter, pure, "default, pure_bf16", default_steps, args.loss_lrs, eval_rows, row_len,
-                      len(learn), results, args.out)
+        learning_runs(model, adapter, default_fa2, "default-fa2 (1 row/step)", row_steps, args.loss_lrs, eval_rows,
+                      row_len, len(learn), results, args.out)
+        learning_runs(model, adapter, bf16_adapter(default, "default-pure-bf16"), "default, pure_bf16", row_steps,
+                      args.loss_lrs, eval_rows, row_len, len(learn), results, args.out)
 
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     write(args.out, results)
