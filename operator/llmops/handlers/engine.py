@@ -8,6 +8,7 @@ burst of events costs at most two reconciles. Reconciles read only the caches an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import time
@@ -23,6 +24,8 @@ log = logging.getLogger("llmops")
 Key = tuple[str, str, str]  # (kind, namespace, name)
 HASH_ANNOTATION = "llmops.dev/children-hash"
 APPLIED_MEMORY_SECONDS = 30.0   # long enough for the watch to bring back what was just applied
+ECHO_MEMORY_LIMIT = 100_000     # resourceVersions of our writes not yet seen again (bounded, in case one never is)
+STATUS_DEFER_SECONDS = 2.0      # status and events wait at most this long for Ray objects being created
 
 
 def without_none(value: Any) -> Any:
@@ -145,6 +148,10 @@ class Engine:
         self._hashes: dict[str, tuple[Any, str]] = {}    # uid -> (memo key, children hash): skip rebuilding
         self._written: dict[str, tuple[str, dict]] = {}  # uid -> (resourceVersion before, status) we wrote
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
+        self._echoes: dict[tuple[str, str, str], str] = {}   # (kind, ns, name) -> resourceVersion we wrote
+        self._creating = 0                  # reconciles creating a Ray object's children right now
+        self._created = asyncio.Event()     # set while none is
+        self._created.set()
 
     # ---- scheduling --------------------------------------------------------------------------------------
     def schedule(self, key: Key) -> None:
@@ -171,6 +178,19 @@ class Engine:
         if applied and applied[2] is not None and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
             return applied[2]
         return None
+
+    # ---- our own writes, coming back through the watches ------------------------------------------------------
+    def _remember_echo(self, obj: dict[str, Any] | None) -> None:
+        meta = (obj or {}).get("metadata") or {}
+        if meta.get("resourceVersion") and len(self._echoes) < ECHO_MEMORY_LIMIT:
+            self._echoes[(obj["kind"], meta.get("namespace", ""), meta["name"])] = meta["resourceVersion"]
+
+    def is_echo(self, body: Any) -> bool:
+        """True for a watch event that only brings back what this process wrote (it decided on that already)."""
+        meta = body.get("metadata") or {}
+        key = (body.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
+        written = self._echoes.pop(key, None)
+        return written is not None and written == meta.get("resourceVersion")
 
     def _with_written_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """The body with the status this process wrote last, while the watch has not brought that write back
@@ -295,15 +315,32 @@ class Engine:
         first = [c for c in outcome.children if c not in second]
         for child in ray:
             child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
-        await asyncio.gather(*(self._apply_one(c) for c in first))
-        applied = await asyncio.gather(*(self._apply_one(c) for c in second))
+        if created:
+            self._creating += 1
+            self._created.clear()
+        try:
+            await asyncio.gather(*(self._apply_one(c) for c in first))
+            applied = await asyncio.gather(*(self._apply_one(c) for c in second))
+        finally:
+            if created:
+                self._creating -= 1
+                if not self._creating:
+                    self._created.set()
         self._applied[uid] = (wanted, time.monotonic(), applied[-1] if ray and created else None)
         return created and bool(ray)
+
+    async def _after_creations(self) -> None:
+        """Status and events yield to Ray objects being created: in a burst, work starts first, reports follow."""
+        if not self._created.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._created.wait(), STATUS_DEFER_SECONDS)
 
     async def _apply_one(self, child: dict[str, Any]) -> dict[str, Any] | None:
         if not is_shared(child):
             self.metrics.child_writes += 1
-            return await with_retries(lambda: self.kube.apply(child))
+            applied = await with_retries(lambda: self.kube.apply(child))
+            self._remember_echo(applied)
+            return applied
         key = (child["metadata"]["namespace"], child["metadata"]["name"])
         created = self._shared.get(key)
         if self.caches.shared.get(key) is not None or (
@@ -354,8 +391,10 @@ class Engine:
         comparable = {k: v for k, v in current.items() if k in status}
         if same_status(comparable, status) and set(current) <= set(status):
             return
-        await with_retries(lambda: self.kube.apply_status(body["apiVersion"], body["kind"], meta["namespace"],
-                                                          meta["name"], status))
+        await self._after_creations()
+        written = await with_retries(lambda: self.kube.apply_status(body["apiVersion"], body["kind"],
+                                                                    meta["namespace"], meta["name"], status))
+        self._remember_echo(written)
         self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)
         self.metrics.status_writes += 1
         if current.get("phase") != verdict.phase:

@@ -94,6 +94,9 @@ async def cleanup(**_: Any) -> None:
 
 
 # ---- indexes: kopf lists every watched kind before it runs any handler ------------------------------------
+# One index per watched resource, its keys tagged by what they answer (kopf calls every handler of a resource
+# for every event, so each extra handler is paid for each event). All are coroutines: kopf runs plain functions
+# in a thread pool, and that hop cost more than the handlers themselves.
 def _plain(body: kopf.Body) -> dict[str, Any]:
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
@@ -105,26 +108,6 @@ def _controller(body: kopf.Body) -> dict[str, Any] | None:
         if ref.get("controller") and ref.get("apiVersion") == f"{GROUP}/{VERSION}" and ref.get("kind") in KINDS:
             return ref
     return None
-
-
-# Every index and event handler is a coroutine: kopf runs plain functions in a thread pool, and the hop to a
-# thread and back for each of several handlers per event cost more than the handlers themselves.
-def _owner_index(kind: str):
-    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-        return {(kind, namespace, name): _plain(body)}
-    return index
-
-
-def _uid_index(kind: str):
-    async def index(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict:
-        return {uid: (kind, namespace, name)}
-    return index
-
-
-def _refs_index(kind: str):
-    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-        return references(kind, namespace, name, dict(body.get("spec") or {}))
-    return index
 
 
 def references(kind: str, namespace: str, name: str, spec: dict[str, Any]) -> dict:
@@ -143,63 +126,75 @@ def references(kind: str, namespace: str, name: str, spec: dict[str, Any]) -> di
     return refs
 
 
-for _kind in KINDS.values():
-    kopf.index(GROUP, VERSION, _kind.plural, id=f"owners_{_kind.plural}")(_owner_index(_kind.kind))
-    kopf.index(GROUP, VERSION, _kind.plural, id=f"uids_{_kind.plural}")(_uid_index(_kind.kind))
-for _kind in (KINDS["BatchInference"], KINDS["LLMService"]):
-    kopf.index(GROUP, VERSION, _kind.plural, id=f"refs_{_kind.plural}")(_refs_index(_kind.kind))
-
-
-@kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED)
-async def ray_jobs(body: kopf.Body, **_: Any) -> dict | None:
-    ref = _controller(body)
-    return {ref["uid"]: _plain(body)} if ref else None
-
-
-@kopf.index("ray.io", "v1", "rayservices", labels=MANAGED)
-async def ray_services(body: kopf.Body, **_: Any) -> dict | None:
-    ref = _controller(body)
-    return {ref["uid"]: _plain(body)} if ref else None
-
-
-@kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"})
-async def results(body: kopf.Body, **_: Any) -> dict | None:
-    ref = _controller(body)
-    return {ref["uid"]: dict(body.get("data") or {})} if ref else None
-
-
-def _name_index(kind: str):
-    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-        return {(kind, namespace, name): body.get("metadata", {}).get("labels", {}).get("llmops.dev/owner-uid", "")}
+def _our_index(kind: str):
+    """("owner", key) -> the resource; ("uid", uid) -> its key; ("ref", key it waits on) -> its key."""
+    async def index(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict:
+        key = (kind, namespace, name)
+        out: dict = {("owner", *key): _plain(body), ("uid", uid): key}
+        for ref, me in references(kind, namespace, name, dict(body.get("spec") or {})).items():
+            out[("ref", *ref)] = me
+        return out
     return index
 
 
-# Names of the children that carry a run's state, whoever owns them: a new resource of an old name waits for the
-# old run's objects to go instead of taking them over (engine.PreviousRunPresent).
-kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED, id="names_rayjobs")(_name_index("RayJob"))
-kopf.index("ray.io", "v1", "rayservices", labels=MANAGED, id="names_rayservices")(_name_index("RayService"))
-kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"}, id="names_results")(
-    _name_index("ConfigMap"))
+def _owner_uid_label(body: kopf.Body) -> str:
+    return body.get("metadata", {}).get("labels", {}).get("llmops.dev/owner-uid", "")
 
 
-@kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "payloads"})
-async def shared(namespace: str, name: str, **_: Any) -> dict:
-    return {(namespace, name): True}
+def _ray_index(kind: str):
+    """("object", owner uid) -> the RayJob/RayService; ("name", kind, ns, name) -> the owner uid its label names
+    (whoever owns it: a new resource of an old name waits for the old run's object to go, PreviousRunPresent)."""
+    async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+        out: dict = {("name", kind, namespace, name): _owner_uid_label(body)}
+        ref = _controller(body)
+        if ref:
+            out[("object", ref["uid"])] = _plain(body)
+        return out
+    return index
+
+
+for _kind in KINDS.values():
+    kopf.index(GROUP, VERSION, _kind.plural, id=f"index_{_kind.plural}")(_our_index(_kind.kind))
+kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED, id="index_rayjobs")(_ray_index("RayJob"))
+kopf.index("ray.io", "v1", "rayservices", labels=MANAGED, id="index_rayservices")(_ray_index("RayService"))
+
+
+@kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": kopf.PRESENT})
+async def index_configmaps(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict | None:
+    """Result reports: ("data", owner uid) -> data and ("name", ...) as for Ray objects; the shared payload
+    sources: ("shared", ns, name)."""
+    role = body["metadata"]["labels"]["llmops.dev/role"]
+    if role == "payloads":
+        return {("shared", namespace, name): True}
+    if role != "result":
+        return None
+    out: dict = {("name", "ConfigMap", namespace, name): _owner_uid_label(body)}
+    ref = _controller(body)
+    if ref:
+        out[("data", ref["uid"])] = dict(body.get("data") or {})
+    return out
 
 
 @kopf.index("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})
-async def pods(body: kopf.Body, name: str, **_: Any) -> dict:
+async def index_pods(body: kopf.Body, name: str, **_: Any) -> dict:
     return {body["metadata"]["labels"]["llmops.dev/owner-uid"]:
             {"metadata": {"name": name}, "status": dict(body.get("status") or {})}}
 
 
 class _Merged:
-    """Several kopf indexes read as one mapping (one index per kind or per RayJob/RayService)."""
+    """Several kopf indexes read as one mapping, through one tag of their keys."""
 
-    def __init__(self, *indexes: Any):
+    def __init__(self, tag: str | None, *indexes: Any):
+        self.tag = tag
         self.indexes = indexes
 
+    def _key(self, key: Any) -> Any:
+        if self.tag is None:
+            return key
+        return (self.tag, *key) if isinstance(key, tuple) else (self.tag, key)
+
     def get(self, key: Any, default: Any = None) -> Any:
+        key = self._key(key)
         for index in self.indexes:
             if key in index:
                 return index[key]
@@ -207,7 +202,11 @@ class _Merged:
 
     def items(self):
         for index in self.indexes:
-            yield from index.items()
+            for key, store in index.items():
+                if self.tag is None:
+                    yield key, store
+                elif isinstance(key, tuple) and key and key[0] == self.tag:
+                    yield key[1:] if len(key) > 2 else key[1], store
 
 
 def _bind(kwargs: dict[str, Any]) -> Engine:
@@ -215,14 +214,16 @@ def _bind(kwargs: dict[str, Any]) -> Engine:
     eng = engine()
     if not STATE.get("bound"):
         c = eng.caches
-        c.owners.index = _Merged(*(kwargs[f"owners_{k.plural}"] for k in KINDS.values()))
-        c.owner_keys.index = _Merged(*(kwargs[f"uids_{k.plural}"] for k in KINDS.values()))
-        c.refs.index = _Merged(kwargs["refs_batchinferences"], kwargs["refs_llmservices"])
-        c.ray_objects.index = _Merged(kwargs["ray_jobs"], kwargs["ray_services"])
-        c.results.index = kwargs["results"]
-        c.names.index = _Merged(kwargs["names_rayjobs"], kwargs["names_rayservices"], kwargs["names_results"])
-        c.shared.index = kwargs["shared"]
-        c.pods.index = kwargs["pods"]
+        ours = [kwargs[f"index_{k.plural}"] for k in KINDS.values()]
+        ray = (kwargs["index_rayjobs"], kwargs["index_rayservices"])
+        c.owners.index = _Merged("owner", *ours)
+        c.owner_keys.index = _Merged("uid", *ours)
+        c.refs.index = _Merged("ref", *ours)
+        c.ray_objects.index = _Merged("object", *ray)
+        c.names.index = _Merged("name", *ray, kwargs["index_configmaps"])
+        c.results.index = _Merged("data", kwargs["index_configmaps"])
+        c.shared.index = _Merged("shared", kwargs["index_configmaps"])
+        c.pods.index = kwargs["index_pods"]
         STATE["bound"] = True
     return eng
 
@@ -234,7 +235,7 @@ def _owner_event(kind: str):
         key = (kind, namespace, name)
         if type == "DELETED":
             eng.forget(key, (kwargs.get("body") or {}).get("metadata", {}).get("uid"))
-        else:
+        elif not eng.is_echo(kwargs["body"]):
             eng.schedule(key)
         eng.schedule_dependents(key)
     return on_event
@@ -251,6 +252,8 @@ def _uid_of_owner(body: kopf.Body) -> str | None:
 
 async def _child_event(body: kopf.Body, **kwargs: Any) -> None:
     eng = _bind(kwargs)
+    if eng.is_echo(body):
+        return
     uid = _uid_of_owner(body)
     key = eng.caches.owner_keys.get(uid) if uid else None
     if key is not None:
