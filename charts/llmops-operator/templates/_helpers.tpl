@@ -47,7 +47,7 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
     `update` on finalizers only lets it set blockOwnerDeletion on its children's owner references where the
     OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift);
   - children are written with server-side apply: PATCH, plus CREATE the first time (the API server checks both);
-    the namespace's shared payload ConfigMap is CREATEd once (immutable); whether a name is still held by an
+    the namespace's shared payload ConfigMap is applied once (immutable); whether a name is still held by an
     earlier same-named resource's run is read from the watches, not with GETs;
   - the operator grants each job's Ray pods get/patch on one ConfigMap, and RBAC lets it grant only rights it
     holds: hence `get` on configmaps;

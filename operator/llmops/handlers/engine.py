@@ -353,12 +353,11 @@ class Engine:
 
     async def _create_shared(self, key: tuple[str, str], child: dict[str, Any]) -> None:
         try:  # written once, never changed (immutable, named by its content)
-            await with_retries(lambda: self.kube.create(child))
+            await with_retries(lambda: self.kube.apply(child))
             self.metrics.child_writes += 1
-        except ApiError as e:
-            if e.status != 409:
-                self._shared.pop(key, None)
-                raise
+        except ApiError:
+            self._shared.pop(key, None)
+            raise
         self._shared[key] = time.monotonic()   # until the watch shows it
 
     def _check_names_free(self, body: dict[str, Any], outcome: Outcome) -> None:
