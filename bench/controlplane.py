@@ -503,10 +503,11 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         # Our operator starts on the empty plane, as after an install: see restart_check for why it must.
         stop_kuberay(plane)
         result.update(llmops_phases(n, plane, kube, watches, audit, plane_pids, args))
-        stop_kuberay(plane)      # a fresh KubeRay process for its own burst (RSS and CPU from zero)
-        plane.start_kuberay()
-        plane.save_state()
-        result["kuberay_burst"] = kuberay_burst(n, plane, kube, watches, audit, plane_pids, args)
+        if n not in args.ours_only:
+            stop_kuberay(plane)      # a fresh KubeRay process for its own burst (RSS and CPU from zero)
+            plane.start_kuberay()
+            plane.save_state()
+            result["kuberay_burst"] = kuberay_burst(n, plane, kube, watches, audit, plane_pids, args)
     finally:
         watches.close()
         audit.stop.set()
@@ -642,47 +643,49 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
         }
         changes_before = sum(fts.status_changes[k] for k in created)
 
-        # phase 3: KubeRay takes over the RayJobs; our status follows
-        log(f"N={n}: hand-off: starting KubeRay with {n} llmops RayJobs waiting")
-        profiler = start_profile(op, args, f"handoff-{n}")
-        usage = Usage({"llmops": op, **plane_pids})
-        cpu0 = proc_cpu_s(op)
-        t_kr = time.time()
-        plane.start_kuberay()
-        plane.save_state()
-        usage.pids["kuberay"] = pid_of(plane, "kuberay-operator")
-        usage.cpu0["kuberay"] = _safe_cpu(usage.pids["kuberay"])
-        wait_until(lambda: sum("left_pending" in fts.firsts[k] for k in created) >= n, args.timeout,
-                   f"{n} FineTunes to leave Pending")
-        wait_until(lambda: sum("terminal" in fts.firsts[k] for k in created) >= n, args.timeout,
-                   f"{n} FineTunes to finish")
-        wait_until(lambda: len(clusters.deleted) >= n, args.timeout, f"KubeRay to delete {n} finished RayClusters")
-        t_last = max((fts.firsts[k].get("terminal", 0) for k in created), default=t_kr)
-        t_end2 = audit.wait_quiet(("llmops", "kopf", "kuberay"), args.quiet, args.timeout, since=t_last)
-        stop_profile(profiler)
-        use = usage.done()
-        handoff = audit.select(("llmops", "kopf"), t_kr, t_end2 + 0.001)
-        left = {k: fts.firsts[k]["left_pending"] for k in created if "left_pending" in fts.firsts[k]}
-        running = {k: f["running"] for k, f in jobs.firsts.items() if "running" in f}
-        finished = {k: f["terminal"] for k, f in jobs.firsts.items() if "terminal" in f}
-        ours_finished = {k: fts.firsts[k]["terminal"] for k in created if "terminal" in fts.firsts[k]}
-        status_writes = [r for r in handoff if r[1] == "llmops" and r[5] == "status"]
-        changes = sum(fts.status_changes[k] for k in created) - changes_before
-        out["handoff"] = {
-            "creation_to_phase_left_pending_s": quantiles(latencies(done, left)),
-            "kuberay_start_to_phase_left_pending_s": quantiles([t - t_kr for t in left.values()]),
-            "rayjob_running_to_phase_left_pending_s": quantiles(latencies(running, left)),
-            "rayjob_finished_to_phase_finished_s": quantiles(latencies(finished, ours_finished)),
-            "kuberay_start_to_raycluster_s": quantiles([t - t_kr for t in clusters.added.values()]),
-            "phases": dict(collections.Counter(json.loads(fts.last_status[k]).get("phase") for k in created)),
-            "requests": {"total": len(handoff), "per_finetune": round(len(handoff) / n, 2),
-                         "window_s": round(t_end2 - t_kr, 1), "by_verb": verbs_only(handoff),
-                         "by_resource": by_verb(handoff)},
-            "writes": writes_per_object(handoff, n),
-            "status_writes": len(status_writes), "status_changes_seen": changes,
-            "cpu_s": round(proc_cpu_s(op) - cpu0, 2), **proc_mem_mb(op), "machine": use,
-            "reconciles": operator_metrics(operator),
-        }
+        out["handoff"] = None
+        if n not in args.ours_only:
+            # phase 3: KubeRay takes over the RayJobs; our status follows
+            log(f"N={n}: hand-off: starting KubeRay with {n} llmops RayJobs waiting")
+            profiler = start_profile(op, args, f"handoff-{n}")
+            usage = Usage({"llmops": op, **plane_pids})
+            cpu0 = proc_cpu_s(op)
+            t_kr = time.time()
+            plane.start_kuberay()
+            plane.save_state()
+            usage.pids["kuberay"] = pid_of(plane, "kuberay-operator")
+            usage.cpu0["kuberay"] = _safe_cpu(usage.pids["kuberay"])
+            wait_until(lambda: sum("left_pending" in fts.firsts[k] for k in created) >= n, args.timeout,
+                       f"{n} FineTunes to leave Pending")
+            wait_until(lambda: sum("terminal" in fts.firsts[k] for k in created) >= n, args.timeout,
+                       f"{n} FineTunes to finish")
+            wait_until(lambda: len(clusters.deleted) >= n, args.timeout, f"KubeRay to delete {n} finished RayClusters")
+            t_last = max((fts.firsts[k].get("terminal", 0) for k in created), default=t_kr)
+            t_end2 = audit.wait_quiet(("llmops", "kopf", "kuberay"), args.quiet, args.timeout, since=t_last)
+            stop_profile(profiler)
+            use = usage.done()
+            handoff = audit.select(("llmops", "kopf"), t_kr, t_end2 + 0.001)
+            left = {k: fts.firsts[k]["left_pending"] for k in created if "left_pending" in fts.firsts[k]}
+            running = {k: f["running"] for k, f in jobs.firsts.items() if "running" in f}
+            finished = {k: f["terminal"] for k, f in jobs.firsts.items() if "terminal" in f}
+            ours_finished = {k: fts.firsts[k]["terminal"] for k in created if "terminal" in fts.firsts[k]}
+            status_writes = [r for r in handoff if r[1] == "llmops" and r[5] == "status"]
+            changes = sum(fts.status_changes[k] for k in created) - changes_before
+            out["handoff"] = {
+                "creation_to_phase_left_pending_s": quantiles(latencies(done, left)),
+                "kuberay_start_to_phase_left_pending_s": quantiles([t - t_kr for t in left.values()]),
+                "rayjob_running_to_phase_left_pending_s": quantiles(latencies(running, left)),
+                "rayjob_finished_to_phase_finished_s": quantiles(latencies(finished, ours_finished)),
+                "kuberay_start_to_raycluster_s": quantiles([t - t_kr for t in clusters.added.values()]),
+                "phases": dict(collections.Counter(json.loads(fts.last_status[k]).get("phase") for k in created)),
+                "requests": {"total": len(handoff), "per_finetune": round(len(handoff) / n, 2),
+                             "window_s": round(t_end2 - t_kr, 1), "by_verb": verbs_only(handoff),
+                             "by_resource": by_verb(handoff)},
+                "writes": writes_per_object(handoff, n),
+                "status_writes": len(status_writes), "status_changes_seen": changes,
+                "cpu_s": round(proc_cpu_s(op) - cpu0, 2), **proc_mem_mb(op), "machine": use,
+                "reconciles": operator_metrics(operator),
+            }
 
         # a reconcile that finds nothing to change writes nothing
         wait_at_rest(audit, ns, args)
@@ -700,7 +703,8 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
         # phase 4: steady state
         wait_at_rest(audit, ns, args)
         log(f"N={n}: steady state: {args.steady:.0f}s with {n} FineTunes at rest")
-        usage = Usage({"llmops": op, "kuberay": pid_of(plane, "kuberay-operator"), **plane_pids})
+        kuberay = {} if n in args.ours_only else {"kuberay": pid_of(plane, "kuberay-operator")}
+        usage = Usage({"llmops": op, **kuberay, **plane_pids})
         cpu0 = proc_cpu_s(op)
         profiler = start_profile(op, args, f"steady-{n}")
         t_s = time.time()
@@ -719,7 +723,7 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
             "cpu_s_per_min": round((proc_cpu_s(op) - cpu0) / minutes, 3),
             "kuberay_requests_per_min": round(len(idle_kr) / minutes, 2),
             "kuberay_by_resource": by_verb(idle_kr),
-            "kuberay_cpu_s_per_min": round(usage.done()["cpu_s"]["kuberay"] / minutes, 3),
+            "kuberay_cpu_s_per_min": round(usage.done()["cpu_s"]["kuberay"] / minutes, 3) if kuberay else None,
             "watch_renewals_per_min": round(streams * 60 / WATCH_TIMEOUT_S, 2),
             "watch_renewals_per_min_per_100": round(streams * 60 / WATCH_TIMEOUT_S / (n / 100), 3),
             **proc_mem_mb(op), "machine": usage.done(),
@@ -848,14 +852,14 @@ def verdicts(results: list[dict]) -> list[dict[str, Any]]:
         p99 = by_n[100]["llmops_burst"]["creation_to_rayjob_s"]["p99"]
         out.append({"target": "p99 creation -> RayJob <= 1 s at N=100", "value": p99,
                     "pass": p99 is not None and p99 <= TARGETS["p99_rayjob_n100_s"]})
-    if 1000 in by_n:
+    if 1000 in by_n and by_n[1000].get("kuberay_burst"):
         r = by_n[1000]
         ratio = r["llmops_burst"]["all_rayjobs_after_s"] / max(r["kuberay_burst"]["all_rayclusters_after_s"], 1e-9)
         out.append({"target": "N=1000: every RayJob exists <= KubeRay's every RayCluster exists (ratio <= 1)",
                     "value": round(ratio, 2), "pass": ratio <= TARGETS["all_children_ratio_n1000"]})
     for r in results:
         w = r["llmops_burst"]["writes"]
-        h = r["handoff"]
+        h = r["handoff"] or {"writes": {"child_applies": 0}, "status_writes": 0, "status_changes_seen": 0}
         expected = expected_child_writes(r["n"])
         once = w["children_written_more_than_once"] == 0 and w["child_applies"] == expected \
             and h["writes"]["child_applies"] == 0
@@ -900,76 +904,108 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
+def size_table(r: dict[str, Any]) -> list[str]:
+    b, s = r["llmops_burst"], r["steady"]
+    if not r.get("kuberay_burst") or not r.get("handoff"):
+        return ours_only_table(r)
+    k, h = r["kuberay_burst"], r["handoff"]
+    lines: list[str] = []
+    life_requests = b["requests"]["total"] + h["requests"]["total"]
+    life_cpu = b["cpu_s"] + h["cpu_s"]
+    rows = [
+        ("", "llmops: FineTune->RayJob", "KubeRay: RayJob->RayCluster", "ours/KubeRay"),
+        ("creation -> child p50/p99/max s", fmt_q(b["creation_to_rayjob_s"]), fmt_q(k["creation_to_raycluster_s"]),
+         ratio(b["creation_to_rayjob_s"]["p99"], k["creation_to_raycluster_s"]["p99"]) + " (p99)"),
+        ("every child exists after s", f"{b['all_rayjobs_after_s']:.1f}", f"{k['all_rayclusters_after_s']:.1f}",
+         ratio(b["all_rayjobs_after_s"], k["all_rayclusters_after_s"])),
+        ("API requests/resource, first step", f"{b['requests']['per_finetune']:.2f}",
+         f"{k['requests_until_all_clusters']['per_rayjob']:.2f}",
+         ratio(b["requests"]["per_finetune"], k["requests_until_all_clusters"]["per_rayjob"])),
+        ("API requests/resource, whole life", f"{life_requests / r['n']:.2f}",
+         f"{k['requests_lifecycle']['per_rayjob']:.2f}", ratio(life_requests / r["n"],
+                                                               k["requests_lifecycle"]["per_rayjob"])),
+        ("CPU ms/resource, first step", f"{1000 * b['cpu_s'] / r['n']:.1f}",
+         f"{1000 * k['cpu_s_until_all_clusters'] / r['n']:.1f}", ratio(b["cpu_s"], k["cpu_s_until_all_clusters"])),
+        ("CPU ms/resource, whole life", f"{1000 * life_cpu / r['n']:.1f}",
+         f"{1000 * k['cpu_s_lifecycle'] / r['n']:.1f}", ratio(life_cpu, k["cpu_s_lifecycle"])),
+        ("peak RSS MB", f"{r['operator']['peak_rss_mb']:.0f}", f"{k['kuberay_peak_rss_mb']:.0f}",
+         ratio(r["operator"]["peak_rss_mb"], k["kuberay_peak_rss_mb"])),
+        ("machine busy / others' share", f"{b['machine']['machine_busy_pct']:.0f}% / "
+         f"{b['machine']['others_busy_pct']:.0f}%", f"{k['machine']['machine_busy_pct']:.0f}% / "
+         f"{k['machine']['others_busy_pct']:.0f}%", ""),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines.append(f"N = {r['n']}")
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    w = b["writes"]
+    lines += [
+        f"  where the time goes: ours creation -> first request {fmt_q(b['creation_to_first_request_s'])} s, "
+        f"first request -> RayJob applied {fmt_q(b['first_request_to_rayjob_apply_s'])} s; KubeRay creation -> "
+        f"first request {fmt_q(k['creation_to_first_request_s'])} s, first request -> RayCluster seen "
+        f"{fmt_q(k['first_request_to_raycluster_s'])} s",
+        f"  requests by verb, first step: ours {b['requests']['by_verb']}; KubeRay's "
+        f"{k['requests_until_all_clusters']['by_verb']}",
+        f"  requests by verb, whole life: ours (hand-off) {h['requests']['by_verb']}; KubeRay's "
+        f"{k['requests_lifecycle']['by_verb']}",
+        f"  our writes per FineTune (burst): {w['child_applies_per_finetune']:.2f} child applies "
+        f"({w['children_written_more_than_once']} of {w['children_written']} children written more than once, "
+        f"max {w['max_writes_one_child']}), {w['status_writes_per_finetune']:.2f} status writes "
+        f"for {b['status_changes_seen_per_finetune']:.2f} status changes seen, "
+        f"{w['events'] / r['n']:.2f} events",
+        f"  hand-off (KubeRay started after our burst): KubeRay start -> phase leaves Pending "
+        f"{fmt_q(h['kuberay_start_to_phase_left_pending_s'])} s; RayJob Running -> FineTune Running "
+        f"{fmt_q(h['rayjob_running_to_phase_left_pending_s'])} s; RayJob Failed -> FineTune Failed "
+        f"{fmt_q(h['rayjob_finished_to_phase_finished_s'])} s; {h['status_writes']} status writes for "
+        f"{h['status_changes_seen']} status changes; {h['writes']['child_applies']} child re-applies; "
+        f"final phases {h['phases']}",
+        f"  no-op: {r['noop']['touched']} touches -> {r['noop']['reconciles']} reconciles, "
+        f"{r['noop']['writes']} writes, {r['noop']['requests']} requests",
+        f"  restart with {r['n']} at rest: " + (
+            f"new FineTune's RayJob after {r['restart']['creation_to_rayjob_s']} s; "
+            f"{r['restart']['reconciles']} reconciles, {r['restart']['writes_for_existing']} writes for the "
+            f"existing ones" if r["restart"]["handled"] else
+            f"NOT HANDLED: no RayJob {r['restart']['waited_s']} s after creating a FineTune; "
+            f"{r['restart']['reconciles']} reconciles ran"),
+        f"  steady {s['window_s']:.0f}s: {s['requests_per_min']:.2f} requests/min "
+        f"({s['requests_per_min_per_100']:.3f} per 100 resources) {s['by_resource']}, "
+        f"{s['cpu_s_per_min']:.3f} CPU s/min, RSS {s['rss_mb']:.0f} MB; watch renewals add "
+        f"{s['watch_renewals_per_min']:.2f}/min on average ({s['watch_renewals_per_min_per_100']:.3f} per 100); KubeRay "
+        f"{s['kuberay_requests_per_min']:.2f} requests/min, {s['kuberay_cpu_s_per_min']:.3f} CPU s/min",
+        "",
+    ]
+    return lines
+
+
+def ours_only_table(r: dict[str, Any]) -> list[str]:
+    """A size run without KubeRay (--ours-only): our operator's figures alone."""
+    b, s, w, rs = r["llmops_burst"], r["steady"], r["llmops_burst"]["writes"], r["restart"]
+    return [
+        f"N = {r['n']} (our operator only: no KubeRay burst, no hand-off)",
+        f"  creation -> RayJob p50/p99/max {fmt_q(b['creation_to_rayjob_s'])} s; every RayJob after "
+        f"{b['all_rayjobs_after_s']:.1f} s; {b['requests']['per_finetune']:.2f} API requests and "
+        f"{1000 * b['cpu_s'] / r['n']:.1f} CPU ms per FineTune",
+        f"  our writes per FineTune (burst): {w['child_applies_per_finetune']:.2f} child applies "
+        f"({w['children_written_more_than_once']} children written more than once), "
+        f"{w['status_writes_per_finetune']:.2f} status writes for {b['status_changes_seen_per_finetune']:.2f} "
+        f"status changes seen",
+        f"  no-op: {r['noop']['touched']} touches -> {r['noop']['reconciles']} reconciles, "
+        f"{r['noop']['writes']} writes",
+        f"  restart with {r['n']} at rest: new FineTune's RayJob after {rs['creation_to_rayjob_s']} s, "
+        f"{rs['writes_for_existing']} writes for the existing ones" if rs["handled"] else
+        f"  restart with {r['n']} at rest: NOT HANDLED after {rs['waited_s']} s",
+        f"  steady {s['window_s']:.0f}s: {s['requests_per_min']:.2f} requests/min, {s['cpu_s_per_min']:.3f} CPU "
+        f"s/min; peak RSS {r['operator']['peak_rss_mb']:.0f} MB",
+        "",
+    ]
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [f"llmops control plane vs KubeRay — {report['when']} — {report['machine']['summary']}",
              f"KubeRay {report['versions']['kuberay']} (plane defaults: reconcile-concurrency 1, qps 100), "
              f"Kubernetes {report['versions']['kubernetes']}, kopf {report['versions']['kopf']}, "
              f"Python {report['versions']['python']}", ""]
     for r in report["results"]:
-        b, k, h, s = r["llmops_burst"], r["kuberay_burst"], r["handoff"], r["steady"]
-        life_requests = b["requests"]["total"] + h["requests"]["total"]
-        life_cpu = b["cpu_s"] + h["cpu_s"]
-        rows = [
-            ("", "llmops: FineTune->RayJob", "KubeRay: RayJob->RayCluster", "ours/KubeRay"),
-            ("creation -> child p50/p99/max s", fmt_q(b["creation_to_rayjob_s"]), fmt_q(k["creation_to_raycluster_s"]),
-             ratio(b["creation_to_rayjob_s"]["p99"], k["creation_to_raycluster_s"]["p99"]) + " (p99)"),
-            ("every child exists after s", f"{b['all_rayjobs_after_s']:.1f}", f"{k['all_rayclusters_after_s']:.1f}",
-             ratio(b["all_rayjobs_after_s"], k["all_rayclusters_after_s"])),
-            ("API requests/resource, first step", f"{b['requests']['per_finetune']:.2f}",
-             f"{k['requests_until_all_clusters']['per_rayjob']:.2f}",
-             ratio(b["requests"]["per_finetune"], k["requests_until_all_clusters"]["per_rayjob"])),
-            ("API requests/resource, whole life", f"{life_requests / r['n']:.2f}",
-             f"{k['requests_lifecycle']['per_rayjob']:.2f}", ratio(life_requests / r["n"],
-                                                                   k["requests_lifecycle"]["per_rayjob"])),
-            ("CPU ms/resource, first step", f"{1000 * b['cpu_s'] / r['n']:.1f}",
-             f"{1000 * k['cpu_s_until_all_clusters'] / r['n']:.1f}", ratio(b["cpu_s"], k["cpu_s_until_all_clusters"])),
-            ("CPU ms/resource, whole life", f"{1000 * life_cpu / r['n']:.1f}",
-             f"{1000 * k['cpu_s_lifecycle'] / r['n']:.1f}", ratio(life_cpu, k["cpu_s_lifecycle"])),
-            ("peak RSS MB", f"{r['operator']['peak_rss_mb']:.0f}", f"{k['kuberay_peak_rss_mb']:.0f}",
-             ratio(r["operator"]["peak_rss_mb"], k["kuberay_peak_rss_mb"])),
-            ("machine busy / others' share", f"{b['machine']['machine_busy_pct']:.0f}% / "
-             f"{b['machine']['others_busy_pct']:.0f}%", f"{k['machine']['machine_busy_pct']:.0f}% / "
-             f"{k['machine']['others_busy_pct']:.0f}%", ""),
-        ]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines.append(f"N = {r['n']}")
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-        w = b["writes"]
-        lines += [
-            f"  where the time goes: ours creation -> first request {fmt_q(b['creation_to_first_request_s'])} s, "
-            f"first request -> RayJob applied {fmt_q(b['first_request_to_rayjob_apply_s'])} s; KubeRay creation -> "
-            f"first request {fmt_q(k['creation_to_first_request_s'])} s, first request -> RayCluster seen "
-            f"{fmt_q(k['first_request_to_raycluster_s'])} s",
-            f"  requests by verb, first step: ours {b['requests']['by_verb']}; KubeRay's "
-            f"{k['requests_until_all_clusters']['by_verb']}",
-            f"  requests by verb, whole life: ours (hand-off) {h['requests']['by_verb']}; KubeRay's "
-            f"{k['requests_lifecycle']['by_verb']}",
-            f"  our writes per FineTune (burst): {w['child_applies_per_finetune']:.2f} child applies "
-            f"({w['children_written_more_than_once']} of {w['children_written']} children written more than once, "
-            f"max {w['max_writes_one_child']}), {w['status_writes_per_finetune']:.2f} status writes "
-            f"for {b['status_changes_seen_per_finetune']:.2f} status changes seen, "
-            f"{w['events'] / r['n']:.2f} events",
-            f"  hand-off (KubeRay started after our burst): KubeRay start -> phase leaves Pending "
-            f"{fmt_q(h['kuberay_start_to_phase_left_pending_s'])} s; RayJob Running -> FineTune Running "
-            f"{fmt_q(h['rayjob_running_to_phase_left_pending_s'])} s; RayJob Failed -> FineTune Failed "
-            f"{fmt_q(h['rayjob_finished_to_phase_finished_s'])} s; {h['status_writes']} status writes for "
-            f"{h['status_changes_seen']} status changes; {h['writes']['child_applies']} child re-applies; "
-            f"final phases {h['phases']}",
-            f"  no-op: {r['noop']['touched']} touches -> {r['noop']['reconciles']} reconciles, "
-            f"{r['noop']['writes']} writes, {r['noop']['requests']} requests",
-            f"  restart with {r['n']} at rest: " + (
-                f"new FineTune's RayJob after {r['restart']['creation_to_rayjob_s']} s; "
-                f"{r['restart']['reconciles']} reconciles, {r['restart']['writes_for_existing']} writes for the "
-                f"existing ones" if r["restart"]["handled"] else
-                f"NOT HANDLED: no RayJob {r['restart']['waited_s']} s after creating a FineTune; "
-                f"{r['restart']['reconciles']} reconciles ran"),
-            f"  steady {s['window_s']:.0f}s: {s['requests_per_min']:.2f} requests/min "
-            f"({s['requests_per_min_per_100']:.3f} per 100 resources) {s['by_resource']}, "
-            f"{s['cpu_s_per_min']:.3f} CPU s/min, RSS {s['rss_mb']:.0f} MB; watch renewals add "
-            f"{s['watch_renewals_per_min']:.2f}/min on average ({s['watch_renewals_per_min_per_100']:.3f} per 100); KubeRay "
-            f"{s['kuberay_requests_per_min']:.2f} requests/min, {s['kuberay_cpu_s_per_min']:.3f} CPU s/min",
-            "",
-        ]
+        lines += size_table(r)
     lines.append("Targets")
     for v in report["verdicts"]:
         lines.append(f"  {'PASS' if v['pass'] else 'MISS'}  {v['target']}: {v['value']}")
@@ -1013,8 +1049,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="how long a restarted operator may take to handle a new FineTune")
     p.add_argument("--operator-src", default="",
                    help="run the operator from this source root instead of ./operator (a scratch copy with a fix)")
+    p.add_argument("--ours-only", type=int, action="append", default=[],
+                   help="for this N run only our operator's phases (no KubeRay burst, no hand-off): for sizes "
+                        "where KubeRay's burst would not finish in reasonable time on this machine")
+    p.add_argument("--append", action="store_true",
+                   help="add these sizes to the results already in --out (same N replaced)")
     args = p.parse_args(argv)
     sizes = args.n or [100, 1000]
+    args.ours_only = set(args.ours_only)
+    sizes += sorted(args.ours_only - set(sizes))
     report: dict[str, Any] = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                               "machine": machine_summary(), "versions": versions(),
                               "command": " ".join(["bench/controlplane.py", *(argv or sys.argv[1:])]),
@@ -1027,8 +1070,14 @@ def main(argv: list[str] | None = None) -> int:
                                           "than 200 objects: see restart); KubeRay's burst runs last, in its own "
                                           "namespace, from a freshly started KubeRay process, with ours stopped",
                               "results": []}
+    if args.append and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        report["results"] = [r for r in earlier["results"] if r["n"] not in sizes]
+        report["earlier_runs"] = [{k: earlier.get(k) for k in ("when", "machine", "versions", "command")},
+                                  *earlier.get("earlier_runs", [])]
     for n in sizes:
         report["results"].append(run_size(n, args))
+        report["results"].sort(key=lambda r: r["n"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report["verdicts"] = verdicts(report["results"])
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

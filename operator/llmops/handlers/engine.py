@@ -326,7 +326,11 @@ class Engine:
                 self._creating -= 1
                 if not self._creating:
                     self._created.set()
-        self._applied[uid] = (wanted, time.monotonic(), applied[-1] if ray and created else None)
+        fresh = None
+        if ray and created and applied[-1]:   # what the Ray index keeps of it (main._plain without spec)
+            fresh = {k: v for k, v in applied[-1].items() if k in ("apiVersion", "kind", "status")}
+            fresh["metadata"] = {k: v for k, v in applied[-1]["metadata"].items() if k != "managedFields"}
+        self._applied[uid] = (wanted, time.monotonic(), fresh)
         return created and bool(ray)
 
     async def _after_creations(self) -> None:

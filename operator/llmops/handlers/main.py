@@ -97,10 +97,15 @@ async def cleanup(**_: Any) -> None:
 # One index per watched resource, its keys tagged by what they answer (kopf calls every handler of a resource
 # for every event, so each extra handler is paid for each event). All are coroutines: kopf runs plain functions
 # in a thread pool, and that hop cost more than the handlers themselves.
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-            "metadata": dict(body.get("metadata") or {}), "spec": dict(body.get("spec") or {}),
-            "status": dict(body.get("status") or {})}
+def _plain(body: kopf.Body, spec: bool = True) -> dict[str, Any]:
+    """What the reconciles read, kept small: no managedFields (often the largest part of an object), and no spec
+    for Ray objects (only their status and annotations are read; their spec is what we wrote)."""
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
+           "status": dict(body.get("status") or {})}
+    if spec:
+        out["spec"] = dict(body.get("spec") or {})
+    return out
 
 
 def _controller(body: kopf.Body) -> dict[str, Any] | None:
@@ -148,7 +153,7 @@ def _ray_index(kind: str):
         out: dict = {("name", kind, namespace, name): _owner_uid_label(body)}
         ref = _controller(body)
         if ref:
-            out[("object", ref["uid"])] = _plain(body)
+            out[("object", ref["uid"])] = _plain(body, spec=False)
         return out
     return index
 
