@@ -25,6 +25,7 @@ Key = tuple[str, str, str]  # (kind, namespace, name)
 HASH_ANNOTATION = "llmops.dev/children-hash"
 APPLIED_MEMORY_SECONDS = 30.0   # long enough for the watch to bring back what was just applied
 ECHO_MEMORY_LIMIT = 100_000     # resourceVersions of our writes not yet seen again (bounded, in case one never is)
+RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
 STATUS_DEFER_SECONDS = 2.0      # status and events wait at most this long for Ray objects being created
 
 
@@ -149,6 +150,7 @@ class Engine:
         self._written: dict[str, tuple[str, dict]] = {}  # uid -> (resourceVersion before, status) we wrote
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
         self._echoes: dict[tuple[str, str, str], str] = {}   # (kind, ns, name) -> resourceVersion we wrote
+        self._slots = asyncio.Semaphore(RECONCILE_SLOTS)
         self._creating = 0                  # reconciles creating a Ray object's children right now
         self._created = asyncio.Event()     # set while none is
         self._created.set()
@@ -250,12 +252,13 @@ class Engine:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            outcome = self.kinds[kind](self, body)
-            if key in self._refused and self._refused[key] == _attempt(outcome, body):
-                return None  # already reported as Stalled; retrying the same request cannot succeed
-            if outcome.children and await self._apply_children(body, outcome):
-                # Created just now: decide again with the new object, so the first status write already says so.
+            async with self._slots:   # building and applying children: bounded, so a burst costs bounded memory
                 outcome = self.kinds[kind](self, body)
+                if key in self._refused and self._refused[key] == _attempt(outcome, body):
+                    return None  # already reported as Stalled; retrying the same request cannot succeed
+                if outcome.children and await self._apply_children(body, outcome):
+                    # Created just now: decide again with the new object, so the first status write says so.
+                    outcome = self.kinds[kind](self, body)
             for api_version, child_kind, name in outcome.delete:
                 if self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
