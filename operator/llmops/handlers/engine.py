@@ -175,6 +175,7 @@ class Engine:
         """The owner's Ray object: from the watch, or the one this process created moments ago."""
         current = self.caches.ray_objects.get(uid)
         if current is not None:
+            self._applied.pop(uid, None)   # the watch has caught up: keep nothing twice
             return current
         applied = self._applied.get(uid)
         if applied and applied[2] is not None and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
