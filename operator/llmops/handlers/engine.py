@@ -8,6 +8,7 @@ burst of events costs at most two reconciles. Reconciles read only the caches an
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import logging
@@ -124,6 +125,46 @@ class Outcome:
     requeue_after: float | None = None   # look again after this many seconds even if nothing changes
 
 
+class Slots:
+    """A semaphore whose waiters come in two classes: a freed slot goes to the first waiter of the first class,
+    and to the second class only when the first has none. After a restart the re-listed resources wait in the
+    second class, so a resource created meanwhile does not queue behind thousands that are at rest."""
+
+    def __init__(self, limit: int):
+        self._free = limit
+        self._waiting: tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
+
+    @contextlib.asynccontextmanager
+    async def slot(self, later: bool = False):
+        if self._free > 0 and not any(self._waiting):
+            self._free -= 1
+        else:
+            queue = self._waiting[1 if later else 0]
+            granted = asyncio.get_running_loop().create_future()
+            queue.append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._release()   # handed a slot just as the waiter was cancelled: pass it on
+                elif granted in queue:
+                    queue.remove(granted)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                granted = queue.popleft()
+                if not granted.done():
+                    granted.set_result(None)
+                    return
+        self._free += 1
+
+
 class PreviousRunPresent(Exception):
     """A child's name is taken by an object of an earlier resource of the same name (not yet collected, or
     orphaned). Taking it over would show that run's state as ours, so the reconcile waits instead."""
@@ -150,13 +191,21 @@ class Engine:
         self._written: dict[str, tuple[str, dict]] = {}  # uid -> (resourceVersion before, status) we wrote
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
         self._echoes: dict[tuple[str, str, str], str] = {}   # (kind, ns, name) -> resourceVersion we wrote
-        self._slots = asyncio.Semaphore(RECONCILE_SLOTS)
+        self._slots = Slots(RECONCILE_SLOTS)
+        self._later: set[Key] = set()       # scheduled only because a (re)start listed them: served after the rest
         self._creating = 0                  # reconciles creating a Ray object's children right now
         self._created = asyncio.Event()     # set while none is
         self._created.set()
 
     # ---- scheduling --------------------------------------------------------------------------------------
-    def schedule(self, key: Key) -> None:
+    def schedule(self, key: Key, listed: bool = False) -> None:
+        """Reconcile `key` soon; `listed`: only because the watches listed it at start-up (it waits behind the
+        resources that changed)."""
+        if listed:
+            if key not in self._running and key not in self._again:
+                self._later.add(key)
+        else:
+            self._later.discard(key)
         if key in self._running:
             self._again.add(key)
             return
@@ -221,10 +270,10 @@ class Engine:
             return applied[0]   # the watch has not brought the Ray object back yet
         return None
 
-    def schedule_dependents(self, key: Key) -> None:
+    def schedule_dependents(self, key: Key, listed: bool = False) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
         for dependent in self.caches.refs.all(key):
-            self.schedule(tuple(dependent))
+            self.schedule(tuple(dependent), listed)
 
     async def _run(self, key: Key) -> None:
         try:
@@ -236,6 +285,7 @@ class Engine:
                 if key not in self._again:
                     break
         finally:
+            self._later.discard(key)
             self._running.pop(key, None)
 
     async def idle(self) -> None:
@@ -253,7 +303,8 @@ class Engine:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            async with self._slots:   # building and applying children: bounded, so a burst costs bounded memory
+            # Building and applying children: bounded, so a burst costs bounded memory.
+            async with self._slots.slot(later=key in self._later):
                 outcome = self.kinds[kind](self, body)
                 if key in self._refused and self._refused[key] == _attempt(outcome, body):
                     return None  # already reported as Stalled; retrying the same request cannot succeed

@@ -239,11 +239,12 @@ def _owner_event(kind: str):
     async def on_event(type: str, namespace: str, name: str, **kwargs: Any) -> None:
         eng = _bind(kwargs)
         key = (kind, namespace, name)
+        listed = type is None   # kopf's initial listing (a start-up), not a change
         if type == "DELETED":
             eng.forget(key, (kwargs.get("body") or {}).get("metadata", {}).get("uid"))
         elif not eng.is_echo(kwargs["body"]):
-            eng.schedule(key)
-        eng.schedule_dependents(key)
+            eng.schedule(key, listed)
+        eng.schedule_dependents(key, listed)
     return on_event
 
 
@@ -263,7 +264,7 @@ async def _child_event(body: kopf.Body, **kwargs: Any) -> None:
     uid = _uid_of_owner(body)
     key = eng.caches.owner_keys.get(uid) if uid else None
     if key is not None:
-        eng.schedule(tuple(key))
+        eng.schedule(tuple(key), kwargs.get("type") is None)
 
 
 kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)(_child_event)

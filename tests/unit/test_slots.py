@@ -1,0 +1,55 @@
+"""Engine slots: at most `limit` holders; a freed slot goes to the first-class waiters before the later ones."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llmops.handlers.engine import Slots
+
+
+def test_changed_resources_go_before_relisted_ones():
+    async def run():
+        slots, order, held = Slots(2), [], 0
+        gate = asyncio.Event()
+
+        async def work(name: str, later: bool):
+            nonlocal held
+            async with slots.slot(later=later):
+                held += 1
+                assert held <= 2
+                order.append(name)
+                await gate.wait()
+                held -= 1
+        first = [asyncio.create_task(work(f"listed-{i}", True)) for i in range(2)]   # take both slots
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(work(f"listed-{i}", True)) for i in range(2, 6)]
+        await asyncio.sleep(0)
+        new = asyncio.create_task(work("new", False))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*first, *waiting, new), 5)
+        assert order[:3] == ["listed-0", "listed-1", "new"]
+        assert sorted(order) == sorted(["new", *(f"listed-{i}" for i in range(6))])
+    asyncio.run(run())
+
+
+def test_a_cancelled_waiter_does_not_lose_a_slot():
+    async def run():
+        slots = Slots(1)
+        release = asyncio.Event()
+
+        async def hold():
+            async with slots.slot():
+                await release.wait()
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        release.set()
+        await holder
+        await asyncio.gather(cancelled, return_exceptions=True)
+        async with slots.slot():   # the slot came back
+            pass
+        assert slots._free == 1
+    asyncio.run(run())
