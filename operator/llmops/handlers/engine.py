@@ -75,6 +75,17 @@ class Metrics:
         self.durations.setdefault(kind, Histogram()).observe(seconds)
 
 
+def plain(body: Any, spec: bool = True) -> dict[str, Any]:
+    """What the reconciles read of an object, kept small: no managedFields (often the largest part of an object),
+    and, for Ray objects, no spec (only their status and annotations are read; their spec is what we wrote)."""
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
+           "status": dict(body.get("status") or {})}
+    if spec:
+        out["spec"] = dict(body.get("spec") or {})
+    return out
+
+
 class IndexView:
     """Read access to one kopf index (key -> the values of the objects that produced it), or a plain dict."""
 
@@ -226,10 +237,13 @@ class Engine:
         if current is not None:
             self._applied.pop(uid, None)   # the watch has caught up: keep nothing twice
             return current
+        applied = self._recently_applied(uid)
+        return applied[2] if applied else None
+
+    def _recently_applied(self, uid: str) -> tuple[str, float, dict | None] | None:
+        """What this process applied for `uid` within APPLIED_MEMORY_SECONDS (the watch may not show it yet)."""
         applied = self._applied.get(uid)
-        if applied and applied[2] is not None and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
-            return applied[2]
-        return None
+        return applied if applied and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS else None
 
     # ---- our own writes, coming back through the watches ------------------------------------------------------
     def _remember_echo(self, obj: dict[str, Any] | None) -> None:
@@ -265,10 +279,8 @@ class Engine:
         current = self.caches.ray_objects.get(uid)
         if current is not None:
             return (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
-        applied = self._applied.get(uid)
-        if applied and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS:
-            return applied[0]   # the watch has not brought the Ray object back yet
-        return None
+        applied = self._recently_applied(uid)   # the watch has not brought the Ray object back yet
+        return applied[0] if applied else None
 
     def schedule_dependents(self, key: Key, listed: bool = False) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
@@ -381,10 +393,7 @@ class Engine:
                 self._creating -= 1
                 if not self._creating:
                     self._created.set()
-        fresh = None
-        if ray and created and applied[-1]:   # what the Ray index keeps of it (main._plain without spec)
-            fresh = {k: v for k, v in applied[-1].items() if k in ("apiVersion", "kind", "status")}
-            fresh["metadata"] = {k: v for k, v in applied[-1]["metadata"].items() if k != "managedFields"}
+        fresh = plain(applied[-1], spec=False) if ray and created and applied[-1] else None   # as the index keeps it
         self._applied[uid] = (wanted, time.monotonic(), fresh)
         return created and bool(ray)
 

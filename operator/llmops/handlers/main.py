@@ -19,7 +19,7 @@ from ..builders.common import BuildContext
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from . import batchinference, finetune, kopf_toggles, llmservice
-from .engine import Engine
+from .engine import Engine, plain
 from .metrics import serve_metrics
 
 log = logging.getLogger("llmops")
@@ -98,17 +98,6 @@ async def cleanup(**_: Any) -> None:
 # One index per watched resource, its keys tagged by what they answer (kopf calls every handler of a resource
 # for every event, so each extra handler is paid for each event). All are coroutines: kopf runs plain functions
 # in a thread pool, and that hop cost more than the handlers themselves.
-def _plain(body: kopf.Body, spec: bool = True) -> dict[str, Any]:
-    """What the reconciles read, kept small: no managedFields (often the largest part of an object), and no spec
-    for Ray objects (only their status and annotations are read; their spec is what we wrote)."""
-    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
-    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
-           "status": dict(body.get("status") or {})}
-    if spec:
-        out["spec"] = dict(body.get("spec") or {})
-    return out
-
-
 def _controller(body: kopf.Body) -> dict[str, Any] | None:
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("controller") and ref.get("apiVersion") == f"{GROUP}/{VERSION}" and ref.get("kind") in KINDS:
@@ -136,7 +125,7 @@ def _our_index(kind: str):
     """("owner", key) -> the resource; ("uid", uid) -> its key; ("ref", key it waits on) -> its key."""
     async def index(body: kopf.Body, namespace: str, name: str, uid: str, **_: Any) -> dict:
         key = (kind, namespace, name)
-        out: dict = {("owner", *key): _plain(body), ("uid", uid): key}
+        out: dict = {("owner", *key): plain(body), ("uid", uid): key}
         for ref, me in references(kind, namespace, name, dict(body.get("spec") or {})).items():
             out[("ref", *ref)] = me
         return out
@@ -154,7 +143,7 @@ def _ray_index(kind: str):
         out: dict = {("name", kind, namespace, name): _owner_uid_label(body)}
         ref = _controller(body)
         if ref:
-            out[("object", ref["uid"])] = _plain(body, spec=False)
+            out[("object", ref["uid"])] = plain(body, spec=False)
         return out
     return index
 
@@ -254,7 +243,7 @@ for _kind in KINDS.values():
 
 def _uid_of_owner(body: kopf.Body) -> str | None:
     ref = _controller(body)
-    return ref["uid"] if ref else body.get("metadata", {}).get("labels", {}).get("llmops.dev/owner-uid")
+    return ref["uid"] if ref else (_owner_uid_label(body) or None)
 
 
 async def _child_event(body: kopf.Body, **kwargs: Any) -> None:
