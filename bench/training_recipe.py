@@ -35,6 +35,18 @@ The synthetic samples follow ViGGO's shape (a fixed ~127-token instruction, a sh
 answer; ~194 tokens) and the answers are learnable from random weights: a function token, then a chain of
 attribute tokens where each token fixes the next (a seeded permutation), then <|im_end|>.
 
+Faster variants of the default, opt-in (`--variants fp8,compile,compile-no-liger`): only the reference, the default
+and the named variants are measured, in one process, each with its numerics against its base on one packed row
+(loss and adapter gradients), its throughput on the same rows as its base and a kernel profile. A name with the
+suffix `-no-liger` is a variant of the default without Liger (packed-sdpa-mask), measured before Liger is applied.
+
+* compile: the whole PeftModel under torch.compile (inductor, mode "default"), as the HF Trainer's accelerator
+  wraps it for `torch_compile: true`; `compile-max-autotune` and `compile-reduce-overhead` use the modes
+  "max-autotune-no-cudagraphs" and "reduce-overhead" (`torch_compile_mode`).
+* fp8: every LoRA layer's frozen base product in fp8 through torch._scaled_mm (Fp8FrozenLinear): weights quantised
+  once per row and per column, activations and incoming gradients per row on every call, no weight gradient.
+  LLaMA-Factory's own `fp8: true` is a different implementation (torchao through Accelerate).
+
 Prints a table last and writes everything to <out>/training_recipe.json.
 """
 
@@ -53,6 +65,7 @@ import sys
 import time
 import traceback
 import types
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -460,6 +473,140 @@ def forward_loss(model, mb: MicroBatch, num_items: int, mode: str):
     return model(**kwargs).loss
 
 
+# ------------------------------------------------------------------ faster variants (opt-in: --variants)
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> float8 e4m3 (M, K) row-major and one fp32 scale per row (M, 1): x ~ x8 * scale."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x / scale).to(torch.float8_e4m3fn), scale
+
+
+class Fp8FrozenMatmul(torch.autograd.Function):
+    """y = x @ W.T with W frozen: fp8 forward and input-gradient products, no weight gradient.
+
+    W comes quantised twice, once per output row (the forward's right operand) and once per input column, stored
+    transposed (the backward's): cuBLASLt's fp8 products take the right operand column-major only, and a frozen
+    weight is quantised once. x and the incoming gradient are quantised per row on every call (e4m3 for both, as
+    torchao's rowwise recipe; the per-row scale carries the range that e5m2 would).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_rows, w_row_scale, wt_cols, w_col_scale):
+        ctx.save_for_backward(wt_cols, w_col_scale)
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous())
+        # fast accumulation in the forward product only, as torchao's default configuration
+        y = torch._scaled_mm(x8, w_rows.t(), scale_a=x_scale, scale_b=w_row_scale, out_dtype=torch.bfloat16,
+                             use_fast_accum=True)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        wt_cols, w_col_scale = ctx.saved_tensors
+        g8, g_scale = quantize_rows(grad_y.reshape(-1, grad_y.shape[-1]).to(torch.bfloat16).contiguous())
+        grad_x = torch._scaled_mm(g8, wt_cols.t(), scale_a=g_scale, scale_b=w_col_scale, out_dtype=torch.bfloat16)
+        return grad_x.view(ctx.input_shape).to(ctx.input_dtype), None, None, None, None
+
+
+class Fp8FrozenLinear(torch.nn.Module):
+    """A LoRA layer's frozen base nn.Linear with fp8 products (bias, if any, added in bf16)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        with torch.no_grad():
+            w = linear.weight.float()
+            row_scale = w.abs().amax(dim=1).clamp(min=1e-12) / E4M3_MAX
+            col_scale = w.abs().amax(dim=0).clamp(min=1e-12) / E4M3_MAX
+            self.register_buffer("w_rows", (w / row_scale[:, None]).to(torch.float8_e4m3fn))
+            self.register_buffer("w_row_scale", row_scale[None, :].contiguous())
+            self.register_buffer("wt_cols", (w / col_scale[None, :]).t().contiguous().to(torch.float8_e4m3fn))
+            self.register_buffer("w_col_scale", col_scale[None, :].contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = Fp8FrozenMatmul.apply(x, self.w_rows, self.w_row_scale, self.wt_cols, self.w_col_scale)
+        return y if self.bias is None else y + self.bias
+
+
+class Fp8:
+    """Swaps every LoRA layer's base nn.Linear for Fp8FrozenLinear and back (the fp8 copies are freed on the way
+    back, so later rows' peak memory does not carry them)."""
+
+    applied = False
+    originals: ClassVar[list] = []  # (LoRA layer, its bf16 base nn.Linear)
+    quantize_s = 0.0
+
+    @classmethod
+    def set(cls, model, on: bool) -> None:
+        if on == cls.applied:
+            return
+        if on:
+            from peft.tuners.lora import Linear as LoraLinear
+
+            t0 = time.perf_counter()
+            cls.originals = [(m, m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)]
+            for module, linear in cls.originals:
+                module.base_layer = Fp8FrozenLinear(linear)
+            torch.cuda.synchronize()
+            cls.quantize_s = time.perf_counter() - t0
+        else:
+            for module, linear in cls.originals:
+                module.base_layer = linear
+            cls.originals = []
+        cls.applied = on
+
+
+class Compiled:
+    """torch.compile of the whole PeftModel, what the HF Trainer's accelerator does for `torch_compile: true`
+    (backend inductor; `torch_compile_mode` picks the mode). One wrapper per mode, sharing the model's weights."""
+
+    models: ClassVar[dict] = {}
+
+    @classmethod
+    def of(cls, model, mode: str):
+        if mode not in cls.models:
+            cls.models[mode] = torch.compile(model, backend="inductor", mode=mode)
+        return cls.models[mode]
+
+
+FAST_VARIANTS = {
+    "compile": ({"compile_mode": "default"}, "torch.compile of the whole model (torch_compile: true)"),
+    "compile-max-autotune": ({"compile_mode": "max-autotune-no-cudagraphs"},
+                             "torch.compile mode max-autotune-no-cudagraphs"),
+    "compile-reduce-overhead": ({"compile_mode": "reduce-overhead"}, "torch.compile mode reduce-overhead (CUDA graphs)"),
+    "fp8": ({"fp8": True}, "frozen base products in fp8 (torch._scaled_mm, row-wise scales)"),
+    "compile+fp8": ({"compile_mode": "default", "fp8": True}, "torch.compile and fp8 base products"),
+}
+NO_LIGER = "-no-liger"  # a variant name with this suffix applies to the default without Liger (packed-sdpa-mask)
+
+
+def fp8_selftest() -> dict:
+    """Fp8FrozenLinear's output and input gradient against fp64 on the 7B's MLP shapes (random normal data, no
+    outliers), next to the same products in bf16: the scale of the error the fp8 variants add per layer."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    report = {}
+    for k, n in ((3584, 18944), (18944, 3584)):
+        linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+        linear.weight.normal_(0.0, 0.02, generator=gen)
+        x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        y = Fp8FrozenLinear(linear)(x)
+        grad_y = torch.randn(y.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        (grad_x,) = torch.autograd.grad(y, x, grad_y)
+        w64, x64, g64 = linear.weight.double(), x.detach().double(), grad_y.double()
+        y64, grad_x64 = x64 @ w64.t(), g64 @ w64
+
+        def rel(a, b):
+            return round(float((a.double() - b).norm() / b.norm()), 5)
+
+        report[f"{k}->{n}"] = {"fp8_out": rel(y, y64), "fp8_grad_in": rel(grad_x, grad_x64),
+                               "bf16_out": rel(x.detach() @ linear.weight.t(), y64),
+                               "bf16_grad_in": rel(grad_y @ linear.weight, grad_x64)}
+    return report
+
+
 @dataclasses.dataclass
 class Recipe:
     name: str
@@ -472,6 +619,8 @@ class Recipe:
     lora_dtype: str = "fp32"  # fp32 under bf16 autocast (LLaMA-Factory default) or bf16 (pure_bf16)
     liger: bool = False  # Liger kernels (enable_liger_kernel): RoPE, RMSNorm, SwiGLU, fused linear cross-entropy
     rendered: dict | None = None  # the LLaMA-Factory keys this recipe stands for, as training_recipe() returns them
+    compile_mode: str | None = None  # torch.compile mode of the whole model (Compiled), None: eager
+    fp8: bool = False  # frozen base layers' products in fp8 (Fp8FrozenLinear)
 
 
 # What the operator renders for a FineTune of Qwen2.5-7B (the renderer reads 7 B from the name) with rank 8 on the
@@ -508,11 +657,24 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def runner_for(model, recipe: Recipe):
+    """The model as the recipe runs it: fp8 base layers or not, compiled or eager."""
+    Fp8.set(model, recipe.fp8)
+    return Compiled.of(model, recipe.compile_mode) if recipe.compile_mode else model
+
+
+def step_items(recipe: Recipe, n_labels: int):
+    """The label tokens of an optimizer step as the loss divides by them. A compiled model gets a tensor, as the HF
+    Trainer passes it: a Python int is a constant to dynamo, and every new count would recompile."""
+    return torch.tensor(n_labels, device="cuda") if recipe.compile_mode else n_labels
+
+
 def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]], schedule: bool = False,
           lr: float = LEARNING_RATE):
     """Optimizer steps over prepared micro-batches; returns per-step loss tensors (no host syncs)."""
     if recipe.liger != Liger.applied:
         raise RuntimeError(f"{recipe.name} needs liger={recipe.liger}, model has liger={Liger.applied}")
+    runner = runner_for(model, recipe)
     lora_dtype = torch.bfloat16 if recipe.lora_dtype == "bf16" else torch.float32
     params = adapter.reset(lora_dtype)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
@@ -522,11 +684,11 @@ def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]]
     warmup = max(1, math.ceil(0.1 * len(steps)))
     losses = []
     for i, step in enumerate(steps):
-        num_items = sum(mb.n_labels for mb in step)
+        num_items = step_items(recipe, sum(mb.n_labels for mb in step))
         total = torch.zeros((), device="cuda")
         for mb in step:
             with autocast:
-                loss = forward_loss(model, mb, num_items, mode)
+                loss = forward_loss(runner, mb, num_items, mode)
             loss.backward()
             total += loss.detach().float()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -566,8 +728,10 @@ def measure(model, adapter, recipe: Recipe, steps, warmup: int, n_params: int) -
     set_attention(model, "llmops_varlen" if recipe.attention == "varlen" else "sdpa")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     train(model, adapter, recipe, steps[:warmup])
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     timed = steps[warmup:]
     t0 = time.perf_counter()
     losses = train(model, adapter, recipe, timed)
@@ -578,6 +742,8 @@ def measure(model, adapter, recipe: Recipe, steps, warmup: int, n_params: int) -
     slots = sum(mb.n_slots for st in timed for mb in st)
     return {
         **dataclasses.asdict(recipe),
+        "warmup_steps": warmup,
+        "warmup_s": round(warmup_s, 2),  # a compiled recipe's compile happens here
         "timed_steps": len(timed),
         "timed_samples": samples,
         "seconds": round(seconds, 3),
@@ -589,6 +755,7 @@ def measure(model, adapter, recipe: Recipe, steps, warmup: int, n_params: int) -
         "tokens_per_microbatch": round(slots / sum(len(st) for st in timed)),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+        "first_loss": round(float(losses[0]), 4) if losses else None,
         "last_loss": round(float(losses[-1]), 4) if losses else None,
     }
 
@@ -636,12 +803,54 @@ def profile_recipe(model, adapter, recipe: Recipe, steps) -> dict:
         "profiled_steps": n_steps,
         "wall_s_per_step": round(wall / n_steps, 4),
         "gpu_kernel_s_per_step": round(total / n_steps, 4),
+        "host_gap_s_per_step": round((wall - total) / n_steps, 4),  # the GPU idle: launches, Python, autograd
         "gpu_busy_fraction": round(total / wall, 3),
         "kernel_launches_per_step": int(sum(k[2] for k in kernels) / n_steps),
         "categories_s_per_step": {k: round(v / n_steps, 4) for k, v in sorted(categories.items(), key=lambda x: -x[1])},
         "top_kernels": [{"name": n[:120], "s_per_step": round(t / n_steps, 4), "calls_per_step": c // n_steps}
                         for n, t, c in kernels[:20]],
     }
+
+
+def profile_timed(model, adapter, recipe: Recipe, pool, rows, row_len: int, by_name: dict) -> dict:
+    """profile_recipe over 4 steps, next to the step time the recipe's unprofiled timing measured."""
+    try:
+        profile = profile_recipe(model, adapter, recipe, make_steps(recipe, pool, rows, 4, row_len))
+        timed = by_name.get(recipe.name, {})
+        if timed:
+            step_s = timed["seconds"] / timed["timed_steps"]
+            profile["unprofiled_s_per_step"] = round(step_s, 4)
+            profile["gpu_busy_fraction_unprofiled"] = round(profile["gpu_kernel_s_per_step"] / step_s, 3)
+    except Exception as exc:  # noqa: BLE001
+        profile = {"recipe": recipe.name, "error": repr(exc)[:500]}
+        traceback.print_exc()
+    print("profile:", json.dumps(profile), flush=True)
+    return profile
+
+
+def loss_and_gradients(model, adapter, recipe: Recipe, mb: MicroBatch) -> tuple[float, torch.Tensor, float]:
+    """One forward and backward of `mb` as the recipe runs it: the loss, every adapter gradient, and the seconds
+    it took (a compiled recipe's first call holds its compile). lora_B starts small instead of zero so that the
+    lora_A gradients depend on the backward through the base layers."""
+    set_checkpointing(model, recipe.checkpointing)
+    set_attention(model, "llmops_varlen" if recipe.attention == "varlen" else "sdpa")
+    runner = runner_for(model, recipe)
+    params = adapter.reset()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    with torch.no_grad():
+        for name, p in adapter.params:
+            if "lora_B" in name:
+                p.normal_(0.0, 0.01, generator=gen)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = forward_loss(runner, mb, step_items(recipe, mb.n_labels), recipe.attention)
+    loss.backward()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    grads = torch.cat([p.grad.float().flatten() for p in params])
+    adapter.reset()
+    return float(loss.detach()), grads, seconds
 
 
 @torch.no_grad()
@@ -733,8 +942,8 @@ def run_variants(model, adapter, plan, pool, rows, row_len, n_params, results, o
             traceback.print_exc()
         results["variants"].append(row)
         print(f"[{time.perf_counter() - t_start:6.1f}s] {json.dumps(row)}", flush=True)
+        write(out_dir, results)  # first: after a CUDA error the next call fails too
         torch.cuda.empty_cache()
-        write(out_dir, results)
 
 
 def learning_runs(model, adapter, recipe: Recipe, label: str, steps, lrs, eval_rows, row_len, n_samples,
@@ -769,6 +978,132 @@ def learning_runs(model, adapter, recipe: Recipe, label: str, steps, lrs, eval_r
         results["loss"]["runs"].append(run)
         print("loss:", json.dumps(run), flush=True)
         write(out_dir, results)
+
+
+@dataclasses.dataclass
+class LearningCheck:
+    """What learning_runs needs: one packed row per optimizer step over the learning samples, the held-out rows."""
+
+    steps: list[list[MicroBatch]]
+    eval_rows: list[list[Sample]]
+    lrs: list[float]
+    n_samples: int
+
+
+def run_fast_variants(model, adapter, reference: Recipe, default: Recipe, no_liger: Recipe, names: list[str],
+                      learning: LearningCheck | None, pool, rows, row_len: int, n_params: int, results: dict,
+                      out_dir: str, t_start: float) -> None:
+    """--variants: the reference; the variants of the default without Liger (if any are named) after their base;
+    the default and its variants; last the default again (the run's noise). Each variant gets its numerics against
+    its base on one packed row, its throughput on the same rows as its base, a profile and, with `learning`, the
+    held-out loss after training on the learning samples next to its base's."""
+    run_variants(model, adapter, [(reference, 3, 8)], pool, rows, row_len, n_params, results, out_dir, t_start)
+    results["fp8_selftest"] = fp8_selftest()
+    print("fp8 self-test:", json.dumps(results["fp8_selftest"]), flush=True)
+    if learning:
+        adapter.reset()
+        results["loss"]["initial_eval_loss"] = round(eval_loss(model, learning.eval_rows, row_len,
+                                                               "varlen" if Varlen.available else "sdpa-mask"), 4)
+    results["profiles"], results["numerics"] = [], []
+    check_row = packed_microbatch([rows[-1]], row_len)
+    plain = [name for name in names if name.endswith(NO_LIGER)]
+    if plain:  # Liger cannot be taken off again: these go first
+        variants_of(model, adapter, no_liger, plain, learning, check_row, pool, rows, row_len, n_params, results,
+                    out_dir, t_start)
+    results["liger"] = Liger.apply(model, packed_microbatch([pool[:8]], row_len))
+    variants_of(model, adapter, default, [name for name in names if name not in plain], learning, check_row, pool,
+                rows, row_len, n_params, results, out_dir, t_start)
+    again = dataclasses.replace(default, name="default-again")
+    run_variants(model, adapter, [(again, 1, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
+    results["targets"] = targets(timed_by_name(results), ["default", *names, "default-again"])
+
+
+def variants_of(model, adapter, base: Recipe, names: list[str], learning: LearningCheck | None, check_row: MicroBatch,
+                pool, rows, row_len: int, n_params: int, results: dict, out_dir: str, t_start: float) -> None:
+    """The base recipe, then each named variant of it: numerics against the base, throughput, profile; then the
+    learning runs of the base and of each variant that trained."""
+    run_variants(model, adapter, [(base, 2, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
+    trained = [base]
+    results["profiles"].append(profile_timed(model, adapter, base, pool, rows, row_len, timed_by_name(results)))
+    loss0, grads0, seconds0 = loss_and_gradients(model, adapter, base, check_row)
+    dynamo = torch._dynamo.utils.counters
+    for name in names:
+        overrides, description = FAST_VARIANTS[name.removesuffix(NO_LIGER)]
+        variant = dataclasses.replace(base, name=name, description=f"as {base.name}: {description}", rendered=None,
+                                      **overrides)
+        try:
+            breaks, graphs = sum(dynamo["graph_break"].values()), dynamo["stats"]["unique_graphs"]
+            loss, grads, seconds = loss_and_gradients(model, adapter, variant, check_row)
+            check = {
+                "variant": name,
+                "against": base.name,
+                "row_samples": check_row.n_samples,
+                "loss": round(loss, 5),
+                "base_loss": round(loss0, 5),
+                "loss_rel_diff": abs(loss - loss0) / abs(loss0),
+                "grad_rel_err": float((grads - grads0).norm() / grads0.norm()),
+                "first_call_s": round(seconds, 2),  # compiled: dynamo + inductor for forward and backward
+                "base_first_call_s": round(seconds0, 2),
+                "new_graph_breaks": sum(dynamo["graph_break"].values()) - breaks,
+                "new_compiled_graphs": dynamo["stats"]["unique_graphs"] - graphs,
+                "graph_break_reasons_so_far": [reason.split("\n")[0] for reason in sorted(dynamo["graph_break"])],
+            }
+            if variant.fp8:
+                check["fp8_quantize_s"] = round(Fp8.quantize_s, 2)
+        except Exception as exc:  # noqa: BLE001
+            check = {"variant": name, "error": f"{exc!r}"[:500]}
+            traceback.print_exc()
+        results["numerics"].append(check)
+        print("numerics:", json.dumps(check), flush=True)
+        run_variants(model, adapter, [(variant, 2, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
+        if name in timed_by_name(results):
+            trained.append(variant)
+        results["profiles"].append(profile_timed(model, adapter, variant, pool, rows, row_len,
+                                                 timed_by_name(results)))
+        write(out_dir, results)
+    if learning:
+        for recipe in trained:
+            learning_runs(model, adapter, recipe, f"{recipe.name} (1 row/step)", learning.steps, learning.lrs,
+                          learning.eval_rows, row_len, learning.n_samples, results, out_dir)
+
+
+def print_fast_summary(results: dict) -> None:
+    by_name = timed_by_name(results)
+    profiles = {p["recipe"]: p for p in results.get("profiles", []) if "error" not in p}
+    numerics = {c["variant"]: c for c in results.get("numerics", [])}
+    reference = by_name.get("reference", {}).get("samples_per_s")
+    print(f"{'recipe':<22} {'samples/s':>9} {'x ref':>6} {'TFLOP/s':>8} {'peak GiB':>8} {'warm-up s':>9} | "
+          f"{'matmul':>7} {'other':>8} {'attn':>6} {'host gap':>8} (s/step) | {'loss rel':>8} {'grad rel':>8}")
+    for name, row in by_name.items():
+        prof = profiles.get(name, {})
+        cat = prof.get("categories_s_per_step", {})
+        other = sum(v for k, v in cat.items() if k not in ("matmul", "attention"))  # element-wise, loss, copies
+        check = numerics.get(name, {})
+        print(f"{name:<22} {row['samples_per_s']:>9.2f} {row['samples_per_s'] / reference if reference else 0:>6.1f} "
+              f"{row['model_tflops']:>8.1f} {row['peak_alloc_gib']:>8.2f} {row['warmup_s']:>9.1f} | "
+              f"{cat.get('matmul', 0):>7.4f} {other:>8.4f} {cat.get('attention', 0):>6.4f} "
+              f"{prof.get('host_gap_s_per_step', 0):>8.4f}          | {check.get('loss_rel_diff', 0):>8.1e} "
+              f"{check.get('grad_rel_err', 0):>8.1e}")
+
+
+def timed_by_name(results: dict) -> dict:
+    return {v["name"]: v for v in results["variants"] if "samples_per_s" in v}
+
+
+def targets(by_name: dict, names) -> list[dict]:
+    """The issue's targets: >= 20x the reference's samples/s in the same run, and >= 50 samples/s."""
+    out = []
+    for name in names:
+        if "reference" in by_name and name in by_name:
+            speedup = by_name[name]["samples_per_s"] / by_name["reference"]["samples_per_s"]
+            out.append({
+                "recipe": name,
+                "speedup_vs_reference": round(speedup, 1),
+                "samples_per_s": by_name[name]["samples_per_s"],
+                "met_20x": bool(speedup >= 20),
+                "met_50_per_s": bool(by_name[name]["samples_per_s"] >= 50),
+            })
+    return out
 
 
 def slope(by_name: dict, small: str, large: str) -> dict | None:
@@ -820,7 +1155,14 @@ def main() -> int:
                         help="learning rates of the learning comparison (1e-4 is the reference's)")
     parser.add_argument("--no-learning", dest="learning", action="store_false",
                         help="throughput rows and profiles only (about 2 minutes instead of 5)")
+    parser.add_argument("--variants", type=lambda x: x.split(","), default=[],
+                        help=f"measure only the reference, the default and these faster variants of it "
+                             f"(comma-separated: {', '.join(FAST_VARIANTS)}; with the suffix {NO_LIGER}: of the "
+                             f"default without Liger)")
     args = parser.parse_args()
+    unknown = sorted(name for name in args.variants if name.removesuffix(NO_LIGER) not in FAST_VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(FAST_VARIANTS)}")
     row_len = args.cutoff_len
     t_start = time.perf_counter()
 
@@ -876,6 +1218,23 @@ def main() -> int:
                           perDeviceBatchSize=2)
     packed_sdpa_mask = rendered("packed-sdpa-mask", "as default without liger", "stock", ligerKernel=False)
     packed_fa2 = rendered("packed-fa2", "as default-fa2 without liger", "flash-attn", ligerKernel=False)
+    held_out = task.stream(seed=13, n=96)
+    eval_rows = pack_rows(held_out, row_len, seed=5)
+    learn = task.stream(seed=17, n=args.loss_samples)
+    results["loss"] = {"samples": len(learn), "schedule": "cosine, 10% warmup, AdamW, clip 1.0",
+                       "eval_samples": len(held_out), "runs": []}
+    if args.variants:
+        learning = None
+        if args.learning:
+            row_steps = [[packed_microbatch([r], row_len)] for r in pack_rows(learn, row_len, seed=19)]
+            learning = LearningCheck(row_steps, eval_rows, args.loss_lrs, len(learn))
+        run_fast_variants(model, adapter, reference, default, packed_sdpa_mask, args.variants, learning, pool, rows,
+                          row_len, n_params, results, args.out, t_start)
+        results["wall_s"] = round(time.perf_counter() - t_start, 1)
+        write(args.out, results)
+        print_table(results, n_params)
+        print_fast_summary(results)
+        return 0
     # 1. without Liger
     run_variants(model, adapter, [
         (reference, 3, 8),  # 3 warm-up steps see most padded lengths (new shapes cost kernel set-up)
@@ -886,11 +1245,6 @@ def main() -> int:
         (bf16_adapter(packed_fa2, "packed-fa2-pure-bf16"), 2, 8),
     ], pool, rows, row_len, n_params, results, args.out, t_start)
 
-    held_out = task.stream(seed=13, n=96)
-    eval_rows = pack_rows(held_out, row_len, seed=5)
-    learn = task.stream(seed=17, n=args.loss_samples)
-    results["loss"] = {"samples": len(learn), "schedule": "cosine, 10% warmup, AdamW, clip 1.0",
-                       "eval_samples": len(held_out), "runs": []}
     try:
         adapter.reset()
         results["equivalence"] = equivalence(model, learn[:8])
@@ -943,19 +1297,9 @@ def main() -> int:
             (dataclasses.replace(default_fa2, name="default-fa2-again"), 1, 20),
         ], pool, rows, row_len, n_params, results, args.out, t_start)
 
-    by_name = {v["name"]: v for v in results["variants"] if "samples_per_s" in v}
-    results["targets"] = []
-    for name in ("default", "default-again", "default-x2", "default-fa2", "default-fa2-again", "packed-sdpa-mask",
-                 "packed-fa2"):
-        if "reference" in by_name and name in by_name:
-            speedup = by_name[name]["samples_per_s"] / by_name["reference"]["samples_per_s"]
-            results["targets"].append({
-                "recipe": name,
-                "speedup_vs_reference": round(speedup, 1),
-                "samples_per_s": by_name[name]["samples_per_s"],
-                "met_20x": bool(speedup >= 20),
-                "met_50_per_s": bool(by_name[name]["samples_per_s"] >= 50),
-            })
+    by_name = timed_by_name(results)
+    results["targets"] = targets(by_name, ("default", "default-again", "default-x2", "default-fa2",
+                                           "default-fa2-again", "packed-sdpa-mask", "packed-fa2"))
     results["memory_calibration"] = {
         "weights_gib": round(n_params * 2 / GIB, 2),
         "no_ckpt": slope(by_name, "packed-fa2", "packed-fa2-x2"),
@@ -968,18 +1312,7 @@ def main() -> int:
 
     results["profiles"] = []
     for profiled in ((default, default_fa2) if Liger.applied else (packed_sdpa_mask, packed_fa2)):
-        try:
-            profile = profile_recipe(model, adapter, profiled, make_steps(profiled, pool, rows, 4, row_len))
-            timed = by_name.get(profiled.name, {})
-            if timed:
-                step_s = timed["seconds"] / timed["timed_steps"]
-                profile["unprofiled_s_per_step"] = round(step_s, 4)
-                profile["gpu_busy_fraction_unprofiled"] = round(profile["gpu_kernel_s_per_step"] / step_s, 3)
-        except Exception as exc:  # noqa: BLE001
-            profile = {"recipe": profiled.name, "error": repr(exc)[:500]}
-            traceback.print_exc()
-        results["profiles"].append(profile)
-        print("profile:", json.dumps(profile), flush=True)
+        results["profiles"].append(profile_timed(model, adapter, profiled, pool, rows, row_len, by_name))
         write(args.out, results)
 
     if Liger.applied and args.learning:  # most telling first: the device time may run out before the last
