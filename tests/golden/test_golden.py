@@ -1,8 +1,8 @@
 """Golden files: every object the operator renders for each example, reviewed as YAML diffs.
 
 Regenerate on purpose with `pytest tests/golden --update-golden` and read the diff before committing.
-Payload sources are shipped in the job ConfigMap; here they appear as a digest so that a payload edit shows
-as one changed line instead of the whole file.
+Payload sources are shipped in the namespace's shared payload ConfigMap; here they appear as a digest so that a
+payload edit shows as one changed line instead of the whole file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmops import yamlio
-from llmops.builders.common import BuildContext
+from llmops.builders.common import BuildContext, is_shared
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
 from llmops.settings import Settings
@@ -25,10 +25,9 @@ EXAMPLE_SETS = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir())
 
 def _digest_payloads(objects: list[dict]) -> list[dict]:
     for obj in objects:
-        if obj["kind"] == "ConfigMap":
+        if is_shared(obj):
             for key, value in list((obj.get("data") or {}).items()):
-                if key.startswith("payload."):
-                    obj["data"][key] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+                obj["data"][key] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
     return objects
 
 

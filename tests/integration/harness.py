@@ -120,6 +120,14 @@ class Cluster:
     def ray_list(self, plural: str, namespace: str) -> list[dict[str, Any]]:
         return self.custom.list_namespaced_custom_object("ray.io", "v1", namespace, plural)["items"]
 
+    def config_map(self, namespace: str, name: str) -> Any | None:
+        try:
+            return self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def pods(self, namespace: str, selector: str = "") -> list[Any]:
         return self.core.list_namespaced_pod(namespace, label_selector=selector).items
 

@@ -37,7 +37,8 @@ def test_chain_waits_for_finetune_then_runs_with_its_adapter(plane, cluster, ope
     _finish(simulator, cluster, ns, "FineTune", "tune", "tune-ft")
     job = wait_for(lambda: cluster.ray("rayjobs", ns, "eval-bi"), timeout=60, what="the BatchInference RayJob")
     assert job["spec"]["entrypoint"].startswith("python -m payloads.batch_inference")
-    config = json.loads(cluster.core.read_namespaced_config_map("eval-bi-config", ns).data["job.json"])
+    config = json.loads(wait_for(lambda: cluster.config_map(ns, "eval-bi-config"),
+                                 what="the job ConfigMap").data["job.json"])
     assert config["model"] == {"source": "Qwen/Qwen2.5-7B-Instruct",
                                "adapter": {"name": "tune", "uri": "s3://bucket/adapters/tune"}}
     assert config["engineKwargs"]["enable_prefix_caching"] is True

@@ -47,10 +47,11 @@ def test_finetune_runs_on_the_l4_pool(cluster, operator, ns):
     assert pod["serviceAccountName"] == "ft-ft-ray"
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTune"
 
-    config = cluster.core.read_namespaced_config_map("ft-ft-config", ns)
+    # The RayJob is written first (the work starts); what its pods read follows moments later.
+    config = wait_for(lambda: cluster.config_map(ns, "ft-ft-config"), what="the job ConfigMap")
     assert "train.yaml" in config.data and "dataset_info.json" in config.data
     payloads = next(v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "llmops-payloads")
-    assert "payload.finetune.py" in cluster.core.read_namespaced_config_map(payloads, ns).data
+    assert "finetune.py" in wait_for(lambda: cluster.config_map(ns, payloads), what="the payload ConfigMap").data
     assert json.loads(config.data["job.json"])["output"]["uri"] == "s3://bucket/adapters/ft"
 
     # KubeRay (real) creates the cluster; the scheduler places it; kwok runs it.

@@ -22,7 +22,6 @@ from .common import (
 )
 
 TAG = "bi"
-PAYLOAD_MODULES = ("__init__.py", "batch_inference.py", "metrics.py", "report.py", "storage.py")
 
 
 @dataclass(frozen=True)
@@ -83,17 +82,16 @@ def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel, accel
 
 
 def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> list[dict[str, Any]]:
-    """Every child of a BatchInference, the RayJob last."""
+    """Every child of a BatchInference (the engine decides the order they are applied in)."""
     owner = Owner.of(body)
     spec = BatchInferenceSpec.model_validate(body["spec"])
     n = names(owner)
     profile = profile_for(spec.resources, ctx.settings)
     files = {"job.json": json.dumps(job_json(owner, spec, model, profile.ray_accelerator_type), indent=2,
                                     sort_keys=True)}
-    payloads = {m: ctx.payloads[m] for m in PAYLOAD_MODULES if m in ctx.payloads}
     claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
     image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, payloads, claims)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims)
     entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
     return [
         *result_channel(owner, n, ctx.settings),

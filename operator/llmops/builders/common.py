@@ -127,7 +127,7 @@ def payloads_name(payloads: Mapping[str, str]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _payloads_name(items: tuple[tuple[str, str], ...]) -> str:
-    return f"llmops-payloads-{short_hash([list(item) for item in items])}"
+    return f"llmops-payloads-{short_hash(dict(items))}"   # the data exactly as written (keys are file names)
 
 
 def payload_config_map(namespace: str, payloads: Mapping[str, str], settings: Settings) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def payload_config_map(namespace: str, payloads: Mapping[str, str], settings: Se
             "metadata": {"name": payloads_name(payloads), "namespace": namespace,
                          "labels": {"app.kubernetes.io/managed-by": "llmops",
                                     f"{settings.label_prefix}/role": PAYLOADS_ROLE}},
-            "data": {f"payload.{module}": source for module, source in sorted(payloads.items())}}
+            "data": dict(sorted(payloads.items()))}   # keyed by file name: mounted whole as the package
 
 
 def is_shared(child: Mapping[str, Any]) -> bool:
@@ -156,16 +156,16 @@ def pvc_claims(*uris: str | None) -> list[str]:
     return claims
 
 
-def volumes(names: Names, files: Mapping[str, str], payload_config: str, payloads: Mapping[str, str],
-            claims: list[str], scratch: str | None = None) -> tuple[list[dict], list[dict]]:
+def volumes(names: Names, payload_config: str, claims: list[str], scratch: str | None = None
+            ) -> tuple[list[dict], list[dict]]:
+    """The job's files and the payload package, each ConfigMap mounted whole (listing its keys would make the Ray
+    object larger, and every write of it dearer to the API server)."""
     vols = [
-        {"name": "llmops-job", "configMap": {"name": names.config,
-                                             "items": [{"key": k, "path": k} for k in sorted(files)]}},
-        {"name": "llmops-payloads", "configMap": {"name": payload_config, "items": [
-            {"key": f"payload.{m}", "path": f"payloads/{m}"} for m in sorted(payloads)]}},
+        {"name": "llmops-job", "configMap": {"name": names.config}},
+        {"name": "llmops-payloads", "configMap": {"name": payload_config}},
     ]
     mounts = [{"name": "llmops-job", "mountPath": JOB_MOUNT, "readOnly": True},
-              {"name": "llmops-payloads", "mountPath": PAYLOAD_ROOT, "readOnly": True}]
+              {"name": "llmops-payloads", "mountPath": f"{PAYLOAD_ROOT}/payloads", "readOnly": True}]
     for i, claim in enumerate(claims):
         vols.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
@@ -216,13 +216,13 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
 
 
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
-                     ctx: BuildContext, files: Mapping[str, str], payloads: Mapping[str, str], claims: list[str], *,
+                     ctx: BuildContext, claims: list[str], *,
                      autoscale_to: int | None = None, scratch: str | None = None) -> dict[str, Any]:
     """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
     settings = ctx.settings
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
-    vols, mounts = volumes(names, files, payloads_name(ctx.payloads), payloads, claims, scratch)
+    vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch)
     pod_labels = labels(owner, settings)
     head = settings.head
     head_pod: dict[str, Any] = {

@@ -25,7 +25,6 @@ from .common import (
 from .recipe import training_recipe
 
 TAG = "ft"
-PAYLOAD_MODULES = ("__init__.py", "finetune.py", "report.py", "storage.py")
 # Node-local scratch (an emptyDir on every Ray pod) where the driver stages datasets for the workers.
 STAGING_DIR = "/mnt/llmops/scratch"
 DEFAULT_PARAMS_B = 7.0
@@ -67,17 +66,15 @@ def job_files(owner: Owner, spec: FineTuneSpec, ctx: BuildContext) -> dict[str, 
 
 
 def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
-    """Every child of a FineTune, in the order they should be applied (the RayJob last)."""
+    """Every child of a FineTune (the engine decides the order they are applied in)."""
     owner = Owner.of(body)
     spec = FineTuneSpec.model_validate(body["spec"])
     n = names(owner)
     files = job_files(owner, spec, ctx)
-    payloads = {m: ctx.payloads[m] for m in PAYLOAD_MODULES if m in ctx.payloads}
     claims = pvc_claims(spec.base_model.source, spec.dataset.train.uri,
                         spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri)
     image = spec.image or ctx.settings.finetune_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, files, payloads, claims,
-                               scratch=STAGING_DIR)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims, scratch=STAGING_DIR)
     runtime = runtime_env(spec, ctx.settings.finetune_pip)
     runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"

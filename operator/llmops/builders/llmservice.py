@@ -41,7 +41,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
     max_workers = spec.autoscaling.max_replicas * per_replica
     resources = spec.resources.model_copy(update={"workers": spec.autoscaling.min_replicas * per_replica})
     image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, {}, {}, pvc_claims(spec.model.source),
+    cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, pvc_claims(spec.model.source),
                                autoscale_to=max_workers)
     # No job files or payloads for serving: drop the ConfigMap volumes the job kinds mount.
     for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):

@@ -27,7 +27,8 @@ HASH_ANNOTATION = "llmops.dev/children-hash"
 APPLIED_MEMORY_SECONDS = 30.0   # long enough for the watch to bring back what was just applied
 ECHO_MEMORY_LIMIT = 100_000     # resourceVersions of our writes not yet seen again (bounded, in case one never is)
 RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
-STATUS_DEFER_SECONDS = 2.0      # status and events wait at most this long for Ray objects being created
+STATUS_DEFER_SECONDS = 2.0      # what is not the Ray object waits at most this long for Ray objects being created
+CREATION_QUIET_SECONDS = 0.1    # ... and for none to have started for this long (a burst's events come closer)
 
 
 def without_none(value: Any) -> Any:
@@ -120,6 +121,7 @@ class Caches:
     pods: IndexView = field(default_factory=IndexView)          # owner uid -> pods (name, status)
     names: IndexView = field(default_factory=IndexView)         # (kind, ns, name) -> owner uid of a stateful child
     shared: IndexView = field(default_factory=IndexView)        # (ns, name) -> a shared child that exists
+    markers: IndexView = field(default_factory=IndexView)       # owner uid -> children hash on its result report
     owner_keys: IndexView = field(default_factory=IndexView)    # owner uid -> (kind, ns, name)
     refs: IndexView = field(default_factory=IndexView)          # referenced key -> keys of dependents
 
@@ -186,6 +188,41 @@ def _stateful(child: dict[str, Any], ray_kind: str) -> bool:
     return child["kind"] == ray_kind or child["metadata"].get("labels", {}).get("llmops.dev/role") == "result"
 
 
+def _is_result(child: dict[str, Any]) -> bool:
+    return child["metadata"].get("labels", {}).get("llmops.dev/role") == "result"
+
+
+def apply_rounds(children: list[dict[str, Any]], ray_kind: str) -> list[list[dict[str, Any]]]:
+    """The order children are applied in, as rounds of concurrent applies. The Ray object goes first, with the
+    ServiceAccount its pods are created under, so the work starts as early as it can; what the pods read later
+    (ConfigMaps; the Role and RoleBinding they report through) follows, the RoleBinding after its Role (RBAC
+    checks a binding against the Role, which must exist by then). The marker goes last, alone: the child that
+    carries the hash of the whole set (a job's result report; for a service, its only child, the Ray object).
+    Its hash says every child was written, so a crash part-way leaves the set to be applied again."""
+    marker = next((c for c in children if _is_result(c)), None)
+    ray = [c for c in children if c["kind"] == ray_kind]
+    if marker is None:
+        marker = ray[0] if ray else children[-1]
+    first = [c for c in children if c is not marker and (c["kind"] == ray_kind or c["kind"] == "ServiceAccount")]
+    if not any(c["kind"] == ray_kind for c in first):
+        first = []   # the Ray object is the marker: everything else before it
+    bindings = [c for c in children if c["kind"] == "RoleBinding" and c is not marker]
+    others = [c for c in children if c is not marker and not any(c is x for x in first + bindings)]
+    return [r for r in (first, others, bindings, [marker]) if r]
+
+
+@dataclass
+class Plan:
+    """One application of a changed set of children."""
+
+    uid: str
+    wanted: str                        # the set's hash, written on the marker
+    rounds: list[list[dict[str, Any]]]
+    created: bool                      # the Ray object is created by this application
+    ray_kind: str
+    fresh: dict[str, Any] | None = None   # the Ray object as created, until the watch shows it
+
+
 class Engine:
     def __init__(self, kube: Kube, ctx: BuildContext, caches: Caches | None = None):
         self.kube = kube
@@ -204,9 +241,10 @@ class Engine:
         self._echoes: dict[tuple[str, str, str], str] = {}   # (kind, ns, name) -> resourceVersion we wrote
         self._slots = Slots(RECONCILE_SLOTS)
         self._later: set[Key] = set()       # scheduled only because a (re)start listed them: served after the rest
-        self._creating = 0                  # reconciles creating a Ray object's children right now
-        self._created = asyncio.Event()     # set while none is
-        self._created.set()
+        self._creating = 0                  # applies creating a Ray object right now
+        self._quiet = asyncio.Event()       # set once none is, and none has started for CREATION_QUIET_SECONDS
+        self._quiet.set()
+        self._quiet_timer: asyncio.TimerHandle | None = None
 
     # ---- scheduling --------------------------------------------------------------------------------------
     def schedule(self, key: Key, listed: bool = False) -> None:
@@ -234,10 +272,11 @@ class Engine:
     def ray_object(self, uid: str) -> dict[str, Any] | None:
         """The owner's Ray object: from the watch, or the one this process created moments ago."""
         current = self.caches.ray_objects.get(uid)
-        if current is not None:
-            self._applied.pop(uid, None)   # the watch has caught up: keep nothing twice
-            return current
         applied = self._recently_applied(uid)
+        if current is not None:
+            if applied and applied[2] is not None:   # the watch has caught up: keep the object once
+                self._applied[uid] = (applied[0], applied[1], None)
+            return current
         return applied[2] if applied else None
 
     def _recently_applied(self, uid: str) -> tuple[str, float, dict | None] | None:
@@ -276,10 +315,19 @@ class Engine:
         return memo is not None and memo[0] == memo_key and self._applied_hash(uid) == memo[1]
 
     def _applied_hash(self, uid: str) -> str | None:
-        current = self.caches.ray_objects.get(uid)
-        if current is not None:
-            return (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
-        applied = self._recently_applied(uid)   # the watch has not brought the Ray object back yet
+        """The children hash on the last child applied (a job's result report, else the Ray object): there, it says
+        the whole set was written. From the watch, else from this process's memory of a write not seen yet."""
+        marked = self.caches.markers.get(uid)   # a job's result report ("" without the annotation)
+        if marked is None:
+            current = self.caches.ray_objects.get(uid)
+            if current is not None:
+                marked = (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION, "")
+        if marked:
+            applied = self._applied.get(uid)
+            if applied and applied[0] == marked and applied[2] is None:
+                del self._applied[uid]   # the watch has caught up with all of it: keep nothing twice
+            return marked
+        applied = self._recently_applied(uid)
         return applied[0] if applied else None
 
     def schedule_dependents(self, key: Key, listed: bool = False) -> None:
@@ -315,12 +363,19 @@ class Engine:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            # Building and applying children: bounded, so a burst costs bounded memory.
+            # Building and applying the Ray object: bounded, so a burst costs bounded memory.
+            plan: Plan | None = None
             async with self._slots.slot(later=key in self._later):
                 outcome = self.kinds[kind](self, body)
                 if key in self._refused and self._refused[key] == _attempt(outcome, body):
                     return None  # already reported as Stalled; retrying the same request cannot succeed
-                if outcome.children and await self._apply_children(body, outcome):
+                if outcome.children:
+                    plan = self._plan(body, outcome)
+                    if plan is not None:
+                        await self._apply_first(plan)
+            if plan is not None:
+                await self._apply_rest(plan)
+                if plan.created:
                     # Created just now: decide again with the new object, so the first status write says so.
                     outcome = self.kinds[kind](self, body)
             for api_version, child_kind, name in outcome.delete:
@@ -328,7 +383,7 @@ class Engine:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
             await self._write_status(body, outcome)
         except ApiError as e:
-            if e.status == 403 and "being terminated" in e.message:
+            if _namespace_ending(e):
                 return None  # the namespace is going away, and this resource with it
             self.metrics.api_errors[e.reason or str(e.status)] = self.metrics.api_errors.get(
                 e.reason or str(e.status), 0) + 1
@@ -364,44 +419,68 @@ class Engine:
         log.info("will retry %s %s/%s in %.1fs: %s", kind, key[1], key[2], delay, why)
         return delay
 
-    async def _apply_children(self, body: dict[str, Any], outcome: Outcome) -> bool:
-        """Apply every child once per change of the whole set (the hash rides on the Ray object), in two rounds:
-        the objects the Ray pods need, then the RoleBinding (RBAC checks it against its Role, which must exist by
-        then) with the Ray object. Returns True when the Ray object was created."""
+    def _plan(self, body: dict[str, Any], outcome: Outcome) -> Plan | None:
+        """How to apply the children, or None when this set was applied already (its hash is on the marker)."""
         wanted = short_hash(outcome.children, 16)
         uid = body["metadata"]["uid"]
         if outcome.memo_key is not None:
             self._hashes[uid] = (outcome.memo_key, wanted)
         if self._applied_hash(uid) == wanted:
-            return False
+            return None
         created = self.caches.ray_objects.get(uid) is None
         if created:  # first creation (or after a restart): make sure the names are ours to take
             self._check_names_free(body, outcome)
-        ray = [c for c in outcome.children if c["kind"] == outcome.ray_kind]
-        second = [c for c in outcome.children if c["kind"] == "RoleBinding"] + ray
-        first = [c for c in outcome.children if c not in second]
-        for child in ray:
-            child["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
-        if created:
+        rounds = apply_rounds(outcome.children, outcome.ray_kind)
+        rounds[-1][-1]["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
+        return Plan(uid, wanted, rounds, created and any(c["kind"] == outcome.ray_kind for c in outcome.children),
+                    outcome.ray_kind)
+
+    async def _apply_first(self, plan: Plan) -> None:
+        """The first round: with the Ray object in it, the work starts."""
+        await self._apply_round(plan, plan.rounds[0])
+
+    async def _apply_rest(self, plan: Plan) -> None:
+        """The other rounds, the marker last. Once the Ray object exists they yield to Ray objects being created
+        (in a burst, every job starts before any job's supporting objects are written)."""
+        if len(plan.rounds) > 1 and self._has_ray(plan, plan.rounds[0]):
+            await self._after_creations()
+        for children in plan.rounds[1:]:
+            await self._apply_round(plan, children)
+        self._applied[plan.uid] = (plan.wanted, time.monotonic(), plan.fresh)
+
+    def _has_ray(self, plan: Plan, children: list[dict[str, Any]]) -> bool:
+        return any(c["kind"] == plan.ray_kind for c in children)
+
+    async def _apply_round(self, plan: Plan, children: list[dict[str, Any]]) -> None:
+        creating = plan.created and self._has_ray(plan, children)
+        if creating:
             self._creating += 1
-            self._created.clear()
+            self._quiet.clear()
         try:
-            await asyncio.gather(*(self._apply_one(c) for c in first))
-            applied = await asyncio.gather(*(self._apply_one(c) for c in second))
+            applied = await asyncio.gather(*(self._apply_one(c) for c in children))
         finally:
-            if created:
+            if creating:
                 self._creating -= 1
                 if not self._creating:
-                    self._created.set()
-        fresh = plain(applied[-1], spec=False) if ray and created and applied[-1] else None   # as the index keeps it
-        self._applied[uid] = (wanted, time.monotonic(), fresh)
-        return created and bool(ray)
+                    if self._quiet_timer is not None:
+                        self._quiet_timer.cancel()
+                    self._quiet_timer = asyncio.get_running_loop().call_later(CREATION_QUIET_SECONDS,
+                                                                              self._mark_quiet)
+        for child, result in zip(children, applied):
+            if creating and child["kind"] == plan.ray_kind and result:
+                plan.fresh = plain(result, spec=False)   # as the index keeps it
+
+    def _mark_quiet(self) -> None:
+        self._quiet_timer = None
+        if not self._creating:
+            self._quiet.set()
 
     async def _after_creations(self) -> None:
-        """Status and events yield to Ray objects being created: in a burst, work starts first, reports follow."""
-        if not self._created.is_set():
+        """Supporting children, status and events yield to Ray objects being created: in a burst, all the work
+        starts first, and what it needs later and the reports follow."""
+        if not self._quiet.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._created.wait(), STATUS_DEFER_SECONDS)
+                await asyncio.wait_for(self._quiet.wait(), STATUS_DEFER_SECONDS)
 
     async def _apply_one(self, child: dict[str, Any]) -> dict[str, Any] | None:
         if not is_shared(child):
@@ -482,7 +561,12 @@ class Engine:
         try:
             await self.kube.create(event)
         except ApiError as e:  # an event is best effort: status already says it
-            log.info("could not post event for %s: %s", meta["name"], e)
+            if not _namespace_ending(e):
+                log.info("could not post event for %s: %s", meta["name"], e)
+
+
+def _namespace_ending(e: ApiError) -> bool:
+    return e.status == 403 and "being terminated" in e.message
 
 
 def _attempt(outcome: Outcome, body: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from ..builders.common import BuildContext
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from . import batchinference, finetune, kopf_toggles, llmservice
-from .engine import Engine, plain
+from .engine import HASH_ANNOTATION, Engine, plain
 from .metrics import serve_metrics
 
 log = logging.getLogger("llmops")
@@ -46,11 +46,26 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No essence, no diff: kopf builds one (a deep copy of the body) for every event of every watched object, for
+    on.create/update/delete handlers, and we register none (every handler here is an index or an on.event)."""
+
+    def build(self, **_: Any) -> None:   # type: ignore[override]
+        return None
+
+    def fetch(self, **_: Any) -> None:   # type: ignore[override]
+        return None
+
+    def store(self, **_: Any) -> None:
+        pass
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
     options = STATE.get("options", {})
     settings.posting.enabled = False          # we post our own Events, one per phase change
     settings.scanning.disabled = True         # no cluster-wide namespace/CRD scans: least rights
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
@@ -156,8 +171,9 @@ kopf.index("ray.io", "v1", "rayservices", labels=MANAGED, id="index_rayservices"
 
 @kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": kopf.PRESENT})
 async def index_configmaps(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict | None:
-    """Result reports: ("data", owner uid) -> data and ("name", ...) as for Ray objects; the shared payload
-    sources: ("shared", ns, name)."""
+    """Result reports: ("data", owner uid) -> data, ("applied", owner uid) -> the children hash written on it last
+    (the whole set was applied), and ("name", ...) as for Ray objects; the shared payload sources: ("shared", ns,
+    name)."""
     role = body["metadata"]["labels"]["llmops.dev/role"]
     if role == "payloads":
         return {("shared", namespace, name): True}
@@ -167,6 +183,7 @@ async def index_configmaps(body: kopf.Body, namespace: str, name: str, **_: Any)
     ref = _controller(body)
     if ref:
         out[("data", ref["uid"])] = dict(body.get("data") or {})
+        out[("applied", ref["uid"])] = (body["metadata"].get("annotations") or {}).get(HASH_ANNOTATION, "")
     return out
 
 
@@ -217,6 +234,7 @@ def _bind(kwargs: dict[str, Any]) -> Engine:
         c.ray_objects.index = _Merged("object", *ray)
         c.names.index = _Merged("name", *ray, kwargs["index_configmaps"])
         c.results.index = _Merged("data", kwargs["index_configmaps"])
+        c.markers.index = _Merged("applied", kwargs["index_configmaps"])
         c.shared.index = _Merged("shared", kwargs["index_configmaps"])
         c.pods.index = kwargs["index_pods"]
         STATE["bound"] = True

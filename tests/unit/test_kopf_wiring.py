@@ -1,0 +1,38 @@
+"""What the kopf wiring relies on: every handler is an index or an on.event, so kopf needs no diff base."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kopf
+
+from llmops.handlers import main
+
+
+def test_no_handler_needs_kopfs_diff_of_old_and_new():
+    registry = kopf.get_default_registry()
+    assert registry._changing.get_all_handlers() == []   # no on.create/update/delete/resume/field
+    assert registry._spawning.get_all_handlers() == []   # no daemons or timers
+    assert registry._watching.get_all_handlers()         # the on.event triggers are there
+
+
+def test_startup_replaces_the_diff_base_with_one_that_builds_nothing():
+    settings = kopf.OperatorSettings()
+    assert isinstance(settings.persistence.diffbase_storage, kopf.DiffBaseStorage)
+    body = kopf.Body({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"big": list(range(9))}})
+    assert settings.persistence.diffbase_storage.build(body=body) is not None   # kopf's default: a deep copy
+
+    storage = main.NoDiffBase()
+    assert storage.build(body=body) is None and storage.fetch(body=body) is None
+    assert storage.store(body=body, patch=kopf.Patch(), essence={}) is None
+
+
+def test_startup_installs_it(monkeypatch):
+    settings = kopf.OperatorSettings()
+    monkeypatch.setattr(main.kopf, "login_with_service_account", lambda **_: None)
+    monkeypatch.setattr(main.kopf, "login_with_kubeconfig", lambda **_: None)
+    try:   # no credentials here: startup stops after the settings, before it builds the engine
+        asyncio.run(main.startup(settings=settings, logger=None))
+    except kopf.PermanentError:
+        pass
+    assert isinstance(settings.persistence.diffbase_storage, main.NoDiffBase)
