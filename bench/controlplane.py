@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Control-plane scale and efficiency: the llmops operator and the KubeRay operator, side by side, in one run.
 
-    .venv/bin/python bench/controlplane.py --n 100 --n 1000          # or, without the venv:
-    PYTHONPATH=operator:tests python3 bench/controlplane.py --n 100 --n 1000
+    .venv/bin/python bench/controlplane.py --n 100 --n 1000 --repeat 5   # or, without the venv:
+    PYTHONPATH=operator:tests python3 bench/controlplane.py --n 100 --n 1000 --repeat 5
 
 For every N it starts a fresh LocalPlane (real etcd, kube-apiserver with an audit log, controller-manager,
 scheduler, kwok, the real KubeRay binary) in a temp folder, adds a large simulated node pool so every Ray pod
@@ -18,6 +18,8 @@ steady-state window), and runs four phases:
    changes a watch saw. Then every FineTune is touched (an annotation): each touch is a reconcile that finds
    nothing to change and must write nothing.
 4. Steady state, both running, everything at rest: requests and CPU of the operator over --steady seconds.
+5. With --repeat K (N <= 100): K - 1 more bursts of ours, each into a fresh namespace, KubeRay stopped again; the
+   N = 100 p99 target is judged on the median burst. Their namespaces are deleted before KubeRay runs again.
 
 Times come from watches (never polling) on this side; each object's create time is the moment its create
 request returned (creationTimestamp has 1 s resolution; it is kept too). API requests come from the API
@@ -61,7 +63,7 @@ from llmops.dev import nodes  # noqa: E402
 from llmops.dev.install import install_crds  # noqa: E402
 from llmops.dev.plane import LocalPlane, _terminate  # noqa: E402
 from llmops.handlers.main import load_payloads  # noqa: E402
-from llmops.kube import Credentials, Kube, with_retries  # noqa: E402
+from llmops.kube import ApiError, Credentials, Kube, with_retries  # noqa: E402
 from llmops.settings import Settings  # noqa: E402
 from manifests import finetune  # noqa: E402
 
@@ -69,6 +71,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 AGENTS = {"llmops-operator": "llmops", "kopf/": "kopf", "kuberay-operator": "kuberay", "ray-operator": "kuberay"}
 WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
 CREATE_CONCURRENCY = 32
+REPEAT_MAX_N = 100   # --repeat applies to bursts this small: a second-long burst is what the machine's noise moves
 WATCH_TIMEOUT_S = 300  # settings.watching.server_timeout in handlers/main.py: each stream is renewed this often
 TARGETS = {
     "p99_rayjob_n100_s": 1.0, "all_children_ratio_n1000": 1.0, "peak_rss_mb": 250.0,
@@ -435,6 +438,27 @@ async def ensure_namespace(kube: Kube, name: str) -> None:
         await kube.close()
 
 
+async def delete_namespaces(kube: Kube, names: list[str], timeout: float) -> None:
+    """Delete the namespaces and wait until the namespace controller has removed them and all they held."""
+    try:
+        for name in names:
+            await kube.request("DELETE", f"/api/v1/namespaces/{name}")
+        deadline = time.time() + timeout
+        for name in names:
+            while True:
+                try:
+                    await kube.request("GET", f"/api/v1/namespaces/{name}")
+                except ApiError as e:
+                    if e.status == 404:
+                        break
+                    raise
+                if time.time() > deadline:
+                    raise TimeoutError(f"namespace {name} still there after {timeout:.0f}s")
+                await asyncio.sleep(1.0)
+    finally:
+        await kube.close()
+
+
 async def touch_all(kube: Kube, namespace: str, names: list[str]) -> None:
     gate = asyncio.Semaphore(CREATE_CONCURRENCY)
 
@@ -728,6 +752,15 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
             "watch_renewals_per_min_per_100": round(streams * 60 / WATCH_TIMEOUT_S / (n / 100), 3),
             **proc_mem_mb(op), "machine": usage.done(),
         }
+        if args.repeat > 1 and n <= REPEAT_MAX_N:   # as the first burst: KubeRay stopped (running since the hand-off)
+            running = any(p.name == "kuberay-operator" for p in plane.processes)
+            if running:
+                stop_kuberay(plane)
+            out["repeats"] = [repeat_burst(n, i, kube, watches, audit, args) for i in range(1, args.repeat)]
+            # gone before KubeRay runs again: its own burst must not take over these RayJobs too
+            run_async(delete_namespaces(kube, [r["namespace"] for r in out["repeats"]], args.timeout))
+            if running:
+                plane.start_kuberay()
         out["operator"] = {**proc_mem_mb(op), "cpu_s_total": round(proc_cpu_s(op), 2),
                            "user_agents": sorted(a for a in audit.agents if a.startswith(("llmops", "kopf"))),
                            "up_s": round(time.time() - t_up, 1)}
@@ -735,6 +768,29 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args) -> dict[str,
         operator.stop()
     out["restart"] = restart_check(n, plane, kube, ns, jobs, audit, args)
     return out
+
+
+def repeat_burst(n, i, kube, watches, audit, args) -> dict[str, Any]:
+    """Another burst of N FineTunes into a fresh namespace, the earlier ones at rest: one burst's p99 moves by
+    about 30% on a shared 2-core machine, so the target is judged on the median burst."""
+    ns = f"llmops-{n}-r{i}"
+    run_async(ensure_namespace(kube, ns))
+    jobs = Track(owner_name("FineTune"))
+    watches.add(f"/apis/ray.io/v1/namespaces/{ns}/rayjobs", jobs)
+    log(f"N={n}: repeat burst {i}: {n} FineTunes in {ns}")
+    t0 = time.time()
+    created = run_async(create_all(kube, fine_tunes(n, ns), collection_path))
+    wait_until(lambda: len(jobs.added) >= n, args.timeout, f"{n} RayJobs")
+    t_all = max(jobs.added.values(), default=t0)
+    audit.wait_quiet(("llmops", "kopf"), args.quiet, args.timeout, since=t_all)
+    return {"namespace": ns, "creation_to_rayjob_s": quantiles(latencies({k: v[1] for k, v in created.items()},
+                                                                           jobs.added)),
+            "all_rayjobs_after_s": round(t_all - t0, 2)}
+
+
+def burst_p99s(result: dict[str, Any]) -> list[float]:
+    """p99 creation -> RayJob of every burst of this size: the first, then the repeats."""
+    return [b["creation_to_rayjob_s"]["p99"] for b in [result["llmops_burst"], *result.get("repeats", [])]]
 
 
 def start_operator(plane: LocalPlane, args) -> OperatorProcess:
@@ -849,9 +905,12 @@ def verdicts(results: list[dict]) -> list[dict[str, Any]]:
     by_n = {r["n"]: r for r in results}
     out = []
     if 100 in by_n:
-        p99 = by_n[100]["llmops_burst"]["creation_to_rayjob_s"]["p99"]
-        out.append({"target": "p99 creation -> RayJob <= 1 s at N=100", "value": p99,
-                    "pass": p99 is not None and p99 <= TARGETS["p99_rayjob_n100_s"]})
+        p99s = burst_p99s(by_n[100])
+        p99 = statistics.median(p99s)
+        out.append({"target": "p99 creation -> RayJob <= 1 s at N=100"
+                              + (f" (median of {len(p99s)} bursts: {', '.join(f'{v:.2f}' for v in p99s)})"
+                                 if len(p99s) > 1 else ""),
+                    "value": p99, "pass": p99 is not None and p99 <= TARGETS["p99_rayjob_n100_s"]})
     if 1000 in by_n and by_n[1000].get("kuberay_burst"):
         r = by_n[1000]
         ratio = r["llmops_burst"]["all_rayjobs_after_s"] / max(r["kuberay_burst"]["all_rayclusters_after_s"], 1e-9)
@@ -958,6 +1017,7 @@ def size_table(r: dict[str, Any]) -> list[str]:
         f"{fmt_q(h['rayjob_finished_to_phase_finished_s'])} s; {h['status_writes']} status writes for "
         f"{h['status_changes_seen']} status changes; {h['writes']['child_applies']} child re-applies; "
         f"final phases {h['phases']}",
+        *repeat_lines(r),
         f"  no-op: {r['noop']['touched']} touches -> {r['noop']['reconciles']} reconciles, "
         f"{r['noop']['writes']} writes, {r['noop']['requests']} requests",
         f"  restart with {r['n']} at rest: " + (
@@ -976,6 +1036,16 @@ def size_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def repeat_lines(r: dict[str, Any]) -> list[str]:
+    if not r.get("repeats"):
+        return []
+    bursts = "; ".join(f"{fmt_q(b['creation_to_rayjob_s'])} s, all after {b['all_rayjobs_after_s']:.1f} s"
+                       for b in r["repeats"])
+    p99s = burst_p99s(r)
+    return [f"  repeat bursts (fresh namespaces, earlier ones at rest), creation -> RayJob p50/p99/max: {bursts}; "
+            f"median p99 of all {len(p99s)} bursts {statistics.median(p99s):.2f} s"]
+
+
 def ours_only_table(r: dict[str, Any]) -> list[str]:
     """A size run without KubeRay (--ours-only): our operator's figures alone."""
     b, s, w, rs = r["llmops_burst"], r["steady"], r["llmops_burst"]["writes"], r["restart"]
@@ -988,6 +1058,7 @@ def ours_only_table(r: dict[str, Any]) -> list[str]:
         f"({w['children_written_more_than_once']} children written more than once), "
         f"{w['status_writes_per_finetune']:.2f} status writes for {b['status_changes_seen_per_finetune']:.2f} "
         f"status changes seen",
+        *repeat_lines(r),
         f"  no-op: {r['noop']['touched']} touches -> {r['noop']['reconciles']} reconciles, "
         f"{r['noop']['writes']} writes",
         f"  restart with {r['n']} at rest: new FineTune's RayJob after {rs['creation_to_rayjob_s']} s, "
@@ -1052,6 +1123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-only", type=int, action="append", default=[],
                    help="for this N run only our operator's phases (no KubeRay burst, no hand-off): for sizes "
                         "where KubeRay's burst would not finish in reasonable time on this machine")
+    p.add_argument("--repeat", type=int, default=1,
+                   help=f"bursts of each size up to {REPEAT_MAX_N} (each in a fresh namespace, after the steady "
+                        "state); the N=100 p99 target is judged on their median")
     p.add_argument("--append", action="store_true",
                    help="add these sizes to the results already in --out (same N replaced)")
     args = p.parse_args(argv)
