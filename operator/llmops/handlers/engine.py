@@ -316,19 +316,19 @@ class Engine:
 
     def _applied_hash(self, uid: str) -> str | None:
         """The children hash on the last child applied (a job's result report, else the Ray object): there, it says
-        the whole set was written. From the watch, else from this process's memory of a write not seen yet."""
+        the whole set was written. This process's memory of a recent write first (the watch may still show the
+        set before it), else the watch."""
         marked = self.caches.markers.get(uid)   # a job's result report ("" without the annotation)
         if marked is None:
             current = self.caches.ray_objects.get(uid)
             if current is not None:
                 marked = (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION, "")
-        if marked:
-            applied = self._applied.get(uid)
-            if applied and applied[0] == marked and applied[2] is None:
-                del self._applied[uid]   # the watch has caught up with all of it: keep nothing twice
-            return marked
         applied = self._recently_applied(uid)
-        return applied[0] if applied else None
+        if applied is None:
+            return marked or None
+        if marked == applied[0] and applied[2] is None:
+            del self._applied[uid]   # the watch has caught up with all of it: keep nothing twice
+        return applied[0]
 
     def schedule_dependents(self, key: Key, listed: bool = False) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
