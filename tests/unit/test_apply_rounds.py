@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmops.handlers.engine import apply_rounds
+from llmops.handlers.ordering import apply_rounds
 
 
 def child(kind: str, name: str, role: str | None = None) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llmops.handlers.engine import Slots
+from llmops.handlers.slots import Slots
 
 
 def test_changed_resources_go_before_relisted_ones():

@@ -8,7 +8,6 @@ burst of events costs at most two reconciles. Reconciles read only the caches an
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import datetime
 import logging
@@ -19,11 +18,14 @@ from typing import Any, Callable
 from ..builders.common import BuildContext, is_shared, short_hash
 from ..kube import ApiError, Kube, with_retries
 from ..status import Verdict, conditions_for, same_status
+from .caches import Caches, plain
+from .metrics import Metrics
+from .ordering import HASH_ANNOTATION, Plan, apply_rounds, stateful
+from .slots import Slots
 
 log = logging.getLogger("llmops")
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
-HASH_ANNOTATION = "llmops.dev/children-hash"
 APPLIED_MEMORY_SECONDS = 30.0   # long enough for the watch to bring back what was just applied
 ECHO_MEMORY_LIMIT = 100_000     # resourceVersions of our writes not yet seen again (bounded, in case one never is)
 RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
@@ -44,88 +46,6 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-
-@dataclass
-class Histogram:
-    """Cumulative-bucket histogram in constant memory."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.n += 1
-
-
-@dataclass
-class Metrics:
-    reconciles: dict[tuple[str, str], int] = field(default_factory=dict)   # (kind, result) -> count
-    durations: dict[str, Histogram] = field(default_factory=dict)          # kind -> seconds
-    api_errors: dict[str, int] = field(default_factory=dict)               # reason -> count
-    child_writes: int = 0
-    status_writes: int = 0
-
-    def count(self, kind: str, result: str, seconds: float) -> None:
-        self.reconciles[(kind, result)] = self.reconciles.get((kind, result), 0) + 1
-        self.durations.setdefault(kind, Histogram()).observe(seconds)
-
-
-def plain(body: Any, spec: bool = True) -> dict[str, Any]:
-    """What the reconciles read of an object, kept small: no managedFields (often the largest part of an object),
-    and, for Ray objects, no spec (only their status and annotations are read; their spec is what we wrote)."""
-    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
-    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": meta,
-           "status": dict(body.get("status") or {})}
-    if spec:
-        out["spec"] = dict(body.get("spec") or {})
-    return out
-
-
-class IndexView:
-    """Read access to one kopf index (key -> the values of the objects that produced it), or a plain dict."""
-
-    def __init__(self, index: Any = None):
-        self.index = index if index is not None else {}
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        store = self.index.get(key)
-        if not store:
-            return default
-        return next(iter(store)) if not isinstance(store, dict) else store
-
-    def all(self, key: Any) -> list[Any]:
-        store = self.index.get(key)
-        return list(store) if store else []
-
-    def items(self):
-        for key, store in list(self.index.items()):
-            for value in (store if not isinstance(store, dict) else [store]):
-                yield key, value
-
-
-@dataclass
-class Caches:
-    """Watch-fed views: kopf fills these indexes from its watches, and runs no handler before every index has
-    its initial listing, so a reconcile right after a restart sees the children that already exist. Reading
-    them costs no API request."""
-
-    owners: IndexView = field(default_factory=IndexView)        # (kind, ns, name) -> our resource
-    ray_objects: IndexView = field(default_factory=IndexView)   # owner uid -> RayJob/RayService
-    results: IndexView = field(default_factory=IndexView)       # owner uid -> result ConfigMap data
-    pods: IndexView = field(default_factory=IndexView)          # owner uid -> pods (name, status)
-    names: IndexView = field(default_factory=IndexView)         # (kind, ns, name) -> owner uid of a stateful child
-    shared: IndexView = field(default_factory=IndexView)        # (ns, name) -> a shared child that exists
-    markers: IndexView = field(default_factory=IndexView)       # owner uid -> children hash on its result report
-    owner_keys: IndexView = field(default_factory=IndexView)    # owner uid -> (kind, ns, name)
-    refs: IndexView = field(default_factory=IndexView)          # referenced key -> keys of dependents
-
-
 @dataclass
 class Outcome:
     """What a kind's reconcile decided: children to have, and where the resource stands."""
@@ -138,89 +58,9 @@ class Outcome:
     requeue_after: float | None = None   # look again after this many seconds even if nothing changes
 
 
-class Slots:
-    """A semaphore whose waiters come in two classes: a freed slot goes to the first waiter of the first class,
-    and to the second class only when the first has none. After a restart the re-listed resources wait in the
-    second class, so a resource created meanwhile does not queue behind thousands that are at rest."""
-
-    def __init__(self, limit: int):
-        self._free = limit
-        self._waiting: tuple[collections.deque, collections.deque] = (collections.deque(), collections.deque())
-
-    @contextlib.asynccontextmanager
-    async def slot(self, later: bool = False):
-        if self._free > 0 and not any(self._waiting):
-            self._free -= 1
-        else:
-            queue = self._waiting[1 if later else 0]
-            granted = asyncio.get_running_loop().create_future()
-            queue.append(granted)
-            try:
-                await granted
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._release()   # handed a slot just as the waiter was cancelled: pass it on
-                elif granted in queue:
-                    queue.remove(granted)
-                raise
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        for queue in self._waiting:
-            while queue:
-                granted = queue.popleft()
-                if not granted.done():
-                    granted.set_result(None)
-                    return
-        self._free += 1
-
-
 class PreviousRunPresent(Exception):
     """A child's name is taken by an object of an earlier resource of the same name (not yet collected, or
     orphaned). Taking it over would show that run's state as ours, so the reconcile waits instead."""
-
-
-# Children whose state would be inherited by a new owner: the Ray object and the result report.
-def _stateful(child: dict[str, Any], ray_kind: str) -> bool:
-    return child["kind"] == ray_kind or child["metadata"].get("labels", {}).get("llmops.dev/role") == "result"
-
-
-def _is_result(child: dict[str, Any]) -> bool:
-    return child["metadata"].get("labels", {}).get("llmops.dev/role") == "result"
-
-
-def apply_rounds(children: list[dict[str, Any]], ray_kind: str) -> list[list[dict[str, Any]]]:
-    """The order children are applied in, as rounds of concurrent applies. The Ray object goes first, with the
-    ServiceAccount its pods are created under, so the work starts as early as it can; what the pods read later
-    (ConfigMaps; the Role and RoleBinding they report through) follows, the RoleBinding after its Role (RBAC
-    checks a binding against the Role, which must exist by then). The marker goes last, alone: the child that
-    carries the hash of the whole set (a job's result report; for a service, its only child, the Ray object).
-    Its hash says every child was written, so a crash part-way leaves the set to be applied again."""
-    marker = next((c for c in children if _is_result(c)), None)
-    ray = [c for c in children if c["kind"] == ray_kind]
-    if marker is None:
-        marker = ray[0] if ray else children[-1]
-    first = [c for c in children if c is not marker and (c["kind"] == ray_kind or c["kind"] == "ServiceAccount")]
-    if not any(c["kind"] == ray_kind for c in first):
-        first = []   # the Ray object is the marker: everything else before it
-    bindings = [c for c in children if c["kind"] == "RoleBinding" and c is not marker]
-    others = [c for c in children if c is not marker and not any(c is x for x in first + bindings)]
-    return [r for r in (first, others, bindings, [marker]) if r]
-
-
-@dataclass
-class Plan:
-    """One application of a changed set of children."""
-
-    uid: str
-    wanted: str                        # the set's hash, written on the marker
-    rounds: list[list[dict[str, Any]]]
-    created: bool                      # the Ray object is created by this application
-    ray_kind: str
-    fresh: dict[str, Any] | None = None   # the Ray object as created, until the watch shows it
 
 
 class Engine:
@@ -512,7 +352,7 @@ class Engine:
         owns one (not yet collected, or orphaned), taking it over would show that run's state as ours."""
         uid = body["metadata"]["uid"]
         for child in outcome.children:
-            if not _stateful(child, outcome.ray_kind):
+            if not stateful(child, outcome.ray_kind):
                 continue
             meta = child["metadata"]
             owner = self.caches.names.get((child["kind"], meta["namespace"], meta["name"]))

@@ -19,7 +19,9 @@ from ..builders.common import BuildContext
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from . import batchinference, finetune, kopf_toggles, llmservice
-from .engine import HASH_ANNOTATION, Engine, plain
+from .caches import plain
+from .engine import Engine
+from .ordering import HASH_ANNOTATION
 from .metrics import serve_metrics
 
 log = logging.getLogger("llmops")

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .engine import DURATION_BUCKETS
-
 if TYPE_CHECKING:
     from .engine import Engine
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram in constant memory."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+@dataclass
+class Metrics:
+    reconciles: dict[tuple[str, str], int] = field(default_factory=dict)   # (kind, result) -> count
+    durations: dict[str, Histogram] = field(default_factory=dict)          # kind -> seconds
+    api_errors: dict[str, int] = field(default_factory=dict)               # reason -> count
+    child_writes: int = 0
+    status_writes: int = 0
+
+    def count(self, kind: str, result: str, seconds: float) -> None:
+        self.reconciles[(kind, result)] = self.reconciles.get((kind, result), 0) + 1
+        self.durations.setdefault(kind, Histogram()).observe(seconds)
 
 
 def render(engine: Engine) -> str:
