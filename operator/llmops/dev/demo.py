@@ -57,6 +57,19 @@ def _done(statuses: dict[str, dict]) -> bool:
     return ft.get("phase") == "Succeeded" and bi.get("phase") == "Succeeded" and adapters.get("viggo") == "Serving"
 
 
+def _clear_earlier_run(plane: LocalPlane) -> None:
+    """The demo runs the workflow every time: what an earlier demo left on this plane (its data outlives the
+    processes) goes first, children included (foreground deletion waits for the garbage collector), so the
+    resources start from nothing instead of showing the old run's state as "unchanged"."""
+    files = [str(EXAMPLES / name) for name in ("llmservice.yaml", "batchinference.yaml", "finetune.yaml")]
+    found = plane.kubectl("get", *(a for f in files for a in ("-f", f)), "--ignore-not-found", "-o", "name",
+                          quiet=True).stdout.split()
+    if found:
+        log(f"removing the earlier demo run's {', '.join(found)} and their children")
+        plane.kubectl("delete", *(a for f in files for a in ("-f", f)), "--ignore-not-found",
+                      "--cascade=foreground", "--wait", "--timeout=180s", quiet=True)
+
+
 def main(keep: bool = False, timeout: float = 240) -> int:
     print(BANNER, flush=True)
     root = Path(os.environ.get("LLMOPS_DEV_DIR", cache_dir() / "dev")).expanduser()
@@ -89,6 +102,7 @@ def main(keep: bool = False, timeout: float = 240) -> int:
     threading.Thread(target=simulate, daemon=True).start()
     try:
         _secrets(plane)
+        _clear_earlier_run(plane)
         for name in ("finetune.yaml", "batchinference.yaml", "llmservice.yaml"):
             plane.kubectl("apply", "-f", str(EXAMPLES / name))
         deadline = time.monotonic() + timeout
