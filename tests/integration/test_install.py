@@ -100,10 +100,12 @@ def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release
         status = (cluster.get("FineTune", ns, "ft") or {}).get("status")
         raise AssertionError(f"{e}\nstatus: {status}\noperator log:\n{chart_operator.log()[-4000:]}") from None
 
-    def metrics_while_running():
+    def metrics_while_running():   # a reconcile is counted when it returns, after the status write and its Event
         text = chart_operator.metrics()
-        return text if 'llmops_resources{kind="FineTune",phase="Running"} 1' in text else None
-    text = wait_for(metrics_while_running, timeout=30, what="llmops_resources to count the Running FineTune")
+        running = 'llmops_resources{kind="FineTune",phase="Running"} 1' in text
+        return text if running and 'llmops_reconciles_total{kind="FineTune",result="ok"}' in text else None
+    text = wait_for(metrics_while_running, timeout=30,
+                    what="llmops_resources to count the Running FineTune, and its reconcile counted")
     for name in METRICS:
         assert f"# TYPE {name} " in text, name
     assert 'llmops_reconciles_total{kind="FineTune",result="ok"}' in text
