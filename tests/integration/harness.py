@@ -95,12 +95,8 @@ class Cluster:
         return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[body["kind"]], body)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return _unless_absent(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                               PLURALS[kind], name))
 
     def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name, patch)
@@ -110,26 +106,27 @@ class Cluster:
 
     # KubeRay objects
     def ray(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object("ray.io", "v1", namespace, plural, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return _unless_absent(lambda: self.custom.get_namespaced_custom_object("ray.io", "v1", namespace, plural,
+                                                                               name))
 
     def ray_list(self, plural: str, namespace: str) -> list[dict[str, Any]]:
         return self.custom.list_namespaced_custom_object("ray.io", "v1", namespace, plural)["items"]
 
     def config_map(self, namespace: str, name: str) -> Any | None:
-        try:
-            return self.core.read_namespaced_config_map(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return _unless_absent(lambda: self.core.read_namespaced_config_map(name, namespace))
 
     def pods(self, namespace: str, selector: str = "") -> list[Any]:
         return self.core.list_namespaced_pod(namespace, label_selector=selector).items
+
+
+def _unless_absent(read: Callable[[], Any]) -> Any | None:
+    """What `read` returns, or None where the object does not exist (404)."""
+    try:
+        return read()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> Any:

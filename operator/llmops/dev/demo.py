@@ -22,6 +22,7 @@ from .simulator import Simulator
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples" / "viggo"
+EXAMPLE_FILES = ("finetune.yaml", "batchinference.yaml", "llmservice.yaml")   # applied in this order
 NAMESPACE = "default"
 BANNER = """
 +--------------------------------------------------------------------------------------------------+
@@ -61,7 +62,7 @@ def _clear_earlier_run(plane: LocalPlane) -> None:
     """The demo runs the workflow every time: what an earlier demo left on this plane (its data outlives the
     processes) goes first, children included (foreground deletion waits for the garbage collector), so the
     resources start from nothing instead of showing the old run's state as "unchanged"."""
-    files = [str(EXAMPLES / name) for name in ("llmservice.yaml", "batchinference.yaml", "finetune.yaml")]
+    files = [str(EXAMPLES / name) for name in reversed(EXAMPLE_FILES)]
     found = plane.kubectl("get", *(a for f in files for a in ("-f", f)), "--ignore-not-found", "-o", "name",
                           quiet=True).stdout.split()
     if found:
@@ -103,7 +104,7 @@ def main(keep: bool = False, timeout: float = 240) -> int:
     try:
         _secrets(plane)
         _clear_earlier_run(plane)
-        for name in ("finetune.yaml", "batchinference.yaml", "llmservice.yaml"):
+        for name in EXAMPLE_FILES:
             plane.kubectl("apply", "-f", str(EXAMPLES / name))
         deadline = time.monotonic() + timeout
         last = ""
