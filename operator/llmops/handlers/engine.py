@@ -20,7 +20,7 @@ from ..kube import ApiError, Kube, with_retries
 from ..status import Verdict, conditions_for, same_status
 from .caches import Caches, plain
 from .metrics import Metrics
-from .ordering import HASH_ANNOTATION, Plan, apply_rounds, stateful
+from .ordering import HASH_ANNOTATION, Plan, apply_rounds, holds, stateful
 from .slots import Slots
 
 log = logging.getLogger("llmops")
@@ -272,8 +272,7 @@ class Engine:
             self._check_names_free(body, outcome)
         rounds = apply_rounds(outcome.children, outcome.ray_kind)
         rounds[-1][-1]["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
-        return Plan(uid, wanted, rounds, created and any(c["kind"] == outcome.ray_kind for c in outcome.children),
-                    outcome.ray_kind)
+        return Plan(uid, wanted, rounds, created and holds(outcome.children, outcome.ray_kind), outcome.ray_kind)
 
     async def _apply_first(self, plan: Plan) -> None:
         """The first round: with the Ray object in it, the work starts."""
@@ -282,17 +281,14 @@ class Engine:
     async def _apply_rest(self, plan: Plan) -> None:
         """The other rounds, the marker last. Once the Ray object exists they yield to Ray objects being created
         (in a burst, every job starts before any job's supporting objects are written)."""
-        if len(plan.rounds) > 1 and self._has_ray(plan, plan.rounds[0]):
+        if len(plan.rounds) > 1 and holds(plan.rounds[0], plan.ray_kind):
             await self._after_creations()
         for children in plan.rounds[1:]:
             await self._apply_round(plan, children)
         self._applied[plan.uid] = (plan.wanted, time.monotonic(), plan.fresh)
 
-    def _has_ray(self, plan: Plan, children: list[dict[str, Any]]) -> bool:
-        return any(c["kind"] == plan.ray_kind for c in children)
-
     async def _apply_round(self, plan: Plan, children: list[dict[str, Any]]) -> None:
-        creating = plan.created and self._has_ray(plan, children)
+        creating = plan.created and holds(children, plan.ray_kind)
         if creating:
             self._creating += 1
             self._quiet.clear()

@@ -12,6 +12,10 @@ def _is_result(child: dict[str, Any]) -> bool:
     return child["metadata"].get("labels", {}).get("llmops.dev/role") == "result"
 
 
+def holds(children: list[dict[str, Any]], kind: str) -> bool:
+    return any(c["kind"] == kind for c in children)
+
+
 def stateful(child: dict[str, Any], ray_kind: str) -> bool:
     """A child whose state a new owner would inherit: the Ray object and the result report."""
     return child["kind"] == ray_kind or _is_result(child)
@@ -29,7 +33,7 @@ def apply_rounds(children: list[dict[str, Any]], ray_kind: str) -> list[list[dic
     if marker is None:
         marker = ray[0] if ray else children[-1]
     first = [c for c in children if c is not marker and (c["kind"] == ray_kind or c["kind"] == "ServiceAccount")]
-    if not any(c["kind"] == ray_kind for c in first):
+    if not holds(first, ray_kind):
         first = []   # the Ray object is the marker: everything else before it
     bindings = [c for c in children if c["kind"] == "RoleBinding" and c is not marker]
     others = [c for c in children if c is not marker and not any(c is x for x in first + bindings)]
