@@ -26,7 +26,11 @@ does with transformers + peft, step for step:
   (what `neat_packing` does with `flash_attn: sdpa`).
 * default: the keys the operator renders, from `llmops.builders.recipe.training_recipe()` itself (stdlib only,
   imported from operator/): for an H100 FineTune of Qwen2.5-7B with the stock image (no flash-attn), SDPA with
-  neat packing and Liger; `default-fa2` is the same for an image with flash-attn.
+  neat packing and Liger; `default-fa2` is what an image with flash-attn gets; `default-shared` is the default
+  with `sharedPrefix: true` (FA2 varlen cannot share a prefix).
+* shared-prefix: the rows of neat packing with the prompt tokens all samples start with carried once per row,
+  built, masked and padded by the operator's own `payloads/shared_prefix.py` (what its hook makes LLaMA-Factory
+  0.9.4 do in each Ray Train worker): the same samples per row and per optimizer step as without sharing.
 * liger: liger-kernel's own Qwen2 patch, the call LLaMA-Factory makes for `enable_liger_kernel: true` in SFT
   (RoPE, RMSNorm, SwiGLU and fused linear cross-entropy). It cannot be removed once applied, so every recipe
   without it is measured first.
@@ -56,6 +60,7 @@ import argparse
 import bisect
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -71,7 +76,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "operator"))
-from llmops.builders.recipe import training_recipe  # noqa: E402  (pure, stdlib only: no pydantic needed here)
+from llmops.builders.recipe import SHARED_PREFIX_HOOK, training_recipe  # noqa: E402  (pure, stdlib only)
+from payloads import shared_prefix  # noqa: E402  (stdlib; torch only in its mask function)
 
 GIB = 2**30
 IGNORE = -100
@@ -113,6 +119,7 @@ class ViggoLikeTask:
     """ViGGO-shaped samples whose answers a LoRA adapter can learn from random base weights."""
 
     SYSTEM_LEN = 127
+    PREFIX_LEN = 3 + SYSTEM_LEN + 2 + 3  # what every sample starts with: the system turn and the user turn's header
     N_ATTRIBUTES = 256
 
     def __init__(self, seed: int):
@@ -209,6 +216,31 @@ def packed_microbatch(rows: list[list[Sample]], row_len: int) -> MicroBatch:
         position_ids=torch.from_numpy(positions).cuda(), attention_mask=None, cu_seqlens=cu, max_seqlen=max_len,
         n_samples=sum(len(r) for r in rows), n_tokens=n_tokens, n_labels=int((labels[:, 1:] != IGNORE).sum()),
     )
+
+
+def shared_microbatch(rows: list[list[Sample]], prefix_len: int) -> MicroBatch:
+    """Rows as the shared-prefix hook hands them to the model: `prefix_len` tokens once, then each sample's rest at
+    its own positions, the micro-batch padded to its longest row (a multiple of 8), the 4-D mask in bf16 (what
+    LLaMA-Factory's collator builds with compute dtype bf16)."""
+    features = []
+    for row in rows:
+        packed = shared_prefix.pack([(s.input_ids, s.labels) for s in row], prefix_len, 10**9,
+                                    lambda lengths, capacity: [lengths])  # the row as it is: one knapsack
+        features.append({k: v[0] for k, v in packed.items()})
+    features = shared_prefix.pad_rows(features, PAD_ID, 8)
+    ids = torch.tensor([f["input_ids"] for f in features], device="cuda")
+    labels = torch.tensor([f["labels"] for f in features], device="cuda")
+    indices = torch.tensor([f["attention_mask"] for f in features], device="cuda")
+    return MicroBatch(
+        input_ids=ids, labels=labels, position_ids=torch.tensor([f["position_ids"] for f in features], device="cuda"),
+        attention_mask=shared_prefix.attention_mask_4d(indices, torch.bfloat16), cu_seqlens=None, max_seqlen=0,
+        n_samples=sum(len(r) for r in rows), n_tokens=int((indices != 0).sum()),
+        n_labels=int((labels[:, 1:] != IGNORE).sum()))
+
+
+def microbatch_for(recipe, rows: list[list[Sample]], row_len: int, prefix_len: int) -> MicroBatch:
+    return shared_microbatch(rows, prefix_len) if recipe.attention == "shared-prefix" else \
+        packed_microbatch(rows, row_len)
 
 
 def padded_microbatch(sample: Sample, multiple: int = 8) -> MicroBatch:
@@ -462,7 +494,7 @@ def _smoke(model, mb: MicroBatch) -> None:
 
 def forward_loss(model, mb: MicroBatch, num_items: int, mode: str):
     kwargs = {"input_ids": mb.input_ids, "labels": mb.labels, "num_items_in_batch": num_items}
-    if mode in ("varlen", "sdpa-mask", "sdpa-leaky"):
+    if mode in ("varlen", "sdpa-mask", "sdpa-leaky", "shared-prefix"):
         kwargs["position_ids"] = mb.position_ids
     if mode == "sdpa-leaky":  # all-ones mask: transformers then ignores the sample bounds
         kwargs["attention_mask"] = torch.ones_like(mb.input_ids)
@@ -612,7 +644,7 @@ class Recipe:
     name: str
     description: str
     packed: bool
-    attention: str  # varlen | sdpa-mask | sdpa (unpacked)
+    attention: str  # varlen | sdpa-mask | shared-prefix | sdpa (unpacked)
     micro_batch: int  # rows (packed) or samples (unpacked)
     accumulation: int
     checkpointing: bool
@@ -641,7 +673,8 @@ def rendered_recipe(name: str, description: str, image: str, cutoff_len: int, **
     elif keys["flash_attn"] == "fa2":
         attention = "varlen"  # with or without neat_packing: FA2 on the sample bounds
     elif keys["neat_packing"] and keys["flash_attn"] == "sdpa":
-        attention = "sdpa-mask"
+        hook = keys.get("ray_init_kwargs", {}).get("runtime_env", {}).get("worker_process_setup_hook")
+        attention = "shared-prefix" if hook == SHARED_PREFIX_HOOK else "sdpa-mask"
     else:
         raise ValueError(f"no bench attention for {keys}")
     return Recipe(name, description, keys["packing"], attention, keys["per_device_train_batch_size"],
@@ -712,8 +745,8 @@ def make_steps(recipe: Recipe, samples: list[Sample], rows: list[list[Sample]], 
             chunk = rows[s * per_step:(s + 1) * per_step]
             if len(chunk) < per_step:
                 raise ValueError("not enough packed rows")
-            steps.append([packed_microbatch(chunk[m * recipe.micro_batch:(m + 1) * recipe.micro_batch], row_len)
-                          for m in range(recipe.accumulation)])
+            steps.append([microbatch_for(recipe, chunk[m * recipe.micro_batch:(m + 1) * recipe.micro_batch], row_len,
+                                         ViggoLikeTask.PREFIX_LEN) for m in range(recipe.accumulation)])
     else:
         if recipe.micro_batch != 1:
             raise ValueError("unpacked recipes here use one sample per micro-batch")
@@ -886,6 +919,12 @@ def equivalence(model, samples: list[Sample]) -> dict:
             loss = float(forward_loss(model, mb, n_items, mode))
         out[f"packed_{mode}_loss"] = loss
         out[f"packed_{mode}_rel_diff"] = abs(loss - unpacked) / abs(unpacked)
+    set_attention(model, "sdpa")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = float(forward_loss(model, shared_microbatch([samples], ViggoLikeTask.PREFIX_LEN), n_items,
+                                  "shared-prefix"))
+    out["shared_prefix_loss"] = loss
+    out["shared_prefix_rel_diff"] = abs(loss - unpacked) / abs(unpacked)
     return out
 
 
@@ -1181,7 +1220,13 @@ def main() -> int:
     lengths = np.array([len(s.input_ids) for s in pool])
     n_labels = np.array([sum(1 for x in s.labels if x != IGNORE) for s in pool])
     rows = pack_rows(pool, row_len, seed=3)
+    if shared_prefix.shared_prefix_length([(s.input_ids, s.labels) for s in pool]) != ViggoLikeTask.PREFIX_LEN:
+        raise RuntimeError("the samples do not share the prefix the shared-prefix rows assume")
+    shared_tokens = sum(ViggoLikeTask.PREFIX_LEN + sum(len(s.input_ids) - ViggoLikeTask.PREFIX_LEN for s in r)
+                        for r in rows)
     results["data"] = {
+        "shared_prefix_tokens": ViggoLikeTask.PREFIX_LEN,
+        "shared_row_tokens_mean": round(shared_tokens / len(rows), 1),
         "mean_tokens": round(float(lengths.mean()), 1),
         "p5_p50_p95_tokens": [int(np.percentile(lengths, q)) for q in (5, 50, 95)],
         "mean_label_tokens": round(float(n_labels.mean()), 1),
@@ -1212,6 +1257,11 @@ def main() -> int:
                          gradientCheckpointing=True, ligerKernel=False)
     default = rendered("default", "what the operator renders with the stock image: packed 2048-token row x1, "
                        "neat packing (SDPA, block-diagonal mask), liger, no checkpointing", "stock")
+    shared = functools.partial(rendered, image="stock", sharedPrefix=True)
+    default_shared = shared("default-shared", "as default with sharedPrefix: the same samples per row, their common "
+                            "prompt once per row (4-D mask)")
+    if default_shared.attention != "shared-prefix":
+        raise RuntimeError(f"sharedPrefix did not render the shared-prefix hook: {default_shared.rendered}")
     default_fa2 = rendered("default-fa2", "what the operator renders for an image with flash-attn "
                            "(finetune_flash_attention): as default with FA2 varlen, no mask", "flash-attn")
     default_x2 = rendered("default-x2", "as default, packed rows x2 (twice the effective batch)", "stock",
@@ -1285,6 +1335,9 @@ def main() -> int:
         # The two defaults twice, interleaved: their spread is the run's timing noise.
         run_variants(model, adapter, [
             (default, 2, 20),
+            (default_shared, 3, 20),  # new row lengths cost SDPA plan set-up: more warm-up
+            (shared("default-shared-x3", "as default-shared, 3 rows per micro-batch (3x the effective batch)",
+                    perDeviceBatchSize=3), 3, 10),
             (default_fa2, 2, 20),
             (default_x2, 1, 10),
             (rendered("default-fa2-x2", "as default-fa2, rows x2", "flash-attn", perDeviceBatchSize=2), 1, 10),
@@ -1292,14 +1345,18 @@ def main() -> int:
              1, 6),
             (rendered("default-x4-ckpt", "as default, rows x4, gradient checkpointing", "stock",
                       perDeviceBatchSize=4, gradientCheckpointing=True), 1, 3),
+            (shared("default-shared-ckpt", "as default-shared, gradient checkpointing", gradientCheckpointing=True),
+             2, 6),
             (bf16_adapter(default, "default-pure-bf16"), 2, 8),
             (dataclasses.replace(default, name="default-again"), 1, 20),
+            (dataclasses.replace(default_shared, name="default-shared-again"), 1, 20),
             (dataclasses.replace(default_fa2, name="default-fa2-again"), 1, 20),
         ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     by_name = timed_by_name(results)
-    results["targets"] = targets(by_name, ("default", "default-again", "default-x2", "default-fa2",
-                                           "default-fa2-again", "packed-sdpa-mask", "packed-fa2"))
+    results["targets"] = targets(by_name, ("default", "default-again", "default-shared", "default-shared-again",
+                                           "default-shared-x3", "default-fa2", "default-fa2-again", "packed-sdpa-mask",
+                                           "packed-fa2"))
     results["memory_calibration"] = {
         "weights_gib": round(n_params * 2 / GIB, 2),
         "no_ckpt": slope(by_name, "packed-fa2", "packed-fa2-x2"),
@@ -1311,15 +1368,18 @@ def main() -> int:
     write(args.out, results)
 
     results["profiles"] = []
-    for profiled in ((default, default_fa2) if Liger.applied else (packed_sdpa_mask, packed_fa2)):
+    for profiled in ((default, default_shared, default_fa2) if Liger.applied else (packed_sdpa_mask, packed_fa2)):
         results["profiles"].append(profile_timed(model, adapter, profiled, pool, rows, row_len, by_name))
         write(args.out, results)
 
     if Liger.applied and args.learning:  # most telling first: the device time may run out before the last
         learn_rows = pack_rows(learn, row_len, seed=19)
         row_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
+        shared_steps = [[shared_microbatch([r], ViggoLikeTask.PREFIX_LEN)] for r in learn_rows]
         learning_runs(model, adapter, default, "default (1 row/step)", row_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)
+        learning_runs(model, adapter, default_shared, "default-shared (1 row/step)", shared_steps, args.loss_lrs,
+                      eval_rows, row_len, len(learn), results, args.out)
         x2_steps = [[packed_microbatch(learn_rows[i:i + 2], row_len)] for i in range(0, len(learn_rows), 2)]
         learning_runs(model, adapter, default_x2, "default-x2 (2 rows/step)", x2_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)

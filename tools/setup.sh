@@ -42,9 +42,11 @@ make_venv() {  # name, check, packages...
 if [ "${LLMOPS_SKIP_RAY_VENV:-0}" != 1 ]; then
   make_venv .venv-ray 'import ray.data.llm, ray.serve, transformers, peft, pytest, yaml' \
     'ray[data,serve]==2.60.0' transformers peft pytest pyyaml
-  make_venv .venv-lf 'import importlib.metadata as m, ray.train, pytest; assert m.version("llamafactory") == "0.9.4"' \
-    'llamafactory==0.9.4' 'ray[data,train]==2.60.0' 'torch==2.11.0' 'torchaudio==2.11.0' 'torchvision==0.26.0' \
-    pytest pyyaml
+  # The FineTune image's pins (Settings.finetune_pip): transformers 4.52.4 is what lets 0.9.4 use neat packing.
+  make_venv .venv-lf 'import importlib.metadata as m, ray.train, pytest
+assert (m.version("llamafactory"), m.version("transformers")) == ("0.9.4", "4.52.4")' \
+    'llamafactory==0.9.4' 'transformers==4.52.4' 'ray[data,train]==2.60.0' 'torch==2.11.0' 'torchaudio==2.11.0' \
+    'torchvision==0.26.0' pytest pyyaml
 fi
 
 step "building the local control plane from source (cold: ~10 min on 2 cores; warm: seconds)"

@@ -28,6 +28,7 @@ LLAMAFACTORY_KEYS = {
     "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int,
     "disable_gradient_checkpointing": bool,
+    "ray_init_kwargs": dict,  # hparams/training_args.py (RayArguments): handed to ray.init
 }
 
 GIB = {"L4": 24, "A10G": 24, "L40S": 48, "A100": 80, "H100": 80}
@@ -154,7 +155,7 @@ def test_user_micro_batch_decides_checkpointing_when_unset():
 
 def test_none_means_choose_for_me():
     unset = dict.fromkeys(("packing", "perDeviceBatchSize", "gradientAccumulationSteps", "gradientCheckpointing",
-                           "attention", "ligerKernel"))
+                           "attention", "ligerKernel", "sharedPrefix"))
     for gpu in GIB:
         assert recipe(gpu, **unset) == recipe(gpu)
 
@@ -183,7 +184,8 @@ def test_pure_and_leaves_overrides_alone():
 
 @pytest.mark.parametrize("gpu", sorted(GIB))
 @pytest.mark.parametrize("overrides", [{}, {"packing": False}, {"attention": "eager"}, {"ligerKernel": False},
-                                       {"perDeviceBatchSize": 2, "gradientCheckpointing": True}])
+                                       {"perDeviceBatchSize": 2, "gradientCheckpointing": True},
+                                       {"attention": "sdpa", "sharedPrefix": True}])
 def test_every_key_is_a_llamafactory_key_with_a_valid_value(gpu, overrides):
     r = recipe(gpu, **overrides)
     assert set(r) <= set(LLAMAFACTORY_KEYS)
@@ -209,3 +211,27 @@ def test_memory_model_reproduces_the_measured_peaks():
         row = measured[name]
         predicted = peak_memory_gib(params_b, 8, row["tokens_per_microbatch"], checkpointing, liger, fa2=fa2)
         assert predicted == pytest.approx(row["peak_alloc_gib"], abs=0.1), name
+
+
+def test_shared_prefix_installs_the_payloads_hook_in_the_training_workers():
+    r = recipe("H100", attention="sdpa", sharedPrefix=True)
+    assert r == {**recipe("H100", attention="sdpa"),
+                 "ray_init_kwargs": {"runtime_env": {"worker_process_setup_hook": "payloads.shared_prefix.install"}}}
+    assert "ray_init_kwargs" not in recipe("H100", attention="sdpa")  # off unless asked for
+    assert "ray_init_kwargs" not in recipe("H100", attention="sdpa", sharedPrefix=False)
+
+
+@pytest.mark.parametrize("overrides", [{"attention": "fa2"}, {"attention": "sdpa", "packing": False}])
+def test_shared_prefix_without_the_mask_is_refused(overrides):
+    with pytest.raises(ValueError, match="training.sharedPrefix needs packing with a mask"):
+        recipe("H100", sharedPrefix=True, **overrides)
+
+
+def test_asking_for_a_shared_prefix_picks_sdpa_on_a_flash_attention_image():
+    doc = example("viggo/finetune.yaml")
+    doc["metadata"]["uid"] = "u"
+    doc["spec"]["training"] = {**doc["spec"].get("training", {}), "sharedPrefix": True}
+    children = finetune_builder.build(doc, BuildContext(settings=Settings(finetune_flash_attention=True), payloads={}))
+    config = yaml.safe_load(next(o for o in children if o["metadata"]["name"].endswith("-config"))["data"]["train.yaml"])
+    assert (config["flash_attn"], config["neat_packing"]) == ("sdpa", True)
+    assert config["ray_init_kwargs"]["runtime_env"]["worker_process_setup_hook"] == "payloads.shared_prefix.install"

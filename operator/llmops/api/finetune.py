@@ -81,6 +81,13 @@ class Dataset(ApiModel):
 
 
 class Training(ApiModel):
+    model_config = validations(
+        cel("!has(self.sharedPrefix) || !self.sharedPrefix || ((!has(self.packing) || self.packing) && "
+            "(!has(self.attention) || self.attention != 'fa2'))",
+            "training.sharedPrefix needs packing with a mask: leave packing on and attention unset, sdpa or eager",
+            field_path=".sharedPrefix"),
+    )
+
     epochs: float = Field(default=3.0, gt=0, le=1000)
     """Training epochs."""
     learning_rate: float = Field(default=1e-4, gt=0, le=1)
@@ -98,6 +105,11 @@ class Training(ApiModel):
     """Training precision."""
     packing: bool | None = None
     """Pack short samples into cutoff-length rows (without cross-attention between samples). Unset: on."""
+    shared_prefix: bool | None = None
+    """Carry the prompt tokens all samples start with (template, system prompt, a fixed instruction) once per packed
+    row instead of once per sample; each sample still sees only itself, at its own positions: the same loss and
+    gradients from fewer tokens (less than half the GPU work for ViGGO). Needs packing with attention sdpa or eager
+    (unset attention then means sdpa). Unset: off; see docs/training-recipe.md for when it pays."""
     gradient_checkpointing: bool | None = None
     """Recompute activations to save memory. Unset: only when the accelerator's memory needs it."""
     attention: Literal["auto", "sdpa", "fa2", "eager"] | None = None

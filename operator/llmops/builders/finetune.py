@@ -42,10 +42,13 @@ def model_params_b(source: str) -> float:
 
 def recipe_for(spec: FineTuneSpec, ctx: BuildContext) -> dict[str, Any]:
     t = spec.training
-    attention = t.attention or (None if ctx.settings.finetune_flash_attention else "sdpa")
+    # The stock image has no flash-attn: SDPA. Asking for a shared prefix asks for its mask too.
+    flash = ctx.settings.finetune_flash_attention and not t.shared_prefix
+    attention = t.attention or (None if flash else "sdpa")
     overrides = {"packing": t.packing, "perDeviceBatchSize": t.per_device_batch_size,
                  "gradientAccumulationSteps": t.gradient_accumulation_steps,
-                 "gradientCheckpointing": t.gradient_checkpointing, "attention": attention}
+                 "gradientCheckpointing": t.gradient_checkpointing, "attention": attention,
+                 "sharedPrefix": t.shared_prefix}
     return training_recipe(gpu_memory_gib=profile_for(spec.resources, ctx.settings).gpu_memory_gib,
                            base_model_params_b=model_params_b(spec.base_model.source),
                            cutoff_len=spec.dataset.cutoff_len, lora_rank=spec.method.rank,

@@ -11,6 +11,14 @@ What it decides, each unless the user chose (`overrides` wins, always):
   transformers < 4.53, and refuses to start otherwise: a loud failure rather than samples attending each other).
 * attention: fa2 unless the caller asks otherwise (the FineTune builder asks for sdpa when the image has no
   flash-attn, which is the stock image's case: SDPA with neat packing is the operator's default).
+* shared prefix: off unless asked for (it needs neat packing). The prompt tokens every sample of a preprocessing
+  batch starts with
+  (ViGGO: template, system prompt and instruction, ~150 of ~194 tokens) are carried once per packed row instead of
+  once per sample, with each sample's positions and attention as if it were alone: the same rows, loss and
+  gradients, a fraction of the tokens. It is ``payloads/shared_prefix.py``, installed in every Ray Train worker by
+  the ``worker_process_setup_hook`` this recipe puts in ``ray_init_kwargs``. FA2 varlen cannot express it. On one
+  H100 it cuts the GPU's work per step by more than half, but a one-row step there waits on the host (kernel
+  launches), so samples/s do not rise: docs/training-recipe.md.
 * Liger kernels: on (fused RMSNorm, SwiGLU, RoPE and linear cross-entropy; the image needs liger-kernel).
 * effective batch: about one 2048-token packed row per device per optimizer step, the closest row count to the
   reference's 8 samples per device per step (ViGGO: ~10 samples a row).
@@ -25,7 +33,8 @@ from collections.abc import Mapping
 from typing import Any
 
 OVERRIDE_KEYS = frozenset({"packing", "perDeviceBatchSize", "gradientAccumulationSteps", "gradientCheckpointing",
-                           "attention", "ligerKernel"})
+                           "attention", "ligerKernel", "sharedPrefix"})
+SHARED_PREFIX_HOOK = "payloads.shared_prefix.install"  # importable on every Ray pod (PYTHONPATH, payload ConfigMap)
 
 # API attention names -> LLaMA-Factory `flash_attn` values (AttentionFunction in 0.9.4).
 FLASH_ATTN = {"auto": "auto", "sdpa": "sdpa", "fa2": "fa2", "eager": "disabled", "disabled": "disabled"}
@@ -65,7 +74,7 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
     """LLaMA-Factory config keys for a fast LoRA SFT recipe on this accelerator.
 
     `overrides` holds the user's choices (packing, perDeviceBatchSize, gradientAccumulationSteps,
-    gradientCheckpointing, attention, ligerKernel); an absent or None value means "choose for me".
+    gradientCheckpointing, attention, ligerKernel, sharedPrefix); an absent or None value means "choose for me".
     """
     chosen = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(chosen) - OVERRIDE_KEYS)
@@ -76,6 +85,11 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
         raise ValueError(f"unknown attention {attention!r}: one of {', '.join(sorted(FLASH_ATTN))}")
     flash_attn = FLASH_ATTN[attention]
     packing = bool(chosen.get("packing", True))
+    neat_packing = packing and flash_attn != "fa2"  # FA2 keeps packed samples apart through the position ids
+    shared_prefix = bool(chosen.get("sharedPrefix", False))
+    if shared_prefix and not neat_packing:
+        raise ValueError("training.sharedPrefix needs packing with a mask: leave training.packing on and set "
+                         "training.attention to sdpa or eager (FA2 cannot share a prefix), or turn sharedPrefix off")
     liger = bool(chosen.get("ligerKernel", True))
     if packing:
         cutoff_len = -(-cutoff_len // 8) * 8  # packed rows are cutoff_len long; the collator pads to a multiple of 8
@@ -104,17 +118,19 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
                           default=1)
     accumulation = int(chosen.get("gradientAccumulationSteps", max(1, math.ceil(units_per_step / micro_batch))))
 
-    return {
+    keys = {
         "cutoff_len": cutoff_len,
         "packing": packing,
-        # FA2 keeps packed samples apart through the restarting position ids; anything else needs the mask.
-        "neat_packing": packing and flash_attn != "fa2",
+        "neat_packing": neat_packing,
         "flash_attn": flash_attn,
         "enable_liger_kernel": liger,
         "per_device_train_batch_size": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "disable_gradient_checkpointing": not checkpointing,
     }
+    if shared_prefix:
+        keys["ray_init_kwargs"] = {"runtime_env": {"worker_process_setup_hook": SHARED_PREFIX_HOOK}}
+    return keys
 
 
 def peak_memory_gib(params_b: float, lora_rank: int, tokens: int, checkpointing: bool, liger: bool, *,

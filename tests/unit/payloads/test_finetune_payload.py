@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any, Dict, Optional
 import pytest
 import yaml
 
-from payload_testkit import OPERATOR_DIR, PAYLOAD_DATA
+from payload_testkit import OPERATOR_DIR, PAYLOAD_DATA, make_tiny_qwen
 
 from llmops.api.finetune import FineTuneSpec
 from llmops.builders import llamafactory
@@ -440,29 +441,6 @@ def test_llamafactory_094_parses_the_config_and_loads_the_staged_datasets(tmp_pa
     assert train[0]["_response"][0]["content"] == first["output"]
 
 
-def make_tiny_qwen(folder: Path) -> None:
-    """A random two-layer Qwen2 and a small BPE tokenizer with Qwen's chat tokens, saved like a hub snapshot."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    rows = [json.loads(line) for line in (PAYLOAD_DATA / "viggo_test.jsonl").read_text().splitlines()]
-    texts = [row[k] for row in rows for k in ("instruction", "input", "output")] + ["system user assistant"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tokenizer.save_pretrained(str(folder))
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False)).save_pretrained(str(folder))
-
-
 @pytest.mark.llamafactory
 def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
     """The driver with the real `USE_RAY=1 llamafactory-cli train` (workers on CPU, tiny random model from a pvc):
@@ -492,3 +470,31 @@ def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
     assert steps == json.loads(final["progress"])["totalSteps"]  # the newest checkpoint, not an earlier one
     checkpoints = run.pvc / "models" / "adapters" / "viggo-checkpoints" / "viggo"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint_"))
+
+
+@pytest.mark.llamafactory
+def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run):
+    """`training.sharedPrefix`: the rendered `ray_init_kwargs` names payloads.shared_prefix.install as the worker
+    setup hook; LLaMA-Factory hands it to ray.init, and its Ray Train worker packs the rows around the prompt the
+    samples share (the worker's log line says so) and trains them with neat packing's 4-D mask (SDPA)."""
+    from llmops.builders.recipe import training_recipe
+
+    run = ray_run
+    make_tiny_qwen(run.pvc / "models" / "tiny-qwen")
+    (run.bin / "llamafactory-cli").write_text(
+        f"#!/bin/sh\nexec '{sys.executable}' '{HERE / 'cpu_llamafactory_cli.py'}' \"$@\"\n")
+    spec = json.loads(json.dumps(SPEC))
+    spec.update({"baseModel": {"source": "pvc://models/tiny-qwen"}, "method": {"rank": 4, "target": "all"},
+                 "training": {"epochs": 1, "precision": "fp32", "loggingSteps": 1, "saveSteps": 50}})
+    spec["dataset"]["cutoffLen"] = 1024
+    recipe = training_recipe(gpu_memory_gib=80, base_model_params_b=0.5, cutoff_len=1024, lora_rank=4,
+                             overrides={"attention": "sdpa", "sharedPrefix": True, "ligerKernel": False})
+    assert recipe["neat_packing"] and recipe["ray_init_kwargs"]
+    run.render(spec, recipe=recipe)
+    done = run(LLMOPS_GPU_WAIT_S="60", FAKE_LF_ADAPTER_TEMPLATE="")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert run.final["state"] == "Succeeded", run.final
+    log = done.stdout + done.stderr
+    # One line per preprocessing batch (LLaMA-Factory maps the samples in shards, one process each).
+    assert re.search(r"shared-prefix packing: \d+ samples in \d+ rows, their first \d+ tokens carried once", log), \
+        log[-4000:]
