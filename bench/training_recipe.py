@@ -598,10 +598,10 @@ class Compiled:
     models: ClassVar[dict] = {}
 
     @classmethod
-    def of(cls, model, mode: str):
-        if mode not in cls.models:
-            cls.models[mode] = torch.compile(model, backend="inductor", mode=mode)
-        return cls.models[mode]
+    def of(cls, model, mode: str, dynamic: bool | None = None):
+        if (mode, dynamic) not in cls.models:
+            cls.models[mode, dynamic] = torch.compile(model, backend="inductor", mode=mode, dynamic=dynamic)
+        return cls.models[mode, dynamic]
 
 
 FAST_VARIANTS = {
@@ -693,7 +693,10 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 def runner_for(model, recipe: Recipe):
     """The model as the recipe runs it: fp8 base layers or not, compiled or eager."""
     Fp8.set(model, recipe.fp8)
-    return Compiled.of(model, recipe.compile_mode) if recipe.compile_mode else model
+    if not recipe.compile_mode:
+        return model
+    # Shared-prefix rows vary in length by construction: one graph with dynamic shapes rather than a recompile each.
+    return Compiled.of(model, recipe.compile_mode, dynamic=True if recipe.attention == "shared-prefix" else None)
 
 
 def step_items(recipe: Recipe, n_labels: int):
@@ -1021,12 +1024,16 @@ def learning_runs(model, adapter, recipe: Recipe, label: str, steps, lrs, eval_r
 
 @dataclasses.dataclass
 class LearningCheck:
-    """What learning_runs needs: one packed row per optimizer step over the learning samples, the held-out rows."""
+    """What learning_runs needs: the learning samples' packed rows (one per optimizer step), the held-out rows."""
 
-    steps: list[list[MicroBatch]]
+    rows: list[list[Sample]]
+    row_len: int
     eval_rows: list[list[Sample]]
     lrs: list[float]
     n_samples: int
+
+    def steps(self, recipe: Recipe) -> list[list[MicroBatch]]:
+        return [[microbatch_for(recipe, [row], self.row_len, ViggoLikeTask.PREFIX_LEN)] for row in self.rows]
 
 
 def run_fast_variants(model, adapter, reference: Recipe, default: Recipe, no_liger: Recipe, names: list[str],
@@ -1044,26 +1051,26 @@ def run_fast_variants(model, adapter, reference: Recipe, default: Recipe, no_lig
         results["loss"]["initial_eval_loss"] = round(eval_loss(model, learning.eval_rows, row_len,
                                                                "varlen" if Varlen.available else "sdpa-mask"), 4)
     results["profiles"], results["numerics"] = [], []
-    check_row = packed_microbatch([rows[-1]], row_len)
     plain = [name for name in names if name.endswith(NO_LIGER)]
     if plain:  # Liger cannot be taken off again: these go first
-        variants_of(model, adapter, no_liger, plain, learning, check_row, pool, rows, row_len, n_params, results,
+        variants_of(model, adapter, no_liger, plain, learning, pool, rows, row_len, n_params, results,
                     out_dir, t_start)
     results["liger"] = Liger.apply(model, packed_microbatch([pool[:8]], row_len))
-    variants_of(model, adapter, default, [name for name in names if name not in plain], learning, check_row, pool,
+    variants_of(model, adapter, default, [name for name in names if name not in plain], learning, pool,
                 rows, row_len, n_params, results, out_dir, t_start)
-    again = dataclasses.replace(default, name="default-again")
+    again = dataclasses.replace(default, name=f"{default.name}-again")
     run_variants(model, adapter, [(again, 1, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
-    results["targets"] = targets(timed_by_name(results), ["default", *names, "default-again"])
+    results["targets"] = targets(timed_by_name(results), [default.name, *names, again.name])
 
 
-def variants_of(model, adapter, base: Recipe, names: list[str], learning: LearningCheck | None, check_row: MicroBatch,
-                pool, rows, row_len: int, n_params: int, results: dict, out_dir: str, t_start: float) -> None:
+def variants_of(model, adapter, base: Recipe, names: list[str], learning: LearningCheck | None, pool, rows,
+                row_len: int, n_params: int, results: dict, out_dir: str, t_start: float) -> None:
     """The base recipe, then each named variant of it: numerics against the base, throughput, profile; then the
     learning runs of the base and of each variant that trained."""
     run_variants(model, adapter, [(base, 2, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
     trained = [base]
     results["profiles"].append(profile_timed(model, adapter, base, pool, rows, row_len, timed_by_name(results)))
+    check_row = microbatch_for(base, [rows[-1]], row_len, ViggoLikeTask.PREFIX_LEN)
     loss0, grads0, seconds0 = loss_and_gradients(model, adapter, base, check_row)
     dynamo = torch._dynamo.utils.counters
     for name in names:
@@ -1102,7 +1109,7 @@ def variants_of(model, adapter, base: Recipe, names: list[str], learning: Learni
         write(out_dir, results)
     if learning:
         for recipe in trained:
-            learning_runs(model, adapter, recipe, f"{recipe.name} (1 row/step)", learning.steps, learning.lrs,
+            learning_runs(model, adapter, recipe, f"{recipe.name} (1 row/step)", learning.steps(recipe), learning.lrs,
                           learning.eval_rows, row_len, learning.n_samples, results, out_dir)
 
 
@@ -1194,6 +1201,8 @@ def main() -> int:
                         help="learning rates of the learning comparison (1e-4 is the reference's)")
     parser.add_argument("--no-learning", dest="learning", action="store_false",
                         help="throughput rows and profiles only (about 2 minutes instead of 5)")
+    parser.add_argument("--shared", action="store_true",
+                        help="with --variants: the bases are the default and its no-Liger form with sharedPrefix")
     parser.add_argument("--variants", type=lambda x: x.split(","), default=[],
                         help=f"measure only the reference, the default and these faster variants of it "
                              f"(comma-separated: {', '.join(FAST_VARIANTS)}; with the suffix {NO_LIGER}: of the "
@@ -1276,10 +1285,11 @@ def main() -> int:
     if args.variants:
         learning = None
         if args.learning:
-            row_steps = [[packed_microbatch([r], row_len)] for r in pack_rows(learn, row_len, seed=19)]
-            learning = LearningCheck(row_steps, eval_rows, args.loss_lrs, len(learn))
-        run_fast_variants(model, adapter, reference, default, packed_sdpa_mask, args.variants, learning, pool, rows,
-                          row_len, n_params, results, args.out, t_start)
+            learning = LearningCheck(pack_rows(learn, row_len, seed=19), row_len, eval_rows, args.loss_lrs, len(learn))
+        bases = (default, packed_sdpa_mask) if not args.shared else (
+            default_shared, shared("shared-sdpa-mask", "as default-shared without liger", ligerKernel=False))
+        run_fast_variants(model, adapter, reference, *bases, args.variants, learning, pool, rows, row_len, n_params,
+                          results, args.out, t_start)
         results["wall_s"] = round(time.perf_counter() - t_start, 1)
         write(args.out, results)
         print_table(results, n_params)

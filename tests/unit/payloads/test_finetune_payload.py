@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import math
 import re
 import os
 import shutil
@@ -473,10 +474,13 @@ def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
 
 
 @pytest.mark.llamafactory
-def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch_compile"])
+def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run, compiled):
     """`training.sharedPrefix`: the rendered `ray_init_kwargs` names payloads.shared_prefix.install as the worker
     setup hook; LLaMA-Factory hands it to ray.init, and its Ray Train worker packs the rows around the prompt the
-    samples share (the worker's log line says so) and trains them with neat packing's 4-D mask (SDPA)."""
+    samples share (the worker's log line says so) and trains them with neat packing's 4-D mask (SDPA). With
+    `torch_compile: true` and Liger off (docs/training-recipe.md, the fastest measured configuration) the same
+    runs under torch.compile, rows of varying length and all, through LLaMA-Factory 0.9.4's own Trainer."""
     from llmops.builders.recipe import training_recipe
 
     run = ray_run
@@ -485,12 +489,14 @@ def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run
         f"#!/bin/sh\nexec '{sys.executable}' '{HERE / 'cpu_llamafactory_cli.py'}' \"$@\"\n")
     spec = json.loads(json.dumps(SPEC))
     spec.update({"baseModel": {"source": "pvc://models/tiny-qwen"}, "method": {"rank": 4, "target": "all"},
-                 "training": {"epochs": 1, "precision": "fp32", "loggingSteps": 1, "saveSteps": 50}})
+                 "training": {"epochs": 2, "precision": "fp32", "loggingSteps": 1, "saveSteps": 50}})
     spec["dataset"]["cutoffLen"] = 1024
     recipe = training_recipe(gpu_memory_gib=80, base_model_params_b=0.5, cutoff_len=1024, lora_rank=4,
                              overrides={"attention": "sdpa", "sharedPrefix": True, "ligerKernel": False})
     assert recipe["neat_packing"] and recipe["ray_init_kwargs"]
-    run.render(spec, recipe=recipe)
+    inductor = run.pvc.parent / "inductor-cache"  # where the worker's compiled kernels land, if any
+    recipe["ray_init_kwargs"]["runtime_env"]["env_vars"] = {"TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    run.render(spec, recipe={**recipe, "torch_compile": compiled})
     done = run(LLMOPS_GPU_WAIT_S="60", FAKE_LF_ADAPTER_TEMPLATE="")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert run.final["state"] == "Succeeded", run.final
@@ -498,3 +504,6 @@ def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run
     # One line per preprocessing batch (LLaMA-Factory maps the samples in shards, one process each).
     assert re.search(r"shared-prefix packing: \d+ samples in \d+ rows, their first \d+ tokens carried once", log), \
         log[-4000:]
+    metrics = json.loads(run.final["metrics"])
+    assert math.isfinite(metrics["trainLoss"]) and math.isfinite(metrics["evalLoss"]), metrics
+    assert any(inductor.rglob("*.py")) is compiled  # inductor generated code only when asked to compile
