@@ -240,6 +240,8 @@ def test_names_illegal_rejected_legal_odd_ones_settle(cluster, ns, operators, re
     record(illegal_names_rejected=rejected, odd_legal_names_accepted=len(accepted),
            states=dict(Counter(settled(objs[k]) for k in accepted)), stalled=stalled)
     assert not jobs_without_child, f"suspended jobs without their RayJob: {jobs_without_child}"
+    # KubeRay takes only DNS-1035 labels: a Ray object named after `0` or `a.b.c` would stall the resource.
+    assert not [m for m in stalled.values() if "DNS1035" in m], stalled
     assert not unhandled_errors(op.log())
 
 

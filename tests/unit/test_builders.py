@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from llmops.builders.common import Owner, child_name, is_shared, payloads_name
+from llmops.builders.common import (DNS1035_LABEL, RAY_NAME_MAX, Owner, child_name, is_shared, payloads_name,
+                                    ray_name)
 from llmops.builders.finetune import model_params_b
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
@@ -104,6 +105,20 @@ def test_long_names_are_shortened_stably():
     name = child_name(owner, "ft-config")
     assert len(name) <= 63 and name.endswith("-ft-config") and name == child_name(owner, "ft-config")
     assert child_name(Owner("a", "b", "short", "ns", "u"), "ft") == "short-ft"
+
+
+@pytest.mark.parametrize("name", ["viggo.v2", "0", "7b-tune", "a.b", "a-b", "x" * 253, "a." + "9" * 200, "a..b"])
+def test_ray_objects_get_names_kuberay_accepts_for_any_legal_name(name):
+    ray = ray_name(Owner("llmops.dev/v1alpha1", "FineTune", name, "ns", "u"), "ft")
+    assert DNS1035_LABEL.fullmatch(ray) and len(ray) <= RAY_NAME_MAX and ray.endswith("-ft"), ray
+    assert ray == ray_name(Owner("llmops.dev/v1alpha1", "FineTune", name, "ns", "u2"), "ft")  # stable
+
+
+def test_ray_names_of_names_alike_but_for_dots_differ_and_plain_names_stay_as_they_were():
+    def ray(name):
+        return ray_name(Owner("llmops.dev/v1alpha1", "FineTune", name, "ns", "u"), "ft")
+    assert ray("a.b") != ray("a-b") == "a-b-ft"
+    assert ray("viggo") == "viggo-ft" and ray("0").startswith("r-0-")
 
 
 @pytest.mark.parametrize("source,expected", [("Qwen/Qwen2.5-7B-Instruct", 7.0), ("meta-llama/Llama-3.1-70B", 70.0),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -61,6 +62,22 @@ def child_name(owner: Owner, suffix: str, limit: int = 63) -> str:
     return f"{owner.name[:keep].rstrip('-')}-{short_hash(owner.name, 6)}-{suffix}"
 
 
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def ray_name(owner: Owner, tag: str) -> str:
+    """The RayJob / RayService name. KubeRay refuses any but a DNS-1035 label (lowercase letters, digits and '-',
+    a letter first), while our resources may be named like any object (`viggo.v2`, `0`): such a name is spelled
+    with '-' for the rest, an `r-` in front of a digit, and a hash of the real name so that `a.b` and `a-b` differ."""
+    name = child_name(owner, tag, RAY_NAME_MAX)
+    if DNS1035_LABEL.fullmatch(name):
+        return name
+    stem = re.sub(r"[^a-z0-9-]+", "-", owner.name).strip("-")
+    stem = f"r-{stem}" if not stem[:1].isalpha() else stem
+    keep = RAY_NAME_MAX - len(tag) - 8
+    return f"{stem[:keep].rstrip('-')}-{short_hash(owner.name, 6)}-{tag}"
+
+
 @dataclass(frozen=True)
 class Names:
     ray: str          # RayJob / RayService
@@ -70,7 +87,7 @@ class Names:
 
     @classmethod
     def of(cls, owner: Owner, tag: str) -> Names:
-        return cls(ray=child_name(owner, tag, RAY_NAME_MAX), config=child_name(owner, f"{tag}-config"),
+        return cls(ray=ray_name(owner, tag), config=child_name(owner, f"{tag}-config"),
                    result=child_name(owner, f"{tag}-result"), account=child_name(owner, f"{tag}-ray"))
 
 
