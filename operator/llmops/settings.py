@@ -69,7 +69,6 @@ class Settings(BaseModel):
     """Ray LLM image (vLLM) for BatchInference and LLMService."""
     accelerators: dict[str, AcceleratorProfile] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
     head: HeadSettings = Field(default_factory=HeadSettings)
-    label_prefix: str = "llmops.dev"
     field_manager: str = "llmops"
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch; empty means all."""
@@ -81,7 +80,7 @@ class Settings(BaseModel):
         environ = os.environ if environ is None else environ
         path = path or environ.get("LLMOPS_SETTINGS_FILE")
         data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-        for key in ("finetune_image", "inference_image", "label_prefix", "field_manager", "cluster_domain"):
+        for key in ("finetune_image", "inference_image", "field_manager", "cluster_domain"):
             if f"LLMOPS_{key.upper()}" in environ:
                 data[key] = environ[f"LLMOPS_{key.upper()}"]
         if environ.get("LLMOPS_NAMESPACES"):

@@ -19,6 +19,11 @@ JOB_MOUNT = "/etc/llmops/job"
 PAYLOAD_ROOT = "/opt/llmops"
 PVC_ROOT = "/mnt/llmops/pvc"
 RAY_NAME_MAX = 40  # KubeRay derives longer names (cluster, head service) from the RayJob/RayService name
+# Labels on every child. Fixed, not a setting: the operator's watches and indexes select by them (handlers/main.py).
+LABEL_PREFIX = "llmops.dev"
+ROLE_LABEL = f"{LABEL_PREFIX}/role"            # result, config, payloads
+OWNER_KIND_LABEL = f"{LABEL_PREFIX}/owner-kind"
+OWNER_UID_LABEL = f"{LABEL_PREFIX}/owner-uid"
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,8 @@ class Names:
                    result=child_name(owner, f"{tag}-result"), account=child_name(owner, f"{tag}-ray"))
 
 
-def labels(owner: Owner, settings: Settings) -> dict[str, str]:
-    p = settings.label_prefix
-    return {"app.kubernetes.io/managed-by": "llmops", f"{p}/owner-kind": owner.kind,
-            f"{p}/owner-uid": owner.uid}
+def labels(owner: Owner) -> dict[str, str]:
+    return {"app.kubernetes.io/managed-by": "llmops", OWNER_KIND_LABEL: owner.kind, OWNER_UID_LABEL: owner.uid}
 
 
 def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: Mapping[str, str] | None = None
@@ -102,7 +105,7 @@ def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: M
     """Namespace, labels and a controller owner reference (so the garbage collector cleans up)."""
     meta = obj.setdefault("metadata", {})
     meta["namespace"] = owner.namespace
-    meta["labels"] = {**labels(owner, settings), **(extra_labels or {}), **meta.get("labels", {})}
+    meta["labels"] = {**labels(owner), **(extra_labels or {}), **meta.get("labels", {})}
     meta["ownerReferences"] = [{"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name,
                                 "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}]
     return obj
@@ -111,10 +114,9 @@ def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: M
 # ---- the result channel -----------------------------------------------------------------------------------
 def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[str, Any]]:
     """Result ConfigMap plus a ServiceAccount that may get/patch only that ConfigMap."""
-    p = settings.label_prefix
     return [
         owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.result}, "data": {}},
-              owner, settings, {f"{p}/role": "result"}),
+              owner, settings, {ROLE_LABEL: "result"}),
         owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": names.account},
                "automountServiceAccountToken": True}, owner, settings),
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": names.account},
@@ -130,7 +132,7 @@ def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[
 
 def config_map(owner: Owner, names: Names, settings: Settings, files: Mapping[str, str]) -> dict[str, Any]:
     return owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.config}, "data": dict(files)},
-                 owner, settings, {f"{settings.label_prefix}/role": "config"})
+                 owner, settings, {ROLE_LABEL: "config"})
 
 
 # ---- the payload sources, shared ----------------------------------------------------------------------------
@@ -153,12 +155,12 @@ def payload_config_map(namespace: str, payloads: Mapping[str, str], settings: Se
     return {"apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
             "metadata": {"name": payloads_name(payloads), "namespace": namespace,
                          "labels": {"app.kubernetes.io/managed-by": "llmops",
-                                    f"{settings.label_prefix}/role": PAYLOADS_ROLE}},
+                                    ROLE_LABEL: PAYLOADS_ROLE}},
             "data": dict(sorted(payloads.items()))}   # keyed by file name: mounted whole as the package
 
 
 def is_shared(child: Mapping[str, Any]) -> bool:
-    return (child["metadata"].get("labels") or {}).get("llmops.dev/role") == PAYLOADS_ROLE
+    return (child["metadata"].get("labels") or {}).get(ROLE_LABEL) == PAYLOADS_ROLE
 
 
 # ---- pods ---------------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
     vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch)
-    pod_labels = labels(owner, settings)
+    pod_labels = labels(owner)
     head = settings.head
     head_pod: dict[str, Any] = {
         "serviceAccountName": names.account,

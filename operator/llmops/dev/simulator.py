@@ -27,6 +27,8 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from payloads.report import ReportError
 
+from ..builders.common import OWNER_KIND_LABEL
+
 MANAGED = "app.kubernetes.io/managed-by=llmops"
 
 # Figures the simulator reports: the reference run's, so the demo reads like the real workflow.
@@ -100,7 +102,7 @@ class Simulator:
 
     # ---- the payload's part -------------------------------------------------------------------------------
     def _finish(self, job: dict[str, Any], plan: Plan) -> None:
-        owner_kind = job["metadata"].get("labels", {}).get("llmops.dev/owner-kind", "")
+        owner_kind = job["metadata"].get("labels", {}).get(OWNER_KIND_LABEL, "")
         if plan.outcome == "Succeeded":
             fields: dict[str, Any] = {}
             if owner_kind == "FineTune":

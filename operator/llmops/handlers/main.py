@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from ..api import GROUP, KINDS, VERSION
-from ..builders.common import BuildContext
+from ..builders.common import OWNER_UID_LABEL, ROLE_LABEL, BuildContext
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from . import batchinference, finetune, kopf_toggles, llmservice
@@ -79,8 +79,8 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> Non
     managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
     settings.watching.label_selectors["rayjobs"] = managed
     settings.watching.label_selectors["rayservices"] = managed
-    settings.watching.label_selectors["configmaps"] = f"{managed},llmops.dev/role in (result,payloads)"
-    settings.watching.label_selectors["pods"] = "llmops.dev/owner-uid"
+    settings.watching.label_selectors["configmaps"] = f"{managed},{ROLE_LABEL} in (result,payloads)"
+    settings.watching.label_selectors["pods"] = OWNER_UID_LABEL
     if options.get("peering"):
         settings.peering.name = options["peering"]
         settings.peering.standalone = False
@@ -150,7 +150,7 @@ def _our_index(kind: str):
 
 
 def _owner_uid_label(body: kopf.Body) -> str:
-    return body.get("metadata", {}).get("labels", {}).get("llmops.dev/owner-uid", "")
+    return body.get("metadata", {}).get("labels", {}).get(OWNER_UID_LABEL, "")
 
 
 def _ray_index(kind: str):
@@ -171,12 +171,12 @@ kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED, id="index_rayjobs")(_ray_i
 kopf.index("ray.io", "v1", "rayservices", labels=MANAGED, id="index_rayservices")(_ray_index("RayService"))
 
 
-@kopf.index("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": kopf.PRESENT})
+@kopf.index("", "v1", "configmaps", labels={**MANAGED, ROLE_LABEL: kopf.PRESENT})
 async def index_configmaps(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict | None:
     """Result reports: ("data", owner uid) -> data, ("applied", owner uid) -> the children hash written on it last
     (the whole set was applied), and ("name", ...) as for Ray objects; the shared payload sources: ("shared", ns,
     name)."""
-    role = body["metadata"]["labels"]["llmops.dev/role"]
+    role = body["metadata"]["labels"][ROLE_LABEL]
     if role == "payloads":
         return {("shared", namespace, name): True}
     if role != "result":
@@ -189,9 +189,9 @@ async def index_configmaps(body: kopf.Body, namespace: str, name: str, **_: Any)
     return out
 
 
-@kopf.index("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})
+@kopf.index("", "v1", "pods", labels={OWNER_UID_LABEL: kopf.PRESENT})
 async def index_pods(body: kopf.Body, name: str, **_: Any) -> dict:
-    return {body["metadata"]["labels"]["llmops.dev/owner-uid"]:
+    return {body["metadata"]["labels"][OWNER_UID_LABEL]:
             {"metadata": {"name": name}, "status": dict(body.get("status") or {})}}
 
 
@@ -278,8 +278,8 @@ async def _child_event(body: kopf.Body, **kwargs: Any) -> None:
 
 kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)(_child_event)
 kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)(_child_event)
-kopf.on.event("", "v1", "configmaps", labels={**MANAGED, "llmops.dev/role": "result"})(_child_event)
-kopf.on.event("", "v1", "pods", labels={"llmops.dev/owner-uid": kopf.PRESENT})(_child_event)
+kopf.on.event("", "v1", "configmaps", labels={**MANAGED, ROLE_LABEL: "result"})(_child_event)
+kopf.on.event("", "v1", "pods", labels={OWNER_UID_LABEL: kopf.PRESENT})(_child_event)
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
