@@ -13,7 +13,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..builders.common import BuildContext, is_shared, short_hash
 from ..kube import ApiError, Kube, with_retries
@@ -58,6 +58,14 @@ class Outcome:
     requeue_after: float | None = None   # look again after this many seconds even if nothing changes
 
 
+class Applied(NamedTuple):
+    """What this process applied for a resource last, remembered until the watches show it."""
+
+    children_hash: str
+    at: float                          # time.monotonic() of the write
+    ray_object: dict[str, Any] | None  # the Ray object as the API server returned it; None once the watch has it
+
+
 class PreviousRunPresent(Exception):
     """A child's name is taken by an object of an earlier resource of the same name (not yet collected, or
     orphaned). Taking it over would show that run's state as ours, so the reconcile waits instead."""
@@ -74,7 +82,7 @@ class Engine:
         self._again: set[Key] = set()
         self._backoff: dict[Key, float] = {}
         self._refused: dict[Key, str] = {}   # what the API server refused for good, until the inputs change
-        self._applied: dict[str, tuple[str, float, dict | None]] = {}  # uid -> (hash, when, Ray object) applied
+        self._applied: dict[str, Applied] = {}  # uid -> what this process applied last
         self._hashes: dict[str, tuple[Any, str]] = {}    # uid -> (memo key, children hash): skip rebuilding
         self._written: dict[str, tuple[str, dict]] = {}  # uid -> (resourceVersion before, status) we wrote
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
@@ -114,15 +122,15 @@ class Engine:
         current = self.caches.ray_objects.get(uid)
         applied = self._recently_applied(uid)
         if current is not None:
-            if applied and applied[2] is not None:   # the watch has caught up: keep the object once
-                self._applied[uid] = (applied[0], applied[1], None)
+            if applied and applied.ray_object is not None:   # the watch has caught up: keep the object once
+                self._applied[uid] = applied._replace(ray_object=None)
             return current
-        return applied[2] if applied else None
+        return applied.ray_object if applied else None
 
-    def _recently_applied(self, uid: str) -> tuple[str, float, dict | None] | None:
+    def _recently_applied(self, uid: str) -> Applied | None:
         """What this process applied for `uid` within APPLIED_MEMORY_SECONDS (the watch may not show it yet)."""
         applied = self._applied.get(uid)
-        return applied if applied and time.monotonic() - applied[1] < APPLIED_MEMORY_SECONDS else None
+        return applied if applied and time.monotonic() - applied.at < APPLIED_MEMORY_SECONDS else None
 
     # ---- our own writes, coming back through the watches ------------------------------------------------------
     def _remember_echo(self, obj: dict[str, Any] | None) -> None:
@@ -166,9 +174,9 @@ class Engine:
         applied = self._recently_applied(uid)
         if applied is None:
             return marked or None
-        if marked == applied[0] and applied[2] is None:
+        if marked == applied.children_hash and applied.ray_object is None:
             del self._applied[uid]   # the watch has caught up with all of it: keep nothing twice
-        return applied[0]
+        return applied.children_hash
 
     def schedule_dependents(self, key: Key, listed: bool = False) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
@@ -285,7 +293,7 @@ class Engine:
             await self._after_creations()
         for children in plan.rounds[1:]:
             await self._apply_round(plan, children)
-        self._applied[plan.uid] = (plan.wanted, time.monotonic(), plan.fresh)
+        self._applied[plan.uid] = Applied(plan.wanted, time.monotonic(), plan.fresh)
 
     async def _apply_round(self, plan: Plan, children: list[dict[str, Any]]) -> None:
         creating = plan.created and holds(children, plan.ray_kind)
