@@ -25,7 +25,7 @@ from payload_testkit import OPERATOR_DIR, PAYLOAD_DATA, make_tiny_qwen
 
 from llmops.api.finetune import FineTuneSpec
 from llmops.builders import llamafactory
-from payloads import finetune
+from payloads import finetune, finetune_log, finetune_model, finetune_nodes
 
 HERE = Path(__file__).resolve().parent
 FAKE_CLI = HERE / "fake_llamafactory_cli.py"
@@ -342,7 +342,7 @@ def test_a_cluster_without_room_for_the_workers_fails_after_the_wait(ray_run):
 # ---------------------------------------------------------------- the trainer's log lines
 
 def test_progress_reads_the_trainer_log_lines_as_ray_forwards_them():
-    progress = finetune.Progress()
+    progress = finetune_log.Progress()
     prefix = "\x1b[36m(RayTrainWorker pid=7, ip=10.1.2.3)\x1b[0m "  # as Ray 2.60 colours a worker's lines
     assert progress.feed(prefix + "[INFO|trainer.py:2527] 2026-11-25 21:33:41,439 >>   Total optimization steps = "
                                   "1,550\n")
@@ -356,27 +356,27 @@ def test_progress_reads_the_trainer_log_lines_as_ray_forwards_them():
     assert progress.message() == "Training: step 155/1550, epoch 1.20, loss 0.3000"
     progress.feed(prefix + "{'train_runtime': 437.3, 'train_samples_per_second': 11.434, 'train_loss': 0.2079, "
                            "'epoch': 4.86}")
-    assert finetune.metrics_from({**progress.train_summary, **progress.eval_summary}) == {
+    assert finetune_model.metrics_from({**progress.train_summary, **progress.eval_summary}) == {
         "trainLoss": 0.2079, "evalLoss": 0.136, "trainRuntimeSeconds": 437.3, "trainSamplesPerSecond": 11.434}
 
 
 def test_checkpoint_storage_is_read_where_llamafactory_hands_it_to_ray(tmp_path):
-    fs, path = finetune.checkpoint_experiment({"ray_storage_path": str(tmp_path / "ckpt"), "ray_run_name": "viggo"})
+    fs, path = finetune_model.checkpoint_experiment({"ray_storage_path": str(tmp_path / "ckpt"), "ray_run_name": "viggo"})
     assert path == f"{tmp_path}/ckpt/viggo"
     # Ray Train V1 layout (the reference run) and V2 layout both resolve to their newest checkpoint
     for rel in ("TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000000/checkpoint/adapter_config.json",
                 "TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000001/checkpoint/adapter_config.json"):
         (tmp_path / "ckpt/viggo" / rel).parent.mkdir(parents=True)
         (tmp_path / "ckpt/viggo" / rel).write_text("{}")
-    _, folder, names = finetune.latest_checkpoint({"ray_storage_path": str(tmp_path / "ckpt"),
+    _, folder, names = finetune_model.latest_checkpoint({"ray_storage_path": str(tmp_path / "ckpt"),
                                                    "ray_run_name": "viggo"})
     assert folder.endswith("TorchTrainer_95d16_00000_0_2025-04-11/checkpoint_000001/checkpoint")
     assert names == ["adapter_config.json"]
-    assert finetune.latest_checkpoint({"ray_storage_path": str(tmp_path / "none"), "ray_run_name": "x"}) is None
+    assert finetune_model.latest_checkpoint({"ray_storage_path": str(tmp_path / "none"), "ray_run_name": "x"}) is None
 
 
 def test_failure_names_the_workers_exception_rather_than_rays_wrapper():
-    progress = finetune.Progress()
+    progress = finetune_log.Progress()
     for line in ("\x1b[36m(RayTrainWorker pid=5251)\x1b[0m Error in training function:",
                  "\x1b[36m(RayTrainWorker pid=5251)\x1b[0m ValueError: Template qwen3x does not exist.",
                  "\x1b[36m(TrainController pid=5103)\x1b[0m ray.train.WorkerGroupError: Training failed due to "
@@ -431,7 +431,7 @@ def test_llamafactory_094_parses_the_config_and_loads_the_staged_datasets(tmp_pa
                        method=spec.method.wire(), train_uri=spec.dataset.train.uri,
                        validation_uri=spec.dataset.validation.uri, config=config,
                        dataset_info=llamafactory.dataset_info(spec, str(world.staging)))
-    staged = finetune.prepare_node(finetune.staging_plan(job), os.path.join(config["dataset_dir"],
+    staged = finetune_nodes.prepare_node(finetune_nodes.staging_plan(job), os.path.join(config["dataset_dir"],
                                    "dataset_info.json"), json.dumps(job.dataset_info), config["output_dir"])
     assert "error" not in staged, staged
     train = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, "sft")
@@ -442,19 +442,25 @@ def test_llamafactory_094_parses_the_config_and_loads_the_staged_datasets(tmp_pa
     assert train[0]["_response"][0]["content"] == first["output"]
 
 
+def real_llamafactory_spec(run: Run, cutoff_len: int, **training: Any) -> Dict[str, Any]:
+    """A tiny random Qwen2 on the run's claim, the real CLI (workers on CPU) on PATH, and a FineTune spec for both."""
+    make_tiny_qwen(run.pvc / "models" / "tiny-qwen")
+    (run.bin / "llamafactory-cli").write_text(
+        f"#!/bin/sh\nexec '{sys.executable}' '{HERE / 'cpu_llamafactory_cli.py'}' \"$@\"\n")
+    spec = json.loads(json.dumps(SPEC))
+    spec.update({"baseModel": {"source": "pvc://models/tiny-qwen"}, "method": {"rank": 4, "target": "all"},
+                 "training": {"epochs": 2, "precision": "fp32", "loggingSteps": 1, **training}})
+    spec["dataset"]["cutoffLen"] = cutoff_len
+    return spec
+
+
 @pytest.mark.llamafactory
 def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
     """The driver with the real `USE_RAY=1 llamafactory-cli train` (workers on CPU, tiny random model from a pvc):
     staging by Ray tasks, Ray Train V2 checkpoints beside the output, all_results.json from the worker's
     output_dir, peft's check of the adapter LLaMA-Factory wrote, publishing and every report."""
     run = ray_run
-    make_tiny_qwen(run.pvc / "models" / "tiny-qwen")
-    (run.bin / "llamafactory-cli").write_text(
-        f"#!/bin/sh\nexec '{sys.executable}' '{HERE / 'cpu_llamafactory_cli.py'}' \"$@\"\n")
-    spec = json.loads(json.dumps(SPEC))
-    spec.update({"baseModel": {"source": "pvc://models/tiny-qwen"}, "method": {"rank": 4, "target": "all"},
-                 "training": {"epochs": 2, "precision": "fp32", "loggingSteps": 1, "saveSteps": 3, "evalSteps": 2}})
-    spec["dataset"]["cutoffLen"] = 256
+    spec = real_llamafactory_spec(run, cutoff_len=256, saveSteps=3, evalSteps=2)
     run.render(spec, recipe={"per_device_train_batch_size": 2, "packing": False})
     done = run(LLMOPS_GPU_WAIT_S="60", FAKE_LF_ADAPTER_TEMPLATE="")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -484,13 +490,7 @@ def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run
     from llmops.builders.recipe import training_recipe
 
     run = ray_run
-    make_tiny_qwen(run.pvc / "models" / "tiny-qwen")
-    (run.bin / "llamafactory-cli").write_text(
-        f"#!/bin/sh\nexec '{sys.executable}' '{HERE / 'cpu_llamafactory_cli.py'}' \"$@\"\n")
-    spec = json.loads(json.dumps(SPEC))
-    spec.update({"baseModel": {"source": "pvc://models/tiny-qwen"}, "method": {"rank": 4, "target": "all"},
-                 "training": {"epochs": 2, "precision": "fp32", "loggingSteps": 1, "saveSteps": 50}})
-    spec["dataset"]["cutoffLen"] = 1024
+    spec = real_llamafactory_spec(run, cutoff_len=1024, saveSteps=50)
     recipe = training_recipe(gpu_memory_gib=80, base_model_params_b=0.5, cutoff_len=1024, lora_rank=4,
                              overrides={"attention": "sdpa", "sharedPrefix": True, "ligerKernel": False})
     assert recipe["neat_packing"] and recipe["ray_init_kwargs"]
