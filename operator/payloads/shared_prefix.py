@@ -129,6 +129,9 @@ def install() -> None:
 
     def collate(self: Any, features: List[Dict[str, Any]]) -> Dict[str, Any]:
         if any(SHARED in f["attention_mask"] for f in features):
+            if not self.block_diag_attn or self.attn_implementation == "flash_attention_2":
+                raise RuntimeError("shared-prefix rows need neat packing's 4-D mask, but the model runs "
+                                   f"{self.attn_implementation} attention: set training.attention to sdpa or eager")
             features = pad_rows(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of or 1)
         return stock_collate(self, features)
 

@@ -221,7 +221,8 @@ def test_shared_prefix_installs_the_payloads_hook_in_the_training_workers():
     assert "ray_init_kwargs" not in recipe("H100", attention="sdpa", sharedPrefix=False)
 
 
-@pytest.mark.parametrize("overrides", [{"attention": "fa2"}, {"attention": "sdpa", "packing": False}])
+@pytest.mark.parametrize("overrides", [{"attention": "fa2"}, {"attention": "auto"},
+                                       {"attention": "sdpa", "packing": False}])
 def test_shared_prefix_without_the_mask_is_refused(overrides):
     with pytest.raises(ValueError, match="training.sharedPrefix needs packing with a mask"):
         recipe("H100", sharedPrefix=True, **overrides)

@@ -83,7 +83,7 @@ class Dataset(ApiModel):
 class Training(ApiModel):
     model_config = validations(
         cel("!has(self.sharedPrefix) || !self.sharedPrefix || ((!has(self.packing) || self.packing) && "
-            "(!has(self.attention) || self.attention != 'fa2'))",
+            "(!has(self.attention) || self.attention in ['sdpa', 'eager']))",
             "training.sharedPrefix needs packing with a mask: leave packing on and attention unset, sdpa or eager",
             field_path=".sharedPrefix"),
     )

@@ -11,14 +11,13 @@ What it decides, each unless the user chose (`overrides` wins, always):
   transformers < 4.53, and refuses to start otherwise: a loud failure rather than samples attending each other).
 * attention: fa2 unless the caller asks otherwise (the FineTune builder asks for sdpa when the image has no
   flash-attn, which is the stock image's case: SDPA with neat packing is the operator's default).
-* shared prefix: off unless asked for (it needs neat packing). The prompt tokens every sample of a preprocessing
-  batch starts with
-  (ViGGO: template, system prompt and instruction, ~150 of ~194 tokens) are carried once per packed row instead of
-  once per sample, with each sample's positions and attention as if it were alone: the same rows, loss and
-  gradients, a fraction of the tokens. It is ``payloads/shared_prefix.py``, installed in every Ray Train worker by
-  the ``worker_process_setup_hook`` this recipe puts in ``ray_init_kwargs``. FA2 varlen cannot express it. On one
-  H100 it cuts the GPU's work per step by more than half, but a one-row step there waits on the host (kernel
-  launches), so samples/s do not rise: docs/training-recipe.md.
+* shared prefix: off unless asked for; it needs neat packing's 4-D mask (SDPA or eager attention: FA2 varlen
+  cannot express it). The prompt tokens every sample of a preprocessing batch starts with (ViGGO: template, system
+  prompt and instruction, ~150 of ~194 tokens) are carried once per packed row instead of once per sample, each
+  sample's positions and attention as if it were alone: the same rows, loss and gradients from fewer tokens. It is
+  ``payloads/shared_prefix.py``, installed in every Ray Train worker by the ``worker_process_setup_hook`` this
+  recipe puts in ``ray_init_kwargs``. On an H100-class GPU it halves the GPU's work per step, but a one-row step
+  there waits on the host (kernel launches), so samples/s do not rise: docs/training-recipe.md.
 * Liger kernels: on (fused RMSNorm, SwiGLU, RoPE and linear cross-entropy; the image needs liger-kernel).
 * effective batch: about one 2048-token packed row per device per optimizer step, the closest row count to the
   reference's 8 samples per device per step (ViGGO: ~10 samples a row).
@@ -87,9 +86,10 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
     packing = bool(chosen.get("packing", True))
     neat_packing = packing and flash_attn != "fa2"  # FA2 keeps packed samples apart through the position ids
     shared_prefix = bool(chosen.get("sharedPrefix", False))
-    if shared_prefix and not neat_packing:
+    if shared_prefix and not (neat_packing and flash_attn in ("sdpa", "disabled")):
         raise ValueError("training.sharedPrefix needs packing with a mask: leave training.packing on and set "
-                         "training.attention to sdpa or eager (FA2 cannot share a prefix), or turn sharedPrefix off")
+                         "training.attention to sdpa or eager (FA2, or auto that may pick it, cannot share a prefix), "
+                         "or turn sharedPrefix off")
     liger = bool(chosen.get("ligerKernel", True))
     if packing:
         cutoff_len = -(-cutoff_len // 8) * 8  # packed rows are cutoff_len long; the collator pads to a multiple of 8

@@ -152,6 +152,11 @@ def test_llamafactory_094_trains_on_shared_rows_as_on_the_samples_alone(tmp_path
         template=template, tokenizer=tokenizer, model=model, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX,
         block_diag_attn=True, attn_implementation="sdpa", compute_dtype=torch.float32)
     keys = ("input_ids", "attention_mask", "position_ids", "labels", "images", "videos", "audios")
+    flash = SFTDataCollatorWith4DAttentionMask(
+        template=template, tokenizer=tokenizer, model=model, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX,
+        block_diag_attn=True, attn_implementation="flash_attention_2", compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="set training.attention to sdpa or eager"):
+        flash([{k: rows[k][0] for k in keys}])  # FA2 would take the prefix for a sample of its own: refused
     batch = collator([{k: rows[k][i] for k in keys} for i in (0, 1)])  # rows of unequal length, one micro-batch
     assert batch["attention_mask"].dim() == 4 and batch["position_ids"][0, :prefix_len].tolist() == \
         list(range(prefix_len))
