@@ -121,6 +121,13 @@ class Training(ApiModel):
     eval_steps: int | None = Field(default=None, ge=1)
     """Evaluate on `dataset.validation` every this many steps (default: saveSteps)."""
 
+    @model_validator(mode="after")
+    def _shared_prefix_needs_the_mask(self) -> Training:   # the CEL rule above, for specs read without the API
+        if self.shared_prefix and (self.packing is False or self.attention not in (None, "sdpa", "eager")):
+            raise ValueError("training.sharedPrefix needs packing with a mask: leave packing on and attention unset, "
+                             "sdpa or eager")
+        return self
+
 
 class FineTuneSpec(JobControls):
     model_config = validations(
