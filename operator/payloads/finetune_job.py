@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 LLAMAFACTORY_VERSION = "0.9.4"
 # Trainer state that resumes training but is no part of the published model.
-TRAINING_STATE_FILES = r"^(optimizer\.pt|scheduler\.pt|rng_state.*\.pth|training_args\.bin|trainer_log\.jsonl)$"
+TRAINING_STATE = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state.*\.pth|training_args\.bin|trainer_log\.jsonl)$")
 CONFIG_FILES = ("adapter_config.json", "config.json")  # published last: a reader never sees a config without weights
 ALL_RESULTS = "all_results.json"
 

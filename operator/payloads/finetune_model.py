@@ -11,10 +11,9 @@ import shutil
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from payloads import storage
-from payloads.finetune_job import CONFIG_FILES, TRAINING_STATE_FILES, FineTuneError, Job
+from payloads.finetune_job import CONFIG_FILES, TRAINING_STATE, FineTuneError, Job
 from payloads.finetune_log import eval_loss
 
-TRAINING_STATE = re.compile(TRAINING_STATE_FILES)
 _CHECKPOINT_FILE = re.compile(r"^(?:(?P<trial>[^/]+)/)?(?P<ckpt>checkpoint_[^/]+)/checkpoint/(?P<file>[^/]+)$")
 
 

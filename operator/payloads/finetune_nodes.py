@@ -9,21 +9,19 @@ import logging
 import math
 import os
 import posixpath
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from payloads import storage
-from payloads.finetune_job import ALL_RESULTS, CONFIG_FILES, TRAINING_STATE_FILES, FineTuneError, Job
+from payloads.finetune_job import ALL_RESULTS, CONFIG_FILES, TRAINING_STATE, FineTuneError, Job
 
 logger = logging.getLogger("llmops.payloads.finetune")
 
 GPU_WAIT_ENV, DEFAULT_GPU_WAIT_S = "LLMOPS_GPU_WAIT_S", 900.0
 # LLaMA-Factory 0.9.4's FILEEXT2TYPE: a dataset folder may hold only these (and of one type).
 DATA_EXTENSIONS = ("json", "jsonl", "parquet", "csv", "arrow", "txt")
-TRAINING_STATE = re.compile(TRAINING_STATE_FILES)
 MAX_COLLECTED_BYTES = 4 << 30
 
 
