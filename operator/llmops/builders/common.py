@@ -61,10 +61,13 @@ def short_hash(data: Any, length: int = 10) -> str:
 def child_name(owner: Owner, suffix: str, limit: int = 63) -> str:
     """`<owner>-<suffix>`, shortened with a hash when too long, stable for the same owner."""
     name = f"{owner.name}-{suffix}"
-    if len(name) <= limit:
-        return name
+    return name if len(name) <= limit else _hashed_name(owner.name, owner.name, suffix, limit)
+
+
+def _hashed_name(stem: str, identity: str, suffix: str, limit: int) -> str:
+    """`<stem, cut to fit>-<hash of identity>-<suffix>`: within `limit`, and distinct for distinct identities."""
     keep = limit - len(suffix) - 8
-    return f"{owner.name[:keep].rstrip('-')}-{short_hash(owner.name, 6)}-{suffix}"
+    return f"{stem[:keep].rstrip('-')}-{short_hash(identity, 6)}-{suffix}"
 
 
 DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -79,8 +82,7 @@ def ray_name(owner: Owner, tag: str) -> str:
         return name
     stem = re.sub(r"[^a-z0-9-]+", "-", owner.name).strip("-")
     stem = f"r-{stem}" if not stem[:1].isalpha() else stem
-    keep = RAY_NAME_MAX - len(tag) - 8
-    return f"{stem[:keep].rstrip('-')}-{short_hash(owner.name, 6)}-{tag}"
+    return _hashed_name(stem, owner.name, tag, RAY_NAME_MAX)
 
 
 @dataclass(frozen=True)
