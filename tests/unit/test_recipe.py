@@ -56,10 +56,11 @@ def test_h100_fa2_recipe_packs_without_the_mask():
     assert recipe("H100") == {**recipe("H100", attention="sdpa"), "neat_packing": False, "flash_attn": "fa2"}
 
 
-def _rendered_train_config(settings: Settings) -> dict:
+def _rendered_train_config(settings: Settings, **training) -> dict:
     doc = example("viggo/finetune.yaml")
     doc["metadata"]["uid"] = "u"
     doc["spec"]["resources"]["accelerator"] = "H100"
+    doc["spec"]["training"] = {**doc["spec"].get("training", {}), **training}
     children = finetune_builder.build(doc, BuildContext(settings=settings, payloads={}))
     config_map = next(o for o in children if o["metadata"]["name"].endswith("-config"))
     return yaml.safe_load(config_map["data"]["train.yaml"])
@@ -229,10 +230,6 @@ def test_shared_prefix_without_the_mask_is_refused(overrides):
 
 
 def test_asking_for_a_shared_prefix_picks_sdpa_on_a_flash_attention_image():
-    doc = example("viggo/finetune.yaml")
-    doc["metadata"]["uid"] = "u"
-    doc["spec"]["training"] = {**doc["spec"].get("training", {}), "sharedPrefix": True}
-    children = finetune_builder.build(doc, BuildContext(settings=Settings(finetune_flash_attention=True), payloads={}))
-    config = yaml.safe_load(next(o for o in children if o["metadata"]["name"].endswith("-config"))["data"]["train.yaml"])
+    config = _rendered_train_config(Settings(finetune_flash_attention=True), sharedPrefix=True)
     assert (config["flash_attn"], config["neat_packing"]) == ("sdpa", True)
     assert config["ray_init_kwargs"]["runtime_env"]["worker_process_setup_hook"] == "payloads.shared_prefix.install"
