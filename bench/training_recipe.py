@@ -269,7 +269,7 @@ def main() -> int:
     if Liger.applied and args.learning:  # most telling first: the device time may run out before the last
         learn_rows = pack_rows(learn, row_len, seed=19)
         row_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
-        shared_steps = [[shared_microbatch([r], ViggoLikeTask.PREFIX_LEN)] for r in learn_rows]
+        shared_steps = [[shared_microbatch([r])] for r in learn_rows]
         learning_runs(model, adapter, default, "default (1 row/step)", row_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)
         learning_runs(model, adapter, default_shared, "default-shared (1 row/step)", shared_steps, args.loss_lrs,

@@ -130,13 +130,13 @@ def packed_microbatch(rows: list[list[Sample]], row_len: int) -> MicroBatch:
     )
 
 
-def shared_microbatch(rows: list[list[Sample]], prefix_len: int) -> MicroBatch:
-    """Rows as the shared-prefix hook hands them to the model: `prefix_len` tokens once, then each sample's rest at
-    its own positions, the micro-batch padded to its longest row (a multiple of 8), the 4-D mask in bf16 (what
-    LLaMA-Factory's collator builds with compute dtype bf16)."""
+def shared_microbatch(rows: list[list[Sample]]) -> MicroBatch:
+    """Rows as the shared-prefix hook hands them to the model: the prefix every sample of the task starts with
+    (ViggoLikeTask.PREFIX_LEN tokens) once, then each sample's rest at its own positions, the micro-batch padded to
+    its longest row (a multiple of 8), the 4-D mask in bf16 (what LLaMA-Factory's collator builds in bf16)."""
     features = []
     for row in rows:
-        packed = shared_prefix.pack([(s.input_ids, s.labels) for s in row], prefix_len, 10**9,
+        packed = shared_prefix.pack([(s.input_ids, s.labels) for s in row], ViggoLikeTask.PREFIX_LEN, 10**9,
                                     lambda lengths, capacity: [lengths])  # the row as it is: one knapsack
         features.append({k: v[0] for k, v in packed.items()})
     features = shared_prefix.pad_rows(features, PAD_ID, 8)
@@ -150,8 +150,8 @@ def shared_microbatch(rows: list[list[Sample]], prefix_len: int) -> MicroBatch:
         n_labels=int((labels[:, 1:] != IGNORE).sum()))
 
 
-def microbatch_for(recipe, rows: list[list[Sample]], row_len: int, prefix_len: int) -> MicroBatch:
-    return shared_microbatch(rows, prefix_len) if recipe.attention == "shared-prefix" else \
+def microbatch_for(recipe, rows: list[list[Sample]], row_len: int) -> MicroBatch:
+    return shared_microbatch(rows) if recipe.attention == "shared-prefix" else \
         packed_microbatch(rows, row_len)
 
 

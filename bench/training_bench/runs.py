@@ -10,7 +10,7 @@ import traceback
 import numpy as np
 import torch
 
-from .data import MicroBatch, Sample, ViggoLikeTask, microbatch_for, packed_microbatch
+from .data import MicroBatch, Sample, microbatch_for, packed_microbatch
 from .model import FAST_VARIANTS, Fp8, Liger, NO_LIGER, Varlen, fp8_selftest, set_attention, set_checkpointing
 from .steps import Recipe, eval_loss, loss_and_gradients, make_steps, measure, profile_timed, train
 from .report import targets, timed_by_name, write
@@ -82,7 +82,7 @@ class LearningCheck:
     n_samples: int
 
     def steps(self, recipe: Recipe) -> list[list[MicroBatch]]:
-        return [[microbatch_for(recipe, [row], self.row_len, ViggoLikeTask.PREFIX_LEN)] for row in self.rows]
+        return [[microbatch_for(recipe, [row], self.row_len)] for row in self.rows]
 
 
 def run_fast_variants(model, adapter, reference: Recipe, default: Recipe, no_liger: Recipe, names: list[str],
@@ -119,7 +119,7 @@ def variants_of(model, adapter, base: Recipe, names: list[str], learning: Learni
     run_variants(model, adapter, [(base, 2, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
     trained = [base]
     results["profiles"].append(profile_timed(model, adapter, base, pool, rows, row_len, timed_by_name(results)))
-    check_row = microbatch_for(base, [rows[-1]], row_len, ViggoLikeTask.PREFIX_LEN)
+    check_row = microbatch_for(base, [rows[-1]], row_len)
     loss0, grads0, seconds0 = loss_and_gradients(model, adapter, base, check_row)
     dynamo = torch._dynamo.utils.counters
     for name in names:

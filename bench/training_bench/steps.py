@@ -13,7 +13,7 @@ import torch
 
 from llmops.builders.recipe import SHARED_PREFIX_HOOK, training_recipe
 
-from .data import (GIB, MicroBatch, Sample, ViggoLikeTask, microbatch_for, packed_microbatch, padded_microbatch,
+from .data import (GIB, MicroBatch, Sample, microbatch_for, packed_microbatch, padded_microbatch,
                    shared_microbatch)
 from .model import (Adapter, Compiled, Fp8, LEARNING_RATE, Liger, Varlen, forward_loss, set_attention,
                     set_checkpointing)
@@ -128,8 +128,8 @@ def make_steps(recipe: Recipe, samples: list[Sample], rows: list[list[Sample]], 
             chunk = rows[s * per_step:(s + 1) * per_step]
             if len(chunk) < per_step:
                 raise ValueError("not enough packed rows")
-            steps.append([microbatch_for(recipe, chunk[m * recipe.micro_batch:(m + 1) * recipe.micro_batch], row_len,
-                                         ViggoLikeTask.PREFIX_LEN) for m in range(recipe.accumulation)])
+            steps.append([microbatch_for(recipe, chunk[m * recipe.micro_batch:(m + 1) * recipe.micro_batch], row_len)
+                          for m in range(recipe.accumulation)])
     else:
         if recipe.micro_batch != 1:
             raise ValueError("unpacked recipes here use one sample per micro-batch")
@@ -304,7 +304,7 @@ def equivalence(model, samples: list[Sample]) -> dict:
         out[f"packed_{mode}_rel_diff"] = abs(loss - unpacked) / abs(unpacked)
     set_attention(model, "sdpa")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = float(forward_loss(model, shared_microbatch([samples], ViggoLikeTask.PREFIX_LEN), n_items,
+        loss = float(forward_loss(model, shared_microbatch([samples]), n_items,
                                   "shared-prefix"))
     out["shared_prefix_loss"] = loss
     out["shared_prefix_rel_diff"] = abs(loss - unpacked) / abs(unpacked)
