@@ -21,7 +21,9 @@ PVC_ROOT = "/mnt/llmops/pvc"
 RAY_NAME_MAX = 40  # KubeRay derives longer names (cluster, head service) from the RayJob/RayService name
 # Labels on every child. Fixed, not a setting: the operator's watches and indexes select by them (handlers/main.py).
 LABEL_PREFIX = "llmops.dev"
-ROLE_LABEL = f"{LABEL_PREFIX}/role"            # result, config, payloads
+ROLE_LABEL = f"{LABEL_PREFIX}/role"            # RESULT_ROLE, "config", PAYLOADS_ROLE
+RESULT_ROLE = "result"       # the ConfigMap a job's payload reports into
+PAYLOADS_ROLE = "payloads"   # the namespace's shared ConfigMap of payload sources
 OWNER_KIND_LABEL = f"{LABEL_PREFIX}/owner-kind"
 OWNER_UID_LABEL = f"{LABEL_PREFIX}/owner-uid"
 
@@ -118,7 +120,7 @@ def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[
     """Result ConfigMap plus a ServiceAccount that may get/patch only that ConfigMap."""
     return [
         owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.result}, "data": {}},
-              owner, settings, {ROLE_LABEL: "result"}),
+              owner, settings, {ROLE_LABEL: RESULT_ROLE}),
         owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": names.account},
                "automountServiceAccountToken": True}, owner, settings),
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": names.account},
@@ -138,7 +140,6 @@ def config_map(owner: Owner, names: Names, settings: Settings, files: Mapping[st
 
 
 # ---- the payload sources, shared ----------------------------------------------------------------------------
-PAYLOADS_ROLE = "payloads"
 
 
 def payloads_name(payloads: Mapping[str, str]) -> str:

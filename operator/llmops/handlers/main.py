@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from ..api import GROUP, KINDS, VERSION
-from ..builders.common import OWNER_UID_LABEL, ROLE_LABEL, BuildContext
+from ..builders.common import OWNER_UID_LABEL, PAYLOADS_ROLE, RESULT_ROLE, ROLE_LABEL, BuildContext
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from . import batchinference, finetune, kopf_toggles, llmservice
@@ -79,7 +79,7 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> Non
     managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
     settings.watching.label_selectors["rayjobs"] = managed
     settings.watching.label_selectors["rayservices"] = managed
-    settings.watching.label_selectors["configmaps"] = f"{managed},{ROLE_LABEL} in (result,payloads)"
+    settings.watching.label_selectors["configmaps"] = f"{managed},{ROLE_LABEL} in ({RESULT_ROLE},{PAYLOADS_ROLE})"
     settings.watching.label_selectors["pods"] = OWNER_UID_LABEL
     if options.get("peering"):
         settings.peering.name = options["peering"]
@@ -177,9 +177,9 @@ async def index_configmaps(body: kopf.Body, namespace: str, name: str, **_: Any)
     (the whole set was applied), and ("name", ...) as for Ray objects; the shared payload sources: ("shared", ns,
     name)."""
     role = body["metadata"]["labels"][ROLE_LABEL]
-    if role == "payloads":
+    if role == PAYLOADS_ROLE:
         return {("shared", namespace, name): True}
-    if role != "result":
+    if role != RESULT_ROLE:
         return None
     out: dict = {("name", "ConfigMap", namespace, name): _owner_uid_label(body)}
     ref = _controller(body)
@@ -278,7 +278,7 @@ async def _child_event(body: kopf.Body, **kwargs: Any) -> None:
 
 kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)(_child_event)
 kopf.on.event("ray.io", "v1", "rayservices", labels=MANAGED)(_child_event)
-kopf.on.event("", "v1", "configmaps", labels={**MANAGED, ROLE_LABEL: "result"})(_child_event)
+kopf.on.event("", "v1", "configmaps", labels={**MANAGED, ROLE_LABEL: RESULT_ROLE})(_child_event)
 kopf.on.event("", "v1", "pods", labels={OWNER_UID_LABEL: kopf.PRESENT})(_child_event)
 
 

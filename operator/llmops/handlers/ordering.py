@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..builders.common import LABEL_PREFIX, ROLE_LABEL
+from ..builders.common import LABEL_PREFIX, RESULT_ROLE, ROLE_LABEL
 
 HASH_ANNOTATION = f"{LABEL_PREFIX}/children-hash"   # on the marker: the hash of the whole set
 
 
 def _is_result(child: dict[str, Any]) -> bool:
-    return child["metadata"].get("labels", {}).get(ROLE_LABEL) == "result"
+    return child["metadata"].get("labels", {}).get(ROLE_LABEL) == RESULT_ROLE
 
 
 def holds(children: list[dict[str, Any]], kind: str) -> bool:
