@@ -25,12 +25,16 @@ does with transformers + peft, step for step:
   from the position ids with transformers 4.57); `sdpa-mask` lets transformers build a block-diagonal mask
   (what `neat_packing` does with `flash_attn: sdpa`).
 * default: the keys the operator renders, from `llmops.builders.recipe.training_recipe()` itself (stdlib only,
-  imported from operator/): for an H100 FineTune of Qwen2.5-7B with the stock image (no flash-attn), SDPA with
-  neat packing and Liger; `default-fa2` is what an image with flash-attn gets; `default-shared` is the default
-  with `sharedPrefix: true` (FA2 varlen cannot share a prefix).
+  imported from operator/): for an H100 FineTune of Qwen2.5-7B with the stock image (no flash-attn), packed rows
+  with the shared prefix, decoder layers compiled, no Liger. `default-ckpt` is what a profile that needs gradient
+  checkpointing gets (L4, A10G: shared prefix and Liger, not compiled), `default-fa2` what an image with flash-attn
+  gets, `packed-liger` the earlier default (neat packing's mask and Liger, nothing shared, eager).
 * shared-prefix: the rows of neat packing with the prompt tokens all samples start with carried once per row,
   built, masked and padded by the operator's own `payloads/shared_prefix.py` (what its hook makes LLaMA-Factory
   0.9.4 do in each Ray Train worker): the same samples per row and per optimizer step as without sharing.
+* compiled layers: each decoder layer under torch.compile (inductor, dynamic shapes), the embedding, final norm
+  and loss eager, as `payloads/compile_layers.py` does in each worker (`CompiledLayers`). Its compile is in the
+  recipe's warm-up steps (`warmup_s`) and in `first_call_s` of the numerics.
 * liger: liger-kernel's own Qwen2 patch, the call LLaMA-Factory makes for `enable_liger_kernel: true` in SFT
   (RoPE, RMSNorm, SwiGLU and fused linear cross-entropy). It cannot be removed once applied, so every recipe
   without it is measured first.
@@ -39,14 +43,16 @@ The synthetic samples follow ViGGO's shape (a fixed ~127-token instruction, a sh
 answer; ~194 tokens) and the answers are learnable from random weights: a function token, then a chain of
 attribute tokens where each token fixes the next (a seeded permutation), then <|im_end|>.
 
-Faster variants of the default, opt-in (`--variants fp8,compile,compile-no-liger`): only the reference, the default
-and the named variants are measured, in one process, each with its numerics against its base on one packed row
-(loss and adapter gradients), its throughput on the same rows as its base and a kernel profile. A name with the
-suffix `-no-liger` is a variant of the default without Liger (packed-sdpa-mask), measured before Liger is applied.
+Faster variants, opt-in (`--variants fp8,compile,compile-no-liger`): only the reference, the earlier default
+(packed-liger, or shared-liger with `--shared`) and the named variants are measured, in one process, each with its
+numerics against its base on one packed row (loss and adapter gradients), its throughput on the same rows as its
+base and a kernel profile. A name with the suffix `-no-liger` is a variant of that base without Liger
+(packed-sdpa-mask, or shared-eager), measured before Liger is applied.
 
 * compile: the whole PeftModel under torch.compile (inductor, mode "default"), as the HF Trainer's accelerator
   wraps it for `torch_compile: true`; `compile-max-autotune` and `compile-reduce-overhead` use the modes
-  "max-autotune-no-cudagraphs" and "reduce-overhead" (`torch_compile_mode`).
+  "max-autotune-no-cudagraphs" and "reduce-overhead" (`torch_compile_mode`). `compile-layers`: each decoder
+  layer instead (what the default does).
 * fp8: every LoRA layer's frozen base product in fp8 through torch._scaled_mm (Fp8FrozenLinear): weights quantised
   once per row and per column, activations and incoming gradients per row on every call, no weight gradient.
   LLaMA-Factory's own `fp8: true` is a different implementation (torchao through Accelerate).
@@ -68,11 +74,11 @@ import numpy as np
 import torch
 
 from training_bench.data import GIB, IGNORE, ViggoLikeTask, pack_rows, packed_microbatch, shared_microbatch
-from training_bench.model import (Adapter, FAST_VARIANTS, Liger, NO_LIGER, Varlen, build_model, forward_loss,
-                                  setup_varlen)
-from training_bench.steps import Recipe, equivalence, eval_loss, profile_timed, rendered_recipe
+from training_bench.model import (Adapter, CompiledLayers, FAST_VARIANTS, Liger, NO_LIGER, Varlen, build_model,
+                                  forward_loss, setup_varlen)
+from training_bench.steps import equivalence, eval_loss, profile_timed, rendered_recipe
 from training_bench.report import environment, print_fast_summary, print_table, slope, targets, timed_by_name, write
-from training_bench.runs import LearningCheck, learning_runs, run_fast_variants, run_variants
+from training_bench.runs import WARM_ON_TIMED, LearningCheck, learning_runs, run_fast_variants, run_variants
 from payloads import shared_prefix  # importable once training_bench has put operator/ on the path
 
 
@@ -140,26 +146,29 @@ def main() -> int:
     def rendered(name, description, image, **overrides):
         return rendered_recipe(name, description, image, row_len, **overrides)
 
-    def bf16_adapter(base: Recipe, name: str) -> Recipe:  # `pure_bf16` goes through extraArgs, not the recipe
-        return dataclasses.replace(base, name=name, description=f"as {base.name}, adapter in bf16 without autocast "
-                                   "(pure_bf16)", lora_dtype="bf16")
-
     # The reference is the LLaMA-Factory config with the reference's keys given as user choices.
     reference = rendered("reference", "1 sample/micro-batch, accum 8, gradient checkpointing, SDPA", "stock",
                          packing=False, perDeviceBatchSize=1, gradientAccumulationSteps=8,
                          gradientCheckpointing=True, ligerKernel=False)
-    default = rendered("default", "what the operator renders with the stock image: packed 2048-token row x1, "
-                       "neat packing (SDPA, block-diagonal mask), liger, no checkpointing", "stock")
-    shared = functools.partial(rendered, image="stock", sharedPrefix=True)
-    default_shared = shared("default-shared", "as default with sharedPrefix: the same samples per row, their common "
-                            "prompt once per row (4-D mask)")
-    if default_shared.attention != "shared-prefix":
-        raise RuntimeError(f"sharedPrefix did not render the shared-prefix hook: {default_shared.rendered}")
+    default = rendered("default", "what the operator renders with the stock image on an H100: packed 2048-token "
+                       "rows, their shared prompt once per row (SDPA, 4-D mask), decoder layers compiled, no Liger, "
+                       "no checkpointing", "stock")
+    if (default.attention, default.compile_scope, default.liger) != ("shared-prefix", "layers", False):
+        raise RuntimeError(f"the rendered default is not the measured one: {default.rendered}")
+    shared = functools.partial(rendered, image="stock", compile=False)
+    shared_eager = shared("shared-eager", "as default, not compiled (compile: false; Liger off)", ligerKernel=False)
+    shared_liger = shared("shared-liger", "as default, not compiled, with Liger (compile: false)")
+    # Where one row needs checkpointing (the L4 and A10G profiles): the recipe keeps the shared prefix, turns Liger
+    # on and does not compile; here on the H100 by asking for the checkpointing.
+    default_ckpt = rendered("default-ckpt", "what the operator renders where checkpointing is needed (L4, A10G): "
+                            "shared prefix, Liger, gradient checkpointing, not compiled", "stock",
+                            gradientCheckpointing=True)
+    unshared = functools.partial(rendered, image="stock", sharedPrefix=False)
+    packed_liger = unshared("packed-liger", "the earlier default: packed rows, neat packing (SDPA, block-diagonal "
+                            "mask), Liger, no checkpointing")
+    packed_sdpa_mask = unshared("packed-sdpa-mask", "as packed-liger without Liger", ligerKernel=False)
     default_fa2 = rendered("default-fa2", "what the operator renders for an image with flash-attn "
-                           "(finetune_flash_attention): as default with FA2 varlen, no mask", "flash-attn")
-    default_x2 = rendered("default-x2", "as default, packed rows x2 (twice the effective batch)", "stock",
-                          perDeviceBatchSize=2)
-    packed_sdpa_mask = rendered("packed-sdpa-mask", "as default without liger", "stock", ligerKernel=False)
+                           "(finetune_flash_attention): packed rows, FA2 varlen, Liger, no mask", "flash-attn")
     packed_fa2 = rendered("packed-fa2", "as default-fa2 without liger", "flash-attn", ligerKernel=False)
     held_out = task.stream(seed=13, n=96)
     eval_rows = pack_rows(held_out, row_len, seed=5)
@@ -170,8 +179,7 @@ def main() -> int:
         learning = None
         if args.learning:
             learning = LearningCheck(pack_rows(learn, row_len, seed=19), row_len, eval_rows, args.loss_lrs, len(learn))
-        bases = (default, packed_sdpa_mask) if not args.shared else (
-            default_shared, shared("shared-sdpa-mask", "as default-shared without liger", ligerKernel=False))
+        bases = (packed_liger, packed_sdpa_mask) if not args.shared else (shared_liger, shared_eager)
         run_fast_variants(model, adapter, reference, *bases, args.variants, learning, pool, rows, row_len, n_params,
                           results, args.out, t_start)
         results["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -179,14 +187,18 @@ def main() -> int:
         print_table(results, n_params)
         print_fast_summary(results)
         return 0
-    # 1. without Liger
+    # 1. without Liger: the reference, the default and their learning first (the most telling numbers)
     run_variants(model, adapter, [
-        (reference, 3, 8),  # 3 warm-up steps see most padded lengths (new shapes cost kernel set-up)
+        # Rows of varying length: every length is seen once before timing (a new one costs the attention kernel's
+        # set-up and, compiled, a guard check), as it is in a job of many epochs.
+        (reference, WARM_ON_TIMED, 8),
+        (default, WARM_ON_TIMED, 20),  # its warm-up holds the compile
+        (shared_eager, WARM_ON_TIMED, 20),
         (packed_sdpa_mask, 2, 10),
         (packed_fa2, 2, 10),
         (rendered("packed-fa2-x2", "as packed-fa2, rows x2", "flash-attn", ligerKernel=False,
                   perDeviceBatchSize=2), 1, 5),
-        (bf16_adapter(packed_fa2, "packed-fa2-pure-bf16"), 2, 8),
+        (dataclasses.replace(default, name="default-again"), WARM_ON_TIMED, 20),
     ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     try:
@@ -198,20 +210,29 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001
         results["equivalence"] = {"error": repr(exc)[:500]}
         traceback.print_exc()
-    # The reference's schedule (8 samples per optimizer step, no Liger), run as one packed row per step with
-    # attention kept inside each sample: the same gradient as 8 one-sample micro-batches under token-sum
-    # normalization (`equivalence` checks the forward part), at a fraction of the device time.
-    ref_schedule = dataclasses.replace(packed_fa2 if Varlen.available else packed_sdpa_mask, rendered=None,
-                                       name="reference-schedule", description="8 samples per optimizer step")
-    ref_steps = []
-    for i in range(0, len(learn), 8):
-        group = learn[i:i + 8]
-        ref_steps.append([packed_microbatch([group], -(-sum(len(s.input_ids) for s in group) // 8) * 8)])
+    learn_rows = pack_rows(learn, row_len, seed=19)
+    row_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
+    shared_steps = [[shared_microbatch([r])] for r in learn_rows]
     if args.learning:
+        # The reference's schedule (8 samples per optimizer step, no Liger), run as one packed row per step with
+        # attention kept inside each sample: the same gradient as 8 one-sample micro-batches under token-sum
+        # normalization (`equivalence` checks the forward part), at a fraction of the device time.
+        ref_schedule = dataclasses.replace(packed_fa2 if Varlen.available else packed_sdpa_mask, rendered=None,
+                                           name="reference-schedule", description="8 samples per optimizer step")
+        ref_steps = []
+        for i in range(0, len(learn), 8):
+            group = learn[i:i + 8]
+            ref_steps.append([packed_microbatch([group], -(-sum(len(s.input_ids) for s in group) // 8) * 8)])
         learning_runs(model, adapter, ref_schedule, "reference (8/step)", ref_steps, args.loss_lrs, eval_rows,
                       row_len, len(learn), results, args.out)
+        learning_runs(model, adapter, default, "default (1 row/step)", shared_steps, args.loss_lrs, eval_rows,
+                      row_len, len(learn), results, args.out)
+    results["profiles"] = [profile_timed(model, adapter, default, pool, rows, row_len, timed_by_name(results))]
+    write(args.out, results)
 
-    # 2. with Liger (cannot be taken off again: everything after this point runs with it)
+    # 2. with Liger (cannot be taken off again: everything after this point runs with it). The compiled layers are
+    # done with: their graphs and what they hold go, so the peaks below are the recipes' own.
+    CompiledLayers.forget()
     try:
         results["liger"] = Liger.apply(model, packed_microbatch([learn[:8]], 2048))
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -226,61 +247,47 @@ def main() -> int:
         results["liger"] = f"unavailable: {exc!r}"[:500]
         traceback.print_exc()
     if Liger.applied:
-        # The two defaults twice, interleaved: their spread is the run's timing noise.
+        # Pairs measured twice, interleaved: their spread is the run's timing noise.
         run_variants(model, adapter, [
-            (default, 2, 20),
-            (default_shared, 3, 20),  # new row lengths cost SDPA plan set-up: more warm-up
-            (shared("default-shared-x3", "as default-shared, 3 rows per micro-batch (3x the effective batch)",
-                    perDeviceBatchSize=3), 3, 10),
+            (packed_liger, 2, 20),
+            (shared_liger, WARM_ON_TIMED, 20),
+            (shared("shared-liger-x3", "as shared-liger, 3 rows per micro-batch (3x the effective batch)",
+                    perDeviceBatchSize=3), WARM_ON_TIMED, 10),
             (default_fa2, 2, 20),
-            (default_x2, 1, 10),
+            (unshared("packed-liger-x2", "as packed-liger, packed rows x2 (twice the effective batch)",
+                      perDeviceBatchSize=2), 1, 10),
             (rendered("default-fa2-x2", "as default-fa2, rows x2", "flash-attn", perDeviceBatchSize=2), 1, 10),
-            (rendered("default-ckpt", "as default, gradient checkpointing", "stock", gradientCheckpointing=True),
+            (unshared("packed-liger-ckpt", "as packed-liger, gradient checkpointing", gradientCheckpointing=True),
              1, 6),
-            (rendered("default-x4-ckpt", "as default, rows x4, gradient checkpointing", "stock",
+            (unshared("packed-liger-x4-ckpt", "as packed-liger, rows x4, gradient checkpointing",
                       perDeviceBatchSize=4, gradientCheckpointing=True), 1, 3),
-            (shared("default-shared-ckpt", "as default-shared, gradient checkpointing", gradientCheckpointing=True),
-             2, 6),
-            (bf16_adapter(default, "default-pure-bf16"), 2, 8),
-            (dataclasses.replace(default, name="default-again"), 1, 20),
-            (dataclasses.replace(default_shared, name="default-shared-again"), 1, 20),
+            (default_ckpt, WARM_ON_TIMED, 6),
+            (dataclasses.replace(packed_liger, name="packed-liger-again"), 1, 20),
+            (dataclasses.replace(shared_liger, name="shared-liger-again"), WARM_ON_TIMED, 20),
             (dataclasses.replace(default_fa2, name="default-fa2-again"), 1, 20),
         ], pool, rows, row_len, n_params, results, args.out, t_start)
 
     by_name = timed_by_name(results)
-    results["targets"] = targets(by_name, ("default", "default-again", "default-shared", "default-shared-again",
-                                           "default-shared-x3", "default-fa2", "default-fa2-again", "packed-sdpa-mask",
-                                           "packed-fa2"))
+    results["targets"] = targets(by_name, ("default", "default-again", "shared-eager", "packed-liger",
+                                           "packed-liger-again", "shared-liger", "shared-liger-x3", "default-fa2",
+                                           "default-fa2-again", "default-ckpt", "packed-sdpa-mask", "packed-fa2"))
     results["memory_calibration"] = {
         "weights_gib": round(n_params * 2 / GIB, 2),
         "no_ckpt": slope(by_name, "packed-fa2", "packed-fa2-x2"),
-        "no_ckpt_liger": slope(by_name, "default", "default-x2"),
+        "no_ckpt_liger": slope(by_name, "packed-liger", "packed-liger-x2"),
         "no_ckpt_liger_fa2": slope(by_name, "default-fa2", "default-fa2-x2"),
-        "ckpt_liger": slope(by_name, "default-ckpt", "default-x4-ckpt"),
+        "ckpt_liger": slope(by_name, "packed-liger-ckpt", "packed-liger-x4-ckpt"),
     }
     print("memory calibration:", json.dumps(results["memory_calibration"]), flush=True)
     write(args.out, results)
 
-    results["profiles"] = []
-    for profiled in ((default, default_shared, default_fa2) if Liger.applied else (packed_sdpa_mask, packed_fa2)):
-        results["profiles"].append(profile_timed(model, adapter, profiled, pool, rows, row_len, by_name))
-        write(args.out, results)
-
-    if Liger.applied and args.learning:  # most telling first: the device time may run out before the last
-        learn_rows = pack_rows(learn, row_len, seed=19)
-        row_steps = [[packed_microbatch([r], row_len)] for r in learn_rows]
-        shared_steps = [[shared_microbatch([r])] for r in learn_rows]
-        learning_runs(model, adapter, default, "default (1 row/step)", row_steps, args.loss_lrs, eval_rows,
-                      row_len, len(learn), results, args.out)
-        learning_runs(model, adapter, default_shared, "default-shared (1 row/step)", shared_steps, args.loss_lrs,
+    if Liger.applied:
+        for profiled in (packed_liger, default_fa2):
+            results["profiles"].append(profile_timed(model, adapter, profiled, pool, rows, row_len, by_name))
+            write(args.out, results)
+    if Liger.applied and args.learning:  # (rows x2 and FA2 learned as packed-liger did: earlier results files)
+        learning_runs(model, adapter, packed_liger, "packed-liger (1 row/step)", row_steps, args.loss_lrs,
                       eval_rows, row_len, len(learn), results, args.out)
-        x2_steps = [[packed_microbatch(learn_rows[i:i + 2], row_len)] for i in range(0, len(learn_rows), 2)]
-        learning_runs(model, adapter, default_x2, "default-x2 (2 rows/step)", x2_steps, args.loss_lrs, eval_rows,
-                      row_len, len(learn), results, args.out)
-        learning_runs(model, adapter, default_fa2, "default-fa2 (1 row/step)", row_steps, args.loss_lrs, eval_rows,
-                      row_len, len(learn), results, args.out)
-        learning_runs(model, adapter, bf16_adapter(default, "default-pure-bf16"), "default, pure_bf16", row_steps,
-                      args.loss_lrs, eval_rows, row_len, len(learn), results, args.out)
 
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     write(args.out, results)

@@ -12,8 +12,8 @@ export PYTHONPATH=operator:tests
 printf '\n==> payload tests: batch, serve config and fine-tune driver (Ray 2.60 on CPU)\n'
 .venv-ray/bin/python -m pytest tests/unit/payloads -q -p no:cacheprovider -p noskip -m "not llamafactory"
 
-printf '\n==> fine-tune payload and shared-prefix packing against the real LLaMA-Factory 0.9.4 (CPU)\n'
-.venv-lf/bin/python -m pytest tests/unit/payloads/test_finetune_payload.py tests/unit/payloads/test_shared_prefix.py -q -p no:cacheprovider -p noskip -m llamafactory
+printf '\n==> fine-tune payload, shared-prefix packing and compiled layers against the real LLaMA-Factory 0.9.4 (CPU)\n'
+.venv-lf/bin/python -m pytest tests/unit/payloads/test_finetune_payload.py tests/unit/payloads/test_shared_prefix.py tests/unit/payloads/test_compile_layers.py -q -p no:cacheprovider -p noskip -m llamafactory
 
 printf '\n==> unit, golden and integration tests\n'
 .venv/bin/python -m pytest tests -q -p no:cacheprovider -p noskip --ignore=tests/unit/payloads "$@"

@@ -130,16 +130,17 @@ def packed_microbatch(rows: list[list[Sample]], row_len: int) -> MicroBatch:
     )
 
 
-def shared_microbatch(rows: list[list[Sample]]) -> MicroBatch:
+def shared_microbatch(rows: list[list[Sample]], multiple: int = shared_prefix.ROW_MULTIPLE) -> MicroBatch:
     """Rows as the shared-prefix hook hands them to the model: the prefix every sample of the task starts with
     (ViggoLikeTask.PREFIX_LEN tokens) once, then each sample's rest at its own positions, the micro-batch padded to
-    its longest row (a multiple of 8), the 4-D mask in bf16 (what LLaMA-Factory's collator builds in bf16)."""
+    its longest row (a multiple of the hook's ROW_MULTIPLE), the 4-D mask in bf16 (what LLaMA-Factory's collator
+    builds in bf16)."""
     features = []
     for row in rows:
         packed = shared_prefix.pack([(s.input_ids, s.labels) for s in row], ViggoLikeTask.PREFIX_LEN, 10**9,
                                     lambda lengths, capacity: [lengths])  # the row as it is: one knapsack
         features.append({k: v[0] for k, v in packed.items()})
-    features = shared_prefix.pad_rows(features, PAD_ID, 8)
+    features = shared_prefix.pad_rows(features, PAD_ID, multiple)
     ids = torch.tensor([f["input_ids"] for f in features], device="cuda")
     labels = torch.tensor([f["labels"] for f in features], device="cuda")
     indices = torch.tensor([f["attention_mask"] for f in features], device="cuda")
@@ -151,7 +152,7 @@ def shared_microbatch(rows: list[list[Sample]]) -> MicroBatch:
 
 
 def microbatch_for(recipe, rows: list[list[Sample]], row_len: int) -> MicroBatch:
-    return shared_microbatch(rows) if recipe.attention == "shared-prefix" else \
+    return shared_microbatch(rows, recipe.pad_multiple) if recipe.attention == "shared-prefix" else \
         packed_microbatch(rows, row_len)
 
 

@@ -376,8 +376,46 @@ class Compiled:
         return cls.models[mode, dynamic]
 
 
+CPP_WRAPPER = "cpp-wrapper"  # not a torch.compile mode: inductor's C++ wrapper (kernels launched without Python)
+
+
+class CompiledLayers:
+    """torch.compile of each decoder layer instead of the whole model (regional compilation): the 28 layers run
+    the same code, so dynamo compiles one and reuses it for the others (parameters are graph inputs), which cuts
+    the compile time to about one layer's; the embedding, the final norm and the loss stay eager. What
+    `payloads.compile_layers` does in the LLaMA-Factory worker. `set` swaps the layers' compiled calls in and out,
+    so the eager recipes of the same run keep running eagerly."""
+
+    compiled: ClassVar[dict] = {}  # (layer index, mode, dynamic) -> compiled call
+
+    @classmethod
+    def set(cls, model, mode: str | None, dynamic: bool | None = None) -> None:
+        for i, layer in enumerate(model.get_base_model().model.layers):
+            if mode is None:
+                layer._compiled_call_impl = None
+                continue
+            key = (i, mode, dynamic)
+            if key not in cls.compiled:
+                how = {"options": {"cpp_wrapper": True}} if mode == CPP_WRAPPER else {"mode": mode}
+                cls.compiled[key] = torch.compile(layer._call_impl, backend="inductor", dynamic=dynamic, **how)
+            layer._compiled_call_impl = cls.compiled[key]
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.compiled.clear()
+        torch._dynamo.reset()
+
+
 FAST_VARIANTS = {
     "compile": ({"compile_mode": "default"}, "torch.compile of the whole model (torch_compile: true)"),
+    "compile-layers": ({"compile_mode": "default", "compile_scope": "layers"},
+                       "torch.compile of each decoder layer (regional compilation; training.compile)"),
+    "compile-layers-pad8": ({"compile_mode": "default", "compile_scope": "layers", "pad_multiple": 8},
+                            "compiled layers, shared rows padded to a multiple of 8 only (more shapes)"),
+    "compile-layers-cpp": ({"compile_mode": CPP_WRAPPER, "compile_scope": "layers"},
+                           "compiled layers with inductor's C++ wrapper (cpp_wrapper)"),
+    "compile-layers-cudagraphs": ({"compile_mode": "reduce-overhead", "compile_scope": "layers"},
+                                  "compiled layers as CUDA graphs (mode reduce-overhead)"),
     "compile-max-autotune": ({"compile_mode": "max-autotune-no-cudagraphs"},
                              "torch.compile mode max-autotune-no-cudagraphs"),
     "compile-reduce-overhead": ({"compile_mode": "reduce-overhead"},

@@ -16,17 +16,22 @@ from .steps import Recipe, eval_loss, loss_and_gradients, make_steps, measure, p
 from .report import targets, timed_by_name, write
 
 
+WARM_ON_TIMED = -1  # a plan's warm-up: the timed steps themselves, once (every row shape seen before timing)
+
+
 def run_variants(model, adapter, plan, pool, rows, row_len, n_params, results, out_dir, t_start) -> None:
     cursor = 0
     for recipe, warmup, timed in plan:
         try:
-            n_steps = warmup + timed
+            n_steps = timed if warmup == WARM_ON_TIMED else warmup + timed
             need = n_steps * recipe.micro_batch * recipe.accumulation
             if recipe.packed and cursor + need > len(rows):
                 cursor = 0
             steps = make_steps(recipe, pool, rows[cursor:], n_steps, row_len)
             if recipe.packed:
                 cursor += need
+            if warmup == WARM_ON_TIMED:
+                steps, warmup = steps + steps, len(steps)
             row = measure(model, adapter, recipe, steps, warmup, n_params)
         except Exception as exc:  # noqa: BLE001
             row = {**dataclasses.asdict(recipe), "error": f"{exc!r}"[:500]}
@@ -116,7 +121,8 @@ def variants_of(model, adapter, base: Recipe, names: list[str], learning: Learni
                 row_len: int, n_params: int, results: dict, out_dir: str, t_start: float) -> None:
     """The base recipe, then each named variant of it: numerics against the base, throughput, profile; then the
     learning runs of the base and of each variant that trained."""
-    run_variants(model, adapter, [(base, 2, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
+    run_variants(model, adapter, [(base, WARM_ON_TIMED, 20)], pool, rows, row_len, n_params, results, out_dir,
+                 t_start)
     trained = [base]
     results["profiles"].append(profile_timed(model, adapter, base, pool, rows, row_len, timed_by_name(results)))
     check_row = microbatch_for(base, [rows[-1]], row_len)
@@ -150,7 +156,8 @@ def variants_of(model, adapter, base: Recipe, names: list[str], learning: Learni
             traceback.print_exc()
         results["numerics"].append(check)
         print("numerics:", json.dumps(check), flush=True)
-        run_variants(model, adapter, [(variant, 2, 20)], pool, rows, row_len, n_params, results, out_dir, t_start)
+        run_variants(model, adapter, [(variant, WARM_ON_TIMED, 20)], pool, rows, row_len, n_params, results,
+                     out_dir, t_start)
         if name in timed_by_name(results):
             trained.append(variant)
         results["profiles"].append(profile_timed(model, adapter, variant, pool, rows, row_len,

@@ -11,11 +11,12 @@ import traceback
 
 import torch
 
-from llmops.builders.recipe import SHARED_PREFIX_HOOK, training_recipe
+from llmops.builders.recipe import COMPILE_LAYERS_ENV, SHARED_PREFIX_ENV, training_recipe
+from payloads import shared_prefix
 
 from .data import (GIB, MicroBatch, Sample, microbatch_for, packed_microbatch, padded_microbatch,
                    shared_microbatch)
-from .model import (Adapter, Compiled, Fp8, LEARNING_RATE, Liger, Varlen, forward_loss, set_attention,
+from .model import (Adapter, Compiled, CompiledLayers, Fp8, LEARNING_RATE, Liger, Varlen, forward_loss, set_attention,
                     set_checkpointing)
 
 
@@ -31,8 +32,10 @@ class Recipe:
     lora_dtype: str = "fp32"  # fp32 under bf16 autocast (LLaMA-Factory default) or bf16 (pure_bf16)
     liger: bool = False  # Liger kernels (enable_liger_kernel): RoPE, RMSNorm, SwiGLU, fused linear cross-entropy
     rendered: dict | None = None  # the LLaMA-Factory keys this recipe stands for, as training_recipe() returns them
-    compile_mode: str | None = None  # torch.compile mode of the whole model (Compiled), None: eager
+    compile_mode: str | None = None  # torch.compile mode, None: eager
+    compile_scope: str = "model"  # model: the whole model (Compiled); layers: each decoder layer (CompiledLayers)
     fp8: bool = False  # frozen base layers' products in fp8 (Fp8FrozenLinear)
+    pad_multiple: int = shared_prefix.ROW_MULTIPLE  # shared-prefix rows are padded to a multiple of this
 
 
 # What the operator renders for a FineTune of Qwen2.5-7B (the renderer reads 7 B from the name) with rank 8 on the
@@ -48,18 +51,20 @@ def rendered_recipe(name: str, description: str, image: str, cutoff_len: int, **
     keys = training_recipe(**RENDER_ARGS, cutoff_len=cutoff_len, overrides={**IMAGE_OVERRIDES[image], **overrides})
     if keys["cutoff_len"] != cutoff_len:
         raise ValueError(f"rendered cutoff_len {keys['cutoff_len']} differs from the bench's {cutoff_len}")
+    worker_env = keys.get("ray_init_kwargs", {}).get("runtime_env", {}).get("env_vars", {})
     if not keys["packing"]:
         attention = "sdpa"
     elif keys["flash_attn"] == "fa2":
         attention = "varlen"  # with or without neat_packing: FA2 on the sample bounds
     elif keys["neat_packing"] and keys["flash_attn"] == "sdpa":
-        hook = keys.get("ray_init_kwargs", {}).get("runtime_env", {}).get("worker_process_setup_hook")
-        attention = "shared-prefix" if hook == SHARED_PREFIX_HOOK else "sdpa-mask"
+        attention = "shared-prefix" if worker_env.get(SHARED_PREFIX_ENV) == "1" else "sdpa-mask"
     else:
         raise ValueError(f"no bench attention for {keys}")
+    # The worker compiles `auto` jobs of enough steps only; the bench measures the steady state, compiled.
+    compiled = {"compile_mode": "default", "compile_scope": "layers"} if worker_env.get(COMPILE_LAYERS_ENV) else {}
     return Recipe(name, description, keys["packing"], attention, keys["per_device_train_batch_size"],
                   keys["gradient_accumulation_steps"], not keys["disable_gradient_checkpointing"], "fp32",
-                  keys["enable_liger_kernel"], keys)
+                  keys["enable_liger_kernel"], keys, **compiled)
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -73,10 +78,13 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 def runner_for(model, recipe: Recipe):
     """The model as the recipe runs it: fp8 base layers or not, compiled or eager."""
     Fp8.set(model, recipe.fp8)
-    if not recipe.compile_mode:
-        return model
     # Shared-prefix rows vary in length by construction: one graph with dynamic shapes rather than a recompile each.
-    return Compiled.of(model, recipe.compile_mode, dynamic=True if recipe.attention == "shared-prefix" else None)
+    dynamic = True if recipe.attention == "shared-prefix" else None
+    layers = recipe.compile_mode if recipe.compile_scope == "layers" else None
+    CompiledLayers.set(model, layers, dynamic)
+    if not recipe.compile_mode or layers:
+        return model
+    return Compiled.of(model, recipe.compile_mode, dynamic=dynamic)
 
 
 def step_items(recipe: Recipe, n_labels: int):
@@ -103,6 +111,8 @@ def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]]
         num_items = step_items(recipe, sum(mb.n_labels for mb in step))
         total = torch.zeros((), device="cuda")
         for mb in step:
+            if recipe.compile_mode == "reduce-overhead":  # CUDA graph trees: a new pass, earlier outputs are done
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 loss = forward_loss(runner, mb, num_items, mode)
             loss.backward()
@@ -114,6 +124,7 @@ def train(model, adapter: Adapter, recipe: Recipe, steps: list[list[MicroBatch]]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
+    CompiledLayers.set(model, None)  # what runs the model next (evaluation, other recipes) runs it eagerly
     return losses
 
 
@@ -265,6 +276,7 @@ def loss_and_gradients(model, adapter, recipe: Recipe, mb: MicroBatch) -> tuple[
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     grads = torch.cat([p.grad.float().flatten() for p in params])
+    CompiledLayers.set(model, None)
     adapter.reset()
     return float(loss.detach()), grads, seconds
 

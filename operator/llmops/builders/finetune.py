@@ -48,7 +48,7 @@ def recipe_for(spec: FineTuneSpec, ctx: BuildContext) -> dict[str, Any]:
     overrides = {"packing": t.packing, "perDeviceBatchSize": t.per_device_batch_size,
                  "gradientAccumulationSteps": t.gradient_accumulation_steps,
                  "gradientCheckpointing": t.gradient_checkpointing, "attention": attention,
-                 "sharedPrefix": t.shared_prefix}
+                 "sharedPrefix": t.shared_prefix, "compile": t.compile}
     return training_recipe(gpu_memory_gib=profile_for(spec.resources, ctx.settings).gpu_memory_gib,
                            base_model_params_b=model_params_b(spec.base_model.source),
                            cutoff_len=spec.dataset.cutoff_len, lora_rank=spec.method.rank,

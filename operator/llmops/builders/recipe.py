@@ -11,14 +11,18 @@ What it decides, each unless the user chose (`overrides` wins, always):
   transformers < 4.53, and refuses to start otherwise: a loud failure rather than samples attending each other).
 * attention: fa2 unless the caller asks otherwise (the FineTune builder asks for sdpa when the image has no
   flash-attn, which is the stock image's case: SDPA with neat packing is the operator's default).
-* shared prefix: off unless asked for; it needs neat packing's 4-D mask (SDPA or eager attention: FA2 varlen
-  cannot express it). The prompt tokens every sample of a preprocessing batch starts with (ViGGO: template, system
-  prompt and instruction, ~150 of ~194 tokens) are carried once per packed row instead of once per sample, each
-  sample's positions and attention as if it were alone: the same rows, loss and gradients from fewer tokens. It is
-  ``payloads/shared_prefix.py``, installed in every Ray Train worker by the ``worker_process_setup_hook`` this
-  recipe puts in ``ray_init_kwargs``. On an H100-class GPU it halves the GPU's work per step, but a one-row step
-  there waits on the host (kernel launches), so samples/s do not rise: docs/training-recipe.md.
-* Liger kernels: on (fused RMSNorm, SwiGLU, RoPE and linear cross-entropy; the image needs liger-kernel).
+* shared prefix: on wherever packing uses neat packing's 4-D mask (SDPA or eager attention: FA2 varlen cannot
+  express it), so with the stock image. The prompt tokens every sample of a preprocessing batch starts with
+  (ViGGO: template, system prompt and instruction, ~150 of ~194 tokens) are carried once per packed row instead of
+  once per sample, each sample's positions and attention as if it were alone: the same rows, loss and gradients
+  from fewer tokens (``payloads/shared_prefix.py``; without such a prefix the rows are LLaMA-Factory's own).
+* compile: regional torch.compile of the decoder layers (``payloads/compile_layers.py``) with the shared prefix
+  where no gradient checkpointing is needed (an H100-class GPU, where a one-row step waits on the host's kernel
+  launches): 1.5 to 2 times the samples/s. The worker compiles only jobs long enough to repay the minute it
+  takes. Checkpointing profiles (L4, A10G) are bound by the GPU, and were not measured compiled: off there.
+* Liger kernels: on unless compiling (their autograd functions do not trace; the image needs liger-kernel).
+* The shared prefix and the compile are changes inside each Ray Train worker: this recipe puts the worker setup
+  hook (``payloads/worker_setup.py``) and the variables that select them in ``ray_init_kwargs.runtime_env``.
 * effective batch: about one 2048-token packed row per device per optimizer step, the closest row count to the
   reference's 8 samples per device per step (ViGGO: ~10 samples a row).
 * micro-batch and gradient checkpointing: from the memory model below; checkpointing only when one micro-batch
@@ -32,8 +36,10 @@ from collections.abc import Mapping
 from typing import Any
 
 OVERRIDE_KEYS = frozenset({"packing", "perDeviceBatchSize", "gradientAccumulationSteps", "gradientCheckpointing",
-                           "attention", "ligerKernel", "sharedPrefix"})
-SHARED_PREFIX_HOOK = "payloads.shared_prefix.install"  # importable on every Ray pod (PYTHONPATH, payload ConfigMap)
+                           "attention", "ligerKernel", "sharedPrefix", "compile"})
+WORKER_SETUP_HOOK = "payloads.worker_setup.install"  # importable on every Ray pod (PYTHONPATH, payload ConfigMap)
+# The variables payloads/worker_setup.py reads (the operator never imports payloads; a unit test ties the two).
+SHARED_PREFIX_ENV, COMPILE_LAYERS_ENV = "LLMOPS_SHARED_PREFIX", "LLMOPS_COMPILE_LAYERS"
 
 # API attention names -> LLaMA-Factory `flash_attn` values (AttentionFunction in 0.9.4).
 FLASH_ATTN = {"auto": "auto", "sdpa": "sdpa", "fa2": "fa2", "eager": "disabled", "disabled": "disabled"}
@@ -73,7 +79,8 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
     """LLaMA-Factory config keys for a fast LoRA SFT recipe on this accelerator.
 
     `overrides` holds the user's choices (packing, perDeviceBatchSize, gradientAccumulationSteps,
-    gradientCheckpointing, attention, ligerKernel, sharedPrefix); an absent or None value means "choose for me".
+    gradientCheckpointing, attention, ligerKernel, sharedPrefix, compile); an absent or None value means "choose
+    for me".
     """
     chosen = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(chosen) - OVERRIDE_KEYS)
@@ -85,12 +92,14 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
     flash_attn = FLASH_ATTN[attention]
     packing = bool(chosen.get("packing", True))
     neat_packing = packing and flash_attn != "fa2"  # FA2 keeps packed samples apart through the position ids
-    shared_prefix = bool(chosen.get("sharedPrefix", False))
-    if shared_prefix and not (neat_packing and flash_attn in ("sdpa", "disabled")):
+    mask = neat_packing and flash_attn in ("sdpa", "disabled")
+    shared_prefix = bool(chosen.get("sharedPrefix", mask))
+    if shared_prefix and not mask:
         raise ValueError("training.sharedPrefix needs packing with a mask: leave training.packing on and set "
                          "training.attention to sdpa or eager (FA2, or auto that may pick it, cannot share a prefix), "
                          "or turn sharedPrefix off")
-    liger = bool(chosen.get("ligerKernel", True))
+    if chosen.get("compile") and chosen.get("ligerKernel"):
+        raise ValueError("training.compile cannot trace Liger kernels: turn one of compile and ligerKernel off")
     if packing:
         cutoff_len = -(-cutoff_len // 8) * 8  # packed rows are cutoff_len long; the collator pads to a multiple of 8
         unit_tokens = cutoff_len  # one packed row
@@ -99,22 +108,28 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
         unit_tokens = cutoff_len  # one sample, padded at worst to cutoff_len
         units_per_step = SAMPLES_PER_DEVICE_STEP
 
-    def fits(micro_batch: int, checkpointing: bool) -> bool:
+    def fits(micro_batch: int, checkpointing: bool, liger: bool) -> bool:
         return peak_memory_gib(base_model_params_b, lora_rank, micro_batch * unit_tokens, checkpointing, liger,
                                fa2=flash_attn == "fa2") <= memory_budget_gib(gpu_memory_gib)
 
     user_batch = chosen.get("perDeviceBatchSize")
+    if "compile" in chosen:
+        compiled = bool(chosen["compile"])
+    else:  # measured with the shared prefix, without checkpointing (and so without Liger)
+        compiled = (shared_prefix and not chosen.get("ligerKernel") and not chosen.get("gradientCheckpointing")
+                    and fits(user_batch or 1, False, False))
+    liger = bool(chosen.get("ligerKernel", not compiled))
     if "gradientCheckpointing" in chosen:
         checkpointing = bool(chosen["gradientCheckpointing"])
     else:
-        checkpointing = not fits(user_batch or 1, False)
+        checkpointing = not fits(user_batch or 1, False, liger)
 
     if user_batch is not None:
         micro_batch = int(user_batch)
     else:
         accumulation_hint = chosen.get("gradientAccumulationSteps")
         ceiling = units_per_step if accumulation_hint is None else max(1, -(-units_per_step // accumulation_hint))
-        micro_batch = max([m for m in _divisors(units_per_step) if m <= ceiling and fits(m, checkpointing)],
+        micro_batch = max([m for m in _divisors(units_per_step) if m <= ceiling and fits(m, checkpointing, liger)],
                           default=1)
     accumulation = int(chosen.get("gradientAccumulationSteps", max(1, math.ceil(units_per_step / micro_batch))))
 
@@ -128,8 +143,14 @@ def training_recipe(*, gpu_memory_gib: float, base_model_params_b: float, cutoff
         "gradient_accumulation_steps": accumulation,
         "disable_gradient_checkpointing": not checkpointing,
     }
+    worker_env = {}
     if shared_prefix:
-        keys["ray_init_kwargs"] = {"runtime_env": {"worker_process_setup_hook": SHARED_PREFIX_HOOK}}
+        worker_env[SHARED_PREFIX_ENV] = "1"
+    if compiled:  # asked for: any job; chosen here: the worker compiles jobs long enough to repay it
+        worker_env[COMPILE_LAYERS_ENV] = "always" if chosen.get("compile") else "auto"
+    if worker_env:
+        keys["ray_init_kwargs"] = {"runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK,
+                                                   "env_vars": worker_env}}
     return keys
 
 

@@ -480,23 +480,25 @@ def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
 
 
 @pytest.mark.llamafactory
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch_compile"])
-def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run, compiled):
-    """`training.sharedPrefix`: the rendered `ray_init_kwargs` names payloads.shared_prefix.install as the worker
-    setup hook; LLaMA-Factory hands it to ray.init, and its Ray Train worker packs the rows around the prompt the
-    samples share (the worker's log line says so) and trains them with neat packing's 4-D mask (SDPA). With
-    `torch_compile: true` and Liger off (docs/training-recipe.md, the fastest measured configuration) the same
-    runs under torch.compile, rows of varying length and all, through LLaMA-Factory 0.9.4's own Trainer."""
+@pytest.mark.parametrize("compile_choice", [None, True], ids=["default", "compile"])
+def test_real_llamafactory_094_trains_with_the_worker_setup_hook_on_cpu(ray_run, compile_choice):
+    """The default recipe on a GPU that needs no checkpointing: the rendered `ray_init_kwargs` name
+    payloads.worker_setup.install as the worker setup hook, with the variables for the shared prefix and the
+    compile. LLaMA-Factory hands them to ray.init, and its Ray Train worker packs the rows around the prompt the
+    samples share (its log line says so) and trains them with neat packing's 4-D mask (SDPA). Left to itself
+    (`auto`) the worker does not compile so short a job and says why; with `training.compile: true` it compiles
+    the decoder layers and trains them through LLaMA-Factory 0.9.4's own Trainer, rows of varying length and all."""
     from llmops.builders.recipe import training_recipe
 
     run = ray_run
     spec = real_llamafactory_spec(run, cutoff_len=1024, saveSteps=50)
+    overrides = {"attention": "sdpa", "compile": compile_choice}
     recipe = training_recipe(gpu_memory_gib=80, base_model_params_b=0.5, cutoff_len=1024, lora_rank=4,
-                             overrides={"attention": "sdpa", "sharedPrefix": True, "ligerKernel": False})
-    assert recipe["neat_packing"] and recipe["ray_init_kwargs"]
+                             overrides={k: v for k, v in overrides.items() if v is not None})
+    assert recipe["neat_packing"] and not recipe["enable_liger_kernel"]
     inductor = run.pvc.parent / "inductor-cache"  # where the worker's compiled kernels land, if any
-    recipe["ray_init_kwargs"]["runtime_env"]["env_vars"] = {"TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-    run.render(spec, recipe={**recipe, "torch_compile": compiled})
+    recipe["ray_init_kwargs"]["runtime_env"]["env_vars"]["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
+    run.render(spec, recipe=recipe)
     done = run(LLMOPS_GPU_WAIT_S="60", FAKE_LF_ADAPTER_TEMPLATE="")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert run.final["state"] == "Succeeded", run.final
@@ -504,6 +506,11 @@ def test_real_llamafactory_094_trains_with_the_shared_prefix_hook_on_cpu(ray_run
     # One line per preprocessing batch (LLaMA-Factory maps the samples in shards, one process each).
     assert re.search(r"shared-prefix packing: \d+ samples in \d+ rows, their first \d+ tokens carried once", log), \
         log[-4000:]
+    if compile_choice:
+        assert re.search(r"compiling \d+ decoder layers \(regional torch.compile", log), log[-4000:]
+    else:
+        assert re.search(r"decoder layers not compiled: \d+ optimizer steps per worker, fewer than 1000", log), \
+            log[-4000:]
     metrics = json.loads(run.final["metrics"])
     assert math.isfinite(metrics["trainLoss"]) and math.isfinite(metrics["evalLoss"]), metrics
-    assert any(inductor.rglob("*.py")) is compiled  # inductor generated code only when asked to compile
+    assert any(inductor.rglob("*.py")) is bool(compile_choice)  # inductor generated code only when compiling
