@@ -26,7 +26,7 @@ logger = logging.getLogger("llmops.payloads.compile_layers")
 
 MODES = ("auto", "always")
 # Break-even on H100s (docs/training-recipe.md): compiling took 43 to 95 s and saved 0.05 to 0.13 s per one-row
-# step, repaid after 430 to 920 steps (through LLaMA-Factory itself: 49 s, 0.153 -> 0.10 s, 920 steps).
+# step, repaid after 430 to 980 steps (through LLaMA-Factory itself: 49 s, 0.153 -> 0.10 s, 920 steps).
 MIN_STEPS = 1000
 
 
