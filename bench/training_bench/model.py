@@ -9,6 +9,7 @@ import types
 from typing import ClassVar
 
 import torch
+from payloads import compile_layers
 
 from .data import MicroBatch
 
@@ -382,22 +383,22 @@ CPP_WRAPPER = "cpp-wrapper"  # not a torch.compile mode: inductor's C++ wrapper 
 class CompiledLayers:
     """torch.compile of each decoder layer instead of the whole model (regional compilation): the 28 layers run
     the same code, so dynamo compiles one and reuses it for the others (parameters are graph inputs), which cuts
-    the compile time to about one layer's; the embedding, the final norm and the loss stay eager. What
-    `payloads.compile_layers` does in the LLaMA-Factory worker. `set` swaps the layers' compiled calls in and out,
-    so the eager recipes of the same run keep running eagerly."""
+    the compile time to about one layer's; the embedding, the final norm and the loss stay eager. Each layer's call
+    is `payloads.compile_layers.training_call`, what the LLaMA-Factory worker sets. `set` swaps the layers' compiled
+    calls in and out, so the eager recipes of the same run keep running eagerly."""
 
     compiled: ClassVar[dict] = {}  # (layer index, mode, dynamic) -> compiled call
 
     @classmethod
     def set(cls, model, mode: str | None, dynamic: bool | None = None) -> None:
-        for i, layer in enumerate(model.get_base_model().model.layers):
+        for i, layer in enumerate(compile_layers.repeated_layers(model)):
             if mode is None:
                 layer._compiled_call_impl = None
                 continue
             key = (i, mode, dynamic)
             if key not in cls.compiled:
                 how = {"options": {"cpp_wrapper": True}} if mode == CPP_WRAPPER else {"mode": mode}
-                cls.compiled[key] = torch.compile(layer._call_impl, backend="inductor", dynamic=dynamic, **how)
+                cls.compiled[key] = compile_layers.training_call(layer, backend="inductor", dynamic=dynamic, **how)
             layer._compiled_call_impl = cls.compiled[key]
 
     @classmethod

@@ -30,10 +30,14 @@ MODES = ("auto", "always")
 MIN_STEPS = 1000
 
 
-def decide(mode: str, max_steps: int, *, trainer_compiles: bool, liger: bool) -> Tuple[bool, str]:
-    """Whether to compile the layers, and the reason said in the log either way."""
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown compile mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def decide(mode: str, max_steps: int, *, trainer_compiles: bool, liger: bool) -> Tuple[bool, str]:
+    """Whether to compile the layers, and the reason said in the log either way."""
+    check_mode(mode)
     if trainer_compiles:
         return False, "the trainer compiles the whole model (torch_compile: true)"
     if liger:
@@ -58,19 +62,23 @@ def repeated_layers(model: Any) -> Optional[Any]:
 
 
 def compile_layers(model: Any) -> int:
-    """Compiles each decoder layer in place, as ``nn.Module.compile`` does (parameters stay where they are), but
-    for training only: evaluation runs the layers eagerly rather than wait for a second compile. How many."""
-    import torch
-
+    """Compiles each decoder layer in place (``training_call``); how many."""
     layers = repeated_layers(model)
     if layers is None:
         return 0
     for layer in layers:
-        layer._compiled_call_impl = _when_training(layer, torch.compile(layer._call_impl, dynamic=True))
+        layer._compiled_call_impl = training_call(layer)
     return len(layers)
 
 
-def _when_training(layer: Any, compiled: Callable[..., Any]) -> Callable[..., Any]:
+def training_call(layer: Any, **compile_options: Any) -> Callable[..., Any]:
+    """The layer's call compiled as ``nn.Module.compile`` compiles it (parameters stay where they are; dynamic
+    shapes unless ``compile_options`` say otherwise), for training only: evaluation runs the layer eagerly rather
+    than wait for a second compile. Set as the layer's ``_compiled_call_impl``; bench/training_bench uses it too."""
+    import torch
+
+    compiled = torch.compile(layer._call_impl, **{"dynamic": True, **compile_options})
+
     def call(*args: Any, **kwargs: Any) -> Any:
         return compiled(*args, **kwargs) if layer.training else layer._call_impl(*args, **kwargs)
 
@@ -103,7 +111,7 @@ def callback(mode: str) -> Any:
 
 def install(mode: str = "auto") -> None:
     """Adds the callback to every LLaMA-Factory 0.9.4 SFT trainer built in this process."""
-    decide(mode, 0, trainer_compiles=False, liger=False)  # refuse an unknown mode here, not at training
+    check_mode(mode)  # refuse an unknown mode here, not at training
     try:
         from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
     except ImportError as exc:  # a worker without LLaMA-Factory trains nothing: leave it as it is
