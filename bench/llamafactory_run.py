@@ -69,12 +69,13 @@ from pathlib import Path
 
 import yaml
 
-from llamafactory_bench.configs import (DEFAULT_RECIPES, DEFAULT_STEPS, RECIPES, REFERENCE_CONFIG, SHARED_PREFIX_ENV,
-                                        local_config, rendered_config, worker_runtime_env)
+from llamafactory_bench.configs import (DEFAULT_RECIPES, DEFAULT_STEPS, RECIPES, REFERENCE_CONFIG, local_config,
+                                        rendered_config, worker_runtime_env)
 from llamafactory_bench.data import measure_samples, train_tokenizer, viggo_like_samples, write_dataset
 from llamafactory_bench.model import build_model, build_model_here, model_config
 from llamafactory_bench.report import environment, print_table
 from llamafactory_bench.train import child_env, run_recipe, train_here
+from llmops.builders.recipe import SHARED_PREFIX_ENV  # importable once llamafactory_bench put operator/ on the path
 
 
 def steps_option(text: str) -> dict[str, int]:
@@ -159,7 +160,7 @@ def main() -> int:
         run_dir.mkdir(parents=True)
         base = REFERENCE_CONFIG if name == "reference" else rendered[name]
         worker = worker_runtime_env(base)
-        shared = "shared_prefix" in (worker["setup_hook"] or "") or worker["env_vars"].get(SHARED_PREFIX_ENV) == "1"
+        shared = worker["env_vars"].get(SHARED_PREFIX_ENV) == "1"
         config = local_config(base, model_dir=model_dir, data_dir=work / "data", output_dir=run_dir / "output",
                               max_steps=args.max_steps[name], args=args)
         recorded = {"config_yaml": yaml.safe_dump(config, sort_keys=False), "worker_runtime_env": worker,

@@ -45,7 +45,6 @@ REFERENCE_CONFIG = {
 RAY_KEYS = ("ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_num_workers", "resources_per_worker",
             "placement_strategy", "ray_init_kwargs")
 EVAL_KEYS = ("eval_dataset", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "val_size")
-SHARED_PREFIX_ENV = "LLMOPS_SHARED_PREFIX"  # payloads/worker_setup.py's switch, where the operator renders that hook
 
 
 def rendered_config(training: dict, extra_args: dict | None) -> tuple[dict, dict]:

@@ -9,10 +9,11 @@ import shutil
 import statistics
 from pathlib import Path
 
+from payloads.shared_prefix import IGNORE_INDEX
+
 from . import REPO
 
 VIGGO = REPO / "tests" / "payload_data" / "viggo_test.jsonl"
-IGNORE_INDEX = -100
 
 FUNCTIONS = ["inform", "request", "give_opinion", "confirm", "verify_attribute", "suggest", "request_explanation",
              "recommend", "request_attribute"]

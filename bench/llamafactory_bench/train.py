@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import yaml
+from payloads.shared_prefix import IGNORE_INDEX
 
 from . import OPERATOR, REPO, SCRIPT
-from .data import IGNORE_INDEX
 
 GIB = 2**30
 
