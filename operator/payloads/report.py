@@ -6,7 +6,9 @@ get/patch on that object only. This module sends JSON merge patches of its ``dat
 
 Test seam: ``LLMOPS_KUBE_API_URL`` (e.g. ``http://127.0.0.1:8080``), ``LLMOPS_SA_TOKEN_PATH`` and
 ``LLMOPS_SA_CA_PATH`` (or the matching ``ResultReporter`` arguments) point it at a local server.
-Without ``LLMOPS_RESULT_CONFIGMAP`` the reporter only logs, so a payload can run outside Kubernetes.
+Without ``LLMOPS_RESULT_CONFIGMAP`` the reporter only logs, so a payload can run outside Kubernetes;
+``LLMOPS_RESULT_FILE`` then names a JSON file that receives the same merge patches as the ConfigMap's ``data``
+would (runs without an API server, such as the GPU data-plane benchmark, read their results from it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ NAMESPACE_ENV = "LLMOPS_NAMESPACE"
 API_URL_ENV = "LLMOPS_KUBE_API_URL"
 TOKEN_PATH_ENV = "LLMOPS_SA_TOKEN_PATH"
 CA_PATH_ENV = "LLMOPS_SA_CA_PATH"
+RESULT_FILE_ENV = "LLMOPS_RESULT_FILE"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 RUNNING, SUCCEEDED, FAILED = "Running", "Succeeded", "Failed"
@@ -99,6 +102,30 @@ def build_patch(
     return {"data": data}
 
 
+def merge_into_file(path: str, data: Mapping[str, Optional[str]]) -> None:
+    """Apply ``data`` to the JSON object in ``path`` as a merge patch applies to a ConfigMap's data (None deletes
+    a key); written to a temporary file and renamed, so a reader never sees half a report."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            current = json.load(handle)
+    except FileNotFoundError:
+        current = {}
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read the result file {path}: {exc}") from exc
+    for key, value in data.items():
+        if value is None:
+            current.pop(key, None)
+        else:
+            current[key] = value
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(current, handle, sort_keys=True, indent=1)
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise ReportError(f"cannot write the result file {path}: {exc}") from exc
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as handle:
         return handle.read().strip()
@@ -106,7 +133,8 @@ def _read(path: str) -> str:
 
 @dataclass
 class ResultReporter:
-    """Patches ``data`` of one ConfigMap. ``configmap=None`` means log-only (no API server)."""
+    """Patches ``data`` of one ConfigMap. ``configmap=None`` means no API server: log only, or merge into
+    ``result_file`` when one is named."""
 
     configmap: Optional[str]
     namespace: Optional[str] = None
@@ -117,6 +145,7 @@ class ResultReporter:
     backoff_s: float = 0.5
     timeout_s: float = 10.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    result_file: Optional[str] = None
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "ResultReporter":
@@ -138,6 +167,7 @@ class ResultReporter:
             api_url=api_url,
             token_path=env.get(TOKEN_PATH_ENV) or f"{SERVICE_ACCOUNT_DIR}/token",
             ca_path=env.get(CA_PATH_ENV) or f"{SERVICE_ACCOUNT_DIR}/ca.crt",
+            result_file=env.get(RESULT_FILE_ENV) or None,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -159,6 +189,8 @@ class ResultReporter:
         logger.info("result report: %s", json.dumps(body["data"], sort_keys=True))
         if self.configmap:
             self._send(body, token)
+        elif self.result_file:
+            merge_into_file(self.result_file, body["data"])
         return body
 
     def running(self, message: str, progress: Optional[Mapping[str, int]] = None, **extra: Any) -> Dict[str, Any]:

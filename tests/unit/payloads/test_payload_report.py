@@ -121,6 +121,22 @@ def test_without_a_configmap_the_reporter_only_logs(tmp_path):
     assert rep.failed("nothing to send")["data"]["state"] == "Failed"  # no server, no error
 
 
+def test_without_an_api_server_a_result_file_ends_as_the_configmap_would(tmp_path, configmap_api, token_file):
+    def play(rep):
+        rep.running("starting", {"rowsDone": 0, "rowsTotal": 4}, metrics={"exactMatch": 0.1})
+        rep.succeeded("done", metrics=None, outputURI="s3://b/out")
+
+    path = tmp_path / "result.json"
+    play(r.ResultReporter.from_env(env={"LLMOPS_RESULT_FILE": str(path)}))
+    play(reporter(configmap_api, token_file, result_file=str(tmp_path / "unused.json")))
+    written = json.loads(path.read_text())
+    assert written["state"] == "Succeeded" and "metrics" not in written  # None deletes, as in the ConfigMap
+    assert {k: v for k, v in written.items() if k != "reportedAt"} == \
+        {k: v for k, v in configmap_api.data.items() if k != "reportedAt"}
+    assert not list(tmp_path.glob("result.json.tmp-*"))
+    assert not (tmp_path / "unused.json").exists()  # with a ConfigMap, the API server stays the one channel
+
+
 def test_from_env_uses_the_in_cluster_settings_and_the_test_overrides(tmp_path):
     rep = r.ResultReporter.from_env(env={"LLMOPS_RESULT_CONFIGMAP": "cm", "LLMOPS_NAMESPACE": "ml",
                                          "KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"})
