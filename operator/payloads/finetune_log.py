@@ -110,7 +110,9 @@ def run_training(config_path: str, reporter: ResultReporter, progress: Progress,
         raise FineTuneError(f"llamafactory-cli is not on PATH: the Ray image must provide "
                             f"llamafactory=={LLAMAFACTORY_VERSION}")
     env = {**os.environ, "USE_RAY": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([executable, "train", config_path], stdout=subprocess.PIPE,
+    # Through payloads.llamafactory_launch, which points LLaMA-Factory's S3 filesystem at AWS_ENDPOINT_URL.
+    launch = [sys.executable, "-m", "payloads.llamafactory_launch", executable, "train", config_path]
+    process = subprocess.Popen(launch, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=env, text=True, errors="replace")
 
     def stop(signum: int, _frame: Any) -> None:
