@@ -37,6 +37,7 @@ DEFAULT_PROFILES = {
     "L40S": _gpu("NVIDIA-L40S", "L40S", 48),
     "A100": _gpu("NVIDIA-A100-SXM4-80GB", "A100-80G", 80),
     "H100": _gpu("NVIDIA-H100-80GB-HBM3", "H100", 80),
+    "H200": _gpu("NVIDIA-H200", "H200", 141),
 }
 
 

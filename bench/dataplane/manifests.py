@@ -1,0 +1,78 @@
+"""The resources the GPU data-plane run applies, as a user would write them, pointed at the run's S3 bucket.
+
+They differ from examples/viggo/ only where the machine differs: the small model and the task's files in the
+run's bucket, one H200 instead of L4s, and the attention backend vLLM gets (the carried vLLM has no FlashAttention
+library, too large to carry; FACTS.md) through the engine's `extraEngineArgs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BUCKET = "llmops-bench"
+MODEL_URI = f"s3://{BUCKET}/models/tiny-qwen"
+TRAIN_URI, VALIDATION_URI, TEST_URI = (f"s3://{BUCKET}/viggo/{name}.jsonl" for name in ("train", "val", "test"))
+ADAPTERS = f"s3://{BUCKET}/adapters"
+ADAPTER_NAME = "viggo"
+MODEL_ID = "tiny-qwen"
+ACCELERATOR = "H200"
+STORAGE_SECRET = "s3-credentials"
+# vLLM engine arguments the run adds to every engine (batch, serve and bare vLLM alike).
+ENGINE_ARGS = {"attention_config": {"backend": "TRITON_ATTN"}}
+MAX_MODEL_LEN = 1024
+MAX_TOKENS = 64
+API = "llmops.dev/v1alpha1"
+
+
+def _resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": kind, "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+
+
+def _resources() -> dict[str, Any]:
+    return {"workers": 1, "gpusPerWorker": 1, "accelerator": ACCELERATOR}
+
+
+def finetune(epochs: float, learning_rate: float, rank: int) -> dict[str, Any]:
+    return _resource("FineTune", ADAPTER_NAME, {
+        "baseModel": {"source": MODEL_URI},
+        "template": "qwen",
+        "method": {"type": "lora", "rank": rank, "target": "all"},
+        # The instruction is each row's system message, as the evaluation and the service send it.
+        "dataset": {"train": {"uri": TRAIN_URI}, "validation": {"uri": VALIDATION_URI},
+                    "columns": {"system": "instruction", "prompt": "input", "response": "output"},
+                    "cutoffLen": 512},
+        "training": {"epochs": epochs, "learningRate": learning_rate, "loggingSteps": 5, "saveSteps": 100},
+        "resources": _resources(),
+        "output": {"uri": f"{ADAPTERS}/{ADAPTER_NAME}"},
+        "secrets": {"storage": {"name": STORAGE_SECRET}},
+    })
+
+
+def batch_inference(name: str, with_adapter: bool) -> dict[str, Any]:
+    model = {"fineTuneRef": {"name": ADAPTER_NAME}} if with_adapter else {"source": MODEL_URI}
+    return _resource("BatchInference", name, {
+        "model": model,
+        "input": {"uri": TEST_URI, "format": "jsonl"},
+        "prompt": {"systemField": "instruction", "userField": "input"},
+        "sampling": {"temperature": 0.0, "maxTokens": MAX_TOKENS},
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "extraEngineArgs": ENGINE_ARGS},
+        "concurrency": 1,
+        "batchSize": 64,
+        "resources": _resources(),
+        "output": {"uri": f"s3://{BUCKET}/outputs/{name}", "format": "jsonl"},
+        "evaluation": {"referenceField": "output", "metrics": ["exactMatch", "functionNameAccuracy", "attributeF1"]},
+        "secrets": {"storage": {"name": STORAGE_SECRET}},
+    })
+
+
+def llm_service(rank: int) -> dict[str, Any]:
+    return _resource("LLMService", "viggo-serve", {
+        "modelId": MODEL_ID,
+        "model": {"source": MODEL_URI},
+        "adapters": [{"name": ADAPTER_NAME, "fineTuneRef": {"name": ADAPTER_NAME}}],
+        "lora": {"maxAdaptersPerReplica": 2, "maxRank": rank},
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "extraEngineArgs": ENGINE_ARGS},
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 1, "targetOngoingRequests": 64},
+        "resources": _resources(),
+        "secrets": {"storage": {"name": STORAGE_SECRET}},
+    })

@@ -1,0 +1,331 @@
+"""The phases of the GPU data-plane run; each reads the objects the operator rendered and runs them for real.
+
+State lives in one work folder (the model, the data, a mirror of the bucket, the results so far), so the phases
+can run in separate device calls while the machine stays warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from . import bare, load, manifests as m, raycluster as rc, task
+from .s3 import S3Server
+
+# What every process gets on this machine: no network for model hubs, no NVLink multicast (the machine's rule),
+# vLLM's sampler without FlashInfer (not carried).
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_USE_FLASHINFER_SAMPLER": "0", "RAY_USAGE_STATS_ENABLED": "0", "NCCL_NVLS_ENABLE": "0",
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "PYTHONUNBUFFERED": "1"}
+ROWS = {"train": 2000, "val": 200, "test": 1000}
+SERVE_URL = "http://127.0.0.1:8000/v1"
+LOAD_REQUESTS, LOAD_CONCURRENCY = 512, 32
+REPLY_CHECKS = 64
+
+
+class Run:
+    def __init__(self, work: Path, out: Path, sites: dict[str, Path]):
+        self.work, self.out, self.sites = work, out, sites
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.results_path = work / "dataplane.json"
+        self.results: dict[str, Any] = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.rendered = json.loads((work / "rendered.json").read_text())
+        self.s3 = S3Server(self.logs / "moto.log").start()
+        self.s3.restore_from(work / "bucket")
+        self.bin = self._entry_points()
+
+    # ---- plumbing ----------------------------------------------------------------------------------------------
+    def _entry_points(self) -> Path:
+        """`ray` and `llamafactory-cli` as the images install them, for this machine's Python."""
+        folder = self.work / "bin"
+        folder.mkdir(exist_ok=True)
+        for name, module in (("ray", "ray.scripts.scripts"), ("llamafactory-cli", "llamafactory.cli")):
+            path = folder / name
+            path.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import main\n"
+                            "if __name__ == '__main__':\n    sys.exit(main())\n")
+            path.chmod(0o755)
+        python = folder / "python"  # the entrypoints say `python`; an image's python is the one Ray runs on
+        if not python.exists():
+            python.symlink_to(sys.executable)
+        return folder
+
+    def save(self, section: str, value: Any) -> None:
+        self.results[section] = value
+        self.results_path.write_text(json.dumps(self.results, indent=1))
+        (self.out / "dataplane.json").write_text(json.dumps(self.results, indent=1))
+
+    def close(self) -> None:
+        shutil.rmtree(self.work / "bucket", ignore_errors=True)
+        self.s3.mirror_to(self.work / "bucket")
+        self.s3.stop()
+
+    def cluster(self, ray_object: dict, site_names: list[str], result_file: Path) -> rc.RayCluster:
+        rc.materialize_pod(self.rendered, ray_object)
+        pod_env = rc.pod_environment(ray_object, {m.STORAGE_SECRET: self.s3.env})
+        env = rc.environment_for(pod_env, [str(self.sites[s]) for s in site_names], result_file, BASE_ENV)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        result_file.unlink(missing_ok=True)
+        return rc.RayCluster(env, self.logs)
+
+    def python(self, site_names: list[str], *args: str, timeout: float) -> subprocess.CompletedProcess:
+        env = {**os.environ, **BASE_ENV, **self.s3.env,
+               "PYTHONPATH": os.pathsep.join([*(str(self.sites[s]) for s in site_names), str(Path(__file__).parents[1]),
+                                              str(Path(__file__).parents[2] / "operator")])}
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> dict[str, Any]:
+        """Rows, tokenizer and random model, made with the FineTune image's transformers, uploaded to the bucket."""
+        if "data" in self.results and self.s3.keys("models/"):
+            return self.results["data"]
+        data_dir, model_dir = self.work / "data", self.work / "model"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        for seed, (split, n) in enumerate(ROWS.items(), start=1):
+            rows = task.rows(n, seed=seed)
+            (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        done = self.python(["finetune"], "-m", "dataplane.task", str(data_dir), str(model_dir),
+                           timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"building the model failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        for split in ROWS:
+            self.s3.client().upload_file(str(data_dir / f"{split}.jsonl"), m.BUCKET, f"viggo/{split}.jsonl")
+        info["model_files"] = self.s3.upload_tree(model_dir, m.MODEL_URI.split(f"{m.BUCKET}/", 1)[1])
+        info["rows"] = ROWS
+        self.save("data", info)
+        return info
+
+    def test_rows(self) -> list[dict]:
+        return [json.loads(line) for line in (self.work / "data" / "test.jsonl").read_text().splitlines()]
+
+    # ---- FineTune ----------------------------------------------------------------------------------------------
+    def finetune(self) -> dict[str, Any]:
+        self.prepare_data()
+        job = rc.find(self.rendered, "RayJob", "viggo-ft")
+        result_file = self.work / "finetune-result.json"
+        cluster = self.cluster(job, ["finetune", "serve"], result_file)
+        runtime_env, dropped = rc.runtime_env(job)
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+        section: dict[str, Any] = {"ray_start_s": round(cluster.start(head), 1), "pip_dropped": dropped}
+        try:
+            section.update(cluster.submit("finetune", job["spec"]["entrypoint"], runtime_env, timeout=480))
+        finally:
+            cluster.stop()
+        report = json.loads(result_file.read_text()) if result_file.exists() else {}
+        metrics = json.loads(report.get("metrics") or "{}")
+        section.update({
+            "phase": report.get("state"), "message": report.get("message"), "via_ray": True,
+            "adapter": json.loads(report.get("adapter") or "null"), "metrics": metrics,
+            "train_samples_per_s": metrics.get("train_samples_per_second"),
+            "checkpoints": sorted({k.split("/")[2] for k in self.s3.keys("adapters/viggo-checkpoints/")
+                                   if k.count("/") > 2})[:5],
+            "adapter_files": sorted(k.rsplit("/", 1)[1] for k in self.s3.keys("adapters/viggo/")),
+        })
+        section["adapter_checked"] = self._check_adapter() if report.get("state") == "Succeeded" else False
+        self.save("finetune", section)
+        return section
+
+    def _check_adapter(self) -> bool:
+        """peft (this machine's) loads the published adapter on the base and it changes the logits."""
+        adapter_dir = self.download("adapters/viggo/", self.work / "adapter")
+        self.download(m.MODEL_URI.split(f"{m.BUCKET}/", 1)[1] + "/", self.work / "model-from-s3")
+        code = ("import sys, torch; from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
+                "base = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.tensor([[1, 2, 3, 4]])\n"
+                "before = base(ids).logits; model = PeftModel.from_pretrained(base, sys.argv[2])\n"
+                "print(float((model(ids).logits - before).abs().max()))\n")
+        done = self.python([], "-c", code, str(self.work / "model-from-s3"), str(adapter_dir), timeout=300)
+        (self.logs / "adapter-check.log").write_text(done.stdout + done.stderr)
+        return done.returncode == 0 and float(done.stdout.strip().splitlines()[-1]) > 0
+
+    def download(self, prefix: str, folder: Path) -> Path:
+        shutil.rmtree(folder, ignore_errors=True)
+        for key in self.s3.keys(prefix):
+            target = folder / key[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.s3.get(key))
+        return folder
+
+    # ---- BatchInference ----------------------------------------------------------------------------------------
+    def batch(self) -> dict[str, Any]:
+        section: dict[str, Any] = {}
+        for label, name in (("base", "viggo-base"), ("adapter", "viggo-eval")):
+            job = rc.find(self.rendered, "RayJob", f"{name}-bi")
+            result_file = self.work / f"{name}-result.json"
+            cluster = self.cluster(job, ["serve"], result_file)
+            head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+            cluster.start(head)
+            try:
+                run = cluster.submit(name, job["spec"]["entrypoint"], rc.runtime_env(job)[0], timeout=420)
+            finally:
+                cluster.stop()
+            report = json.loads(result_file.read_text()) if result_file.exists() else {}
+            metrics = json.loads(report.get("metrics") or "{}")
+            rows = metrics.get("rows") or 0
+            section[label] = {**run, "state": report.get("state"), "message": report.get("message"),
+                              "metrics": metrics, "rows_per_s": round(rows / run["wall_s"], 1) if rows else None}
+        self.save("batch", section)
+        section.update(self._bare_batch())
+        base, adapter = section["base"], section["adapter"]
+        section.update({
+            "rows": adapter["metrics"].get("rows"),
+            "exact_match_base": base["metrics"].get("exactMatch"),
+            "exact_match_adapter": adapter["metrics"].get("exactMatch"),
+            "rows_per_s": adapter["rows_per_s"],
+        })
+        if section.get("bare_vllm_rows_per_s") and section["rows_per_s"]:
+            section["ratio_vs_bare_vllm"] = round(section["rows_per_s"] / section["bare_vllm_rows_per_s"], 3)
+        self.save("batch", section)
+        return section
+
+    def _engine_kwargs(self, job_name: str) -> dict[str, Any]:
+        config = json.loads(rc.find(self.rendered, "ConfigMap", f"{job_name}-config")["data"]["job.json"])
+        kwargs = dict(config["engineKwargs"])
+        kwargs.update(enable_lora=True, max_lora_rank=self._rank(), max_loras=1)  # what the payload adds
+        return kwargs
+
+    def _rank(self) -> int:
+        spec = next(o for o in self.rendered if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "viggo-ft-config")
+        return int(json.loads(spec["data"]["job.json"])["method"]["rank"])
+
+    def _messages(self, rows: list[dict]) -> list[list[dict]]:
+        return [[{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]
+                for r in rows]
+
+    def _bare_batch(self) -> dict[str, Any]:
+        """The same rows through bare vLLM (a fresh process: engine start included in its end-to-end time)."""
+        from payloads import metrics
+
+        rows = self.test_rows()
+        request = {"model_dir": str(self.download(m.MODEL_URI.split(f"{m.BUCKET}/", 1)[1] + "/",
+                                                  self.work / "model-from-s3")),
+                   "adapter_dir": str(self.download("adapters/viggo/", self.work / "adapter")),
+                   "engine_kwargs": self._engine_kwargs("viggo-eval-bi"), "messages": self._messages(rows),
+                   "max_tokens": m.MAX_TOKENS}
+        (self.work / "bare-request.json").write_text(json.dumps(request))
+        t0 = time.perf_counter()
+        done = self.python(["serve"], "-m", "dataplane.bare", "generate", str(self.work / "bare-request.json"),
+                           str(self.work / "bare-answer.json"), timeout=400)
+        wall = time.perf_counter() - t0
+        (self.logs / "bare-vllm.log").write_text(done.stdout[-20000:] + done.stderr[-50000:])
+        if done.returncode:
+            return {"bare_vllm_error": done.stderr[-3000:]}
+        answer = json.loads((self.work / "bare-answer.json").read_text())
+        scored = {}
+        for label in ("base", "adapter"):
+            acc = metrics.MetricAccumulator()
+            acc.add_all(zip(answer[label]["texts"], (r["output"] for r in rows), strict=True))
+            scored[label] = dict(acc.result(metrics.METRIC_NAMES))
+        return {"bare_vllm": {"process_wall_s": round(wall, 1), "engine_start_s": answer["engine_start_s"],
+                              **{label: {k: v for k, v in answer[label].items() if k != "texts"}
+                                 for label in ("base", "adapter")}, "metrics": scored},
+                "bare_vllm_rows_per_s": round(len(rows) / wall, 1)}
+
+    # ---- LLMService --------------------------------------------------------------------------------------------
+    def serve(self) -> dict[str, Any]:
+        service = rc.find(self.rendered, "RayService")
+        cluster = self.cluster(service, ["serve"], self.work / "serve-result.json")
+        head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+        cluster.start(head)
+        section: dict[str, Any] = {}
+        try:
+            t0 = time.perf_counter()
+            cluster.deploy_serve(service["spec"]["serveConfigV2"])
+            running, status = cluster.wait_serve_running(timeout=300)
+            section["deploy_s"] = round(time.perf_counter() - t0, 1)
+            (self.logs / "serve-status.json").write_text(json.dumps(status, indent=1))
+            section["running"] = running
+            if running:
+                section.update(self._query_service())
+        finally:
+            self._copy_ray_logs("serve")
+            cluster.stop()
+        self.save("serve", section)
+        section.update(self._bare_serve())
+        if section.get("output_tokens_per_s") and section.get("bare_vllm_output_tokens_per_s"):
+            section["ratio_vs_bare_vllm"] = round(section["output_tokens_per_s"]
+                                                  / section["bare_vllm_output_tokens_per_s"], 3)
+        self.save("serve", section)
+        return section
+
+    def _query_service(self) -> dict[str, Any]:
+        rows = self.test_rows()[:REPLY_CHECKS]
+        adapter_model = f"{m.MODEL_ID}:{m.ADAPTER_NAME}"
+        listed = load.models(SERVE_URL)
+        expected = sorted([m.MODEL_ID, adapter_model])
+        batch_outputs = self._batch_outputs("viggo-eval")
+        replies, same = [], 0
+        for row, messages in zip(rows, self._messages(rows)):
+            text = load.chat(SERVE_URL, adapter_model, messages, m.MAX_TOKENS)
+            replies.append(text)
+            same += text.strip() == (batch_outputs.get(row["input"]) or "").strip()
+        base_reply = load.chat(SERVE_URL, m.MODEL_ID, self._messages(rows[:1])[0], m.MAX_TOKENS)
+        prompts = (self._messages(self.test_rows()) * 2)[:LOAD_REQUESTS]
+        throughput = load.measure(SERVE_URL, m.MODEL_ID, prompts, LOAD_CONCURRENCY, m.MAX_TOKENS)
+        return {"models": listed, "models_expected": expected, "models_ok": listed == expected,
+                "adapter_replies_equal_to_batch": same, "adapter_replies_checked": len(rows),
+                "adapter_reply_ok": same == len(rows), "adapter_reply_example": replies[0],
+                "base_reply_example": base_reply, "concurrency": LOAD_CONCURRENCY, "load": throughput,
+                "output_tokens_per_s": throughput["output_tokens_per_s"]}
+
+    def _batch_outputs(self, name: str) -> dict[str, str]:
+        outputs = {}
+        for key in self.s3.keys(f"outputs/{name}/"):
+            if key.endswith(".json") or key.endswith(".jsonl"):
+                for line in self.s3.get(key).decode().splitlines():
+                    if line.strip():
+                        row = json.loads(line)
+                        outputs[row["input"]] = row["generated_text"]
+        return outputs
+
+    def _bare_serve(self) -> dict[str, Any]:
+        service = rc.find(self.rendered, "RayService")
+        config = json.loads(json.dumps(__import__("yaml").safe_load(service["spec"]["serveConfigV2"])))
+        engine = dict(config["applications"][0]["args"]["llm_configs"][0]["engine_kwargs"])
+        model_dir = self.download(m.MODEL_URI.split(f"{m.BUCKET}/", 1)[1] + "/", self.work / "model-from-s3")
+        adapters = {m.ADAPTER_NAME: str(self.work / "adapter")}
+        port = 8001
+        command = bare.serve_command(str(model_dir), m.MODEL_ID, engine, port, adapters)
+        env = {**os.environ, **BASE_ENV, "PYTHONPATH": str(self.sites["serve"])}
+        log = open(self.logs / "vllm-serve.log", "w")
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 240 and process.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(1)
+            if process.poll() is not None:
+                return {"bare_vllm_error": (self.logs / "vllm-serve.log").read_text()[-3000:],
+                        "bare_vllm_command": command}
+            started = round(time.perf_counter() - t0, 1)
+            prompts = (self._messages(self.test_rows()) * 2)[:LOAD_REQUESTS]
+            throughput = load.measure(f"{url}/v1", m.MODEL_ID, prompts, LOAD_CONCURRENCY, m.MAX_TOKENS)
+            return {"bare_vllm": {"start_s": started, "load": throughput, "command": command[2:]},
+                    "bare_vllm_output_tokens_per_s": throughput["output_tokens_per_s"]}
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+    def _copy_ray_logs(self, label: str) -> None:
+        session = Path("/tmp/ray/session_latest/logs")
+        if session.exists():
+            target = self.logs / f"ray-{label}"
+            target.mkdir(exist_ok=True)
+            for path in session.glob("serve/*.log"):
+                shutil.copy(path, target / path.name)
