@@ -119,6 +119,7 @@ class Run:
         try:
             section.update(cluster.submit("finetune", job["spec"]["entrypoint"], runtime_env, timeout=480))
         finally:
+            self._copy_ray_logs("finetune")
             cluster.stop()
         report = json.loads(result_file.read_text()) if result_file.exists() else {}
         metrics = json.loads(report.get("metrics") or "{}")
@@ -166,6 +167,7 @@ class Run:
             try:
                 run = cluster.submit(name, job["spec"]["entrypoint"], rc.runtime_env(job)[0], timeout=420)
             finally:
+                self._copy_ray_logs(name)
                 cluster.stop()
             report = json.loads(result_file.read_text()) if result_file.exists() else {}
             metrics = json.loads(report.get("metrics") or "{}")
@@ -187,14 +189,11 @@ class Run:
         return section
 
     def _engine_kwargs(self, job_name: str) -> dict[str, Any]:
-        config = json.loads(rc.find(self.rendered, "ConfigMap", f"{job_name}-config")["data"]["job.json"])
-        kwargs = dict(config["engineKwargs"])
-        kwargs.update(enable_lora=True, max_lora_rank=self._rank(), max_loras=1)  # what the payload adds
-        return kwargs
+        """The engine arguments the batch payload gives vLLM for this job (its own function, on its config)."""
+        from payloads import batch_inference
 
-    def _rank(self) -> int:
-        spec = next(o for o in self.rendered if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "viggo-ft-config")
-        return int(json.loads(spec["data"]["job.json"])["method"]["rank"])
+        config = json.loads(rc.find(self.rendered, "ConfigMap", f"{job_name}-config")["data"]["job.json"])
+        return batch_inference.engine_kwargs(batch_inference.parse_spec(config))
 
     def _messages(self, rows: list[dict]) -> list[list[dict]]:
         return [[{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]
@@ -227,7 +226,9 @@ class Run:
         return {"bare_vllm": {"process_wall_s": round(wall, 1), "engine_start_s": answer["engine_start_s"],
                               **{label: {k: v for k, v in answer[label].items() if k != "texts"}
                                  for label in ("base", "adapter")}, "metrics": scored},
-                "bare_vllm_rows_per_s": round(len(rows) / wall, 1)}
+                # Like the job's wall time, engine start included: start (imports, LLM()) + the adapter's generate.
+                "bare_vllm_rows_per_s": round(len(rows) / (answer["engine_start_s"]
+                                                           + answer["adapter"]["generate_s"]), 1)}
 
     # ---- LLMService --------------------------------------------------------------------------------------------
     def serve(self) -> dict[str, Any]:
@@ -327,5 +328,6 @@ class Run:
         if session.exists():
             target = self.logs / f"ray-{label}"
             target.mkdir(exist_ok=True)
-            for path in session.glob("serve/*.log"):
+            for path in [*session.glob("serve/*.log"), *session.glob("ray-data/*.log"), *session.glob("worker-*.err"),
+                         *session.glob("job-driver-*.log")]:
                 shutil.copy(path, target / path.name)
