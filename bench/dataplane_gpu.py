@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "operator")]
 RENDERED = REPO / ".dataplane" / "rendered.json"
-FINETUNE = {"epochs": 30.0, "learning_rate": 2e-3, "rank": 16}
+FINETUNE = {"epochs": 24.0, "learning_rate": 2e-3, "rank": 16}
 
 
 def render(path: Path) -> None:

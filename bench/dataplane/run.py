@@ -117,7 +117,7 @@ class Run:
         head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
         section: dict[str, Any] = {"ray_start_s": round(cluster.start(head), 1), "pip_dropped": dropped}
         try:
-            section.update(cluster.submit("finetune", job["spec"]["entrypoint"], runtime_env, timeout=480))
+            section.update(cluster.submit("finetune", job["spec"]["entrypoint"], runtime_env, timeout=400))
         finally:
             self._copy_ray_logs("finetune")
             cluster.stop()
