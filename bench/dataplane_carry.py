@@ -36,6 +36,9 @@ torch==2.11.0 moto[server] 'openai<3'`; a Python 3.11 one does, as the checked c
         # distributions visible
     python3 bench/dataplane_carry.py --check-s3 VENV/bin/python      # S3 round trip on the trimmed moto + boto3
     python3 bench/dataplane_carry.py --check-fatbin VENV/bin/python  # architectures kept; the library loads
+    python3 bench/dataplane_carry.py --check-cluster PY312_VENV/bin/python
+        # Ray head + dashboard, job submission, Serve REST deploy from the trimmed set (cp312 builds: a Python 3.12
+        # with the device image's aiohttp, grpcio, protobuf, requests, pyyaml ...; no torch needed)
 
 On the device, at the start of every call of the plan: `bash bench/dataplane_unpack.sh`; then
 `export PYTHONPATH=/tmp/dp/serve PATH=/tmp/dp/serve/bin:$PATH` (fine-tune: PYTHONPATH=/tmp/dp/finetune:/tmp/dp/serve).
@@ -146,8 +149,9 @@ def wheel_key(path: Path) -> tuple[str, str]:
     return normalize(name), version
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    print("+", " ".join(str(c) for c in cmd[:8]), "..." if len(cmd) > 8 else "", flush=True)
+def run(cmd: list[str], quiet: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    if not quiet:
+        print("+", " ".join(str(c) for c in cmd[:8]), "..." if len(cmd) > 8 else "", flush=True)
     return subprocess.run(cmd, check=True, **kwargs)
 
 
@@ -201,7 +205,6 @@ def trim_vllm(root: Path) -> None:
     library = vllm / "_C_stable_libtorch.abi3.so"
     if library.exists():
         zero_other_archs(library)
-        strip(library)
 
 
 def trim_ray(root: Path) -> None:
@@ -212,8 +215,6 @@ def trim_ray(root: Path) -> None:
     static = ray / "dashboard" / "client" / "build" / "static"
     static.mkdir(parents=True, exist_ok=True)
     (static.parent / "index.html").write_text("<html><body>Ray dashboard (no front end)</body></html>\n")
-    for binary in ("_raylet.so", "core/src/ray/gcs/gcs_server", "core/src/ray/raylet/raylet"):
-        strip(ray / binary)
 
 
 # moto's S3 server loads these of its services (seen with `--check-s3`), boto3's S3 client these models.
@@ -235,10 +236,27 @@ def trim_aws(root: Path) -> None:
                 shutil.rmtree(service)
 
 
-def strip(binary: Path) -> None:
-    """Drop the static symbol table (about a third of Ray's binaries); the dynamic symbols stay."""
-    if binary.exists() and shutil.which("strip"):
-        run(["strip", "--strip-all", str(binary)])
+def strip_symbols(root: Path) -> None:
+    """Drop the static symbol tables (a third of Ray's binaries); loading needs only the dynamic symbols."""
+    if not shutil.which("strip"):
+        print("  no strip command: symbol tables kept")
+        return
+    unstripped = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size > 256 * 1024:
+            with path.open("rb") as f:
+                if f.read(4) != b"\x7fELF":
+                    continue
+            try:
+                elf_section(path.read_bytes(), ".symtab")
+            except ValueError:
+                continue
+            unstripped.append(path)
+    before = sum(p.stat().st_size for p in unstripped)
+    for path in unstripped:
+        run(["strip", "--strip-all", str(path)], quiet=True)
+    after = sum(p.stat().st_size for p in unstripped)
+    print(f"  stripped {len(unstripped)} binaries: {mib(before)} -> {mib(after)} MiB")
 
 
 def trim_common(root: Path) -> None:
@@ -257,6 +275,7 @@ def trim(root: Path) -> None:
     if (root / "ray").is_dir():
         trim_ray(root)
     trim_aws(root)
+    strip_symbols(root)
     trim_common(root)
 
 
@@ -410,13 +429,30 @@ def mib(n: int) -> str:
     return f"{n / MiB:.1f}"
 
 
+def member_order(root: Path) -> list[str]:
+    """Every path, sorted, but the large binaries last and side by side: Ray's raylet, GCS server and _raylet.so
+    share most of their code, which xz finds only within its window (64 MiB at -9)."""
+    paths = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    def large_binary(name: str) -> bool:
+        path = root / name
+        if path.is_symlink() or not path.is_file() or path.stat().st_size < 4 * MiB:
+            return False
+        with path.open("rb") as f:
+            return f.read(4) == b"\x7fELF"
+    large = sorted((p for p in paths if large_binary(p)), key=lambda p: (p.startswith("ray/"), p))
+    return [p for p in paths if p not in set(large)] + large
+
+
 def pack(name: str, root: Path) -> Path:
-    """tar + xz of one set, reproducible (sorted names, no owners, fixed times)."""
+    """tar + xz of one set, reproducible (no owners, fixed times). One xz block (one thread): a second block would
+    not see the first, and the binaries that repeat each other are far apart in a tar of 300 MB."""
     out = CARRY / f"{name}.tar.xz"
+    members = CARRY / f"{name}.members"
+    members.write_text("\n".join(member_order(root)) + "\n")
     with out.open("wb") as sink:
-        tar = subprocess.Popen(["tar", "-C", str(root), "--sort=name", "--owner=0", "--group=0", "--numeric-owner",
-                                "--mtime=@0", "-cf", "-", "."], stdout=subprocess.PIPE)
-        subprocess.run(["xz", "-9e", "-T2", "-c"], stdin=tar.stdout, stdout=sink, check=True)
+        tar = subprocess.Popen(["tar", "-C", str(root), "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0",
+                                "--no-recursion", "-T", str(members), "-cf", "-"], stdout=subprocess.PIPE)
+        subprocess.run(["xz", "-9e", "-T1", "-c"], stdin=tar.stdout, stdout=sink, check=True)
         if tar.wait():
             sys.exit(f"tar of {root} failed")
     return out
@@ -515,7 +551,7 @@ av brotli pytz tzdata soundfile soxr torchcodec cuda-tile humming-kernels fastsa
 opentelemetry-exporter-otlp opentelemetry-exporter-otlp-common opentelemetry-exporter-otlp-proto-common
 opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-http-transport
 opentelemetry-semantic-conventions-ai email-validator jsonpointer rfc3339-validator google-api-core google-auth
-googleapis-common-protos dill pydantic-extra-types
+dill pydantic-extra-types
 """.split())
 # Imported at run time only (inside functions), seen missing on the device [FACTS, 2026-12-03]: carried although
 # an import of the modules does not load them.
@@ -575,15 +611,20 @@ def import_chains(stderr: str) -> dict[str, str]:
     return chains
 
 
+# File by file, so that a namespace package shared by several distributions (google, opentelemetry, nvidia)
+# shows only the allowed ones' modules.
 VIEW = r"""
 import importlib.metadata as md, os, re, sys, json
 allowed, view = set(json.loads(sys.argv[1])), sys.argv[2]
 for dist in md.distributions():
     if re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower() not in allowed:
         continue
-    for top in {f.parts[0] for f in dist.files or () if f.parts[0] not in ("..", "bin")}:
-        source, link = str(dist.locate_file(top)), os.path.join(view, top)
+    for f in dist.files or ():
+        if f.parts[0] in ("..", "bin") or "__pycache__" in f.parts:
+            continue
+        source, link = str(dist.locate_file(f)), os.path.join(view, *f.parts)
         if os.path.exists(source) and not os.path.lexists(link):
+            os.makedirs(os.path.dirname(link), exist_ok=True)
             os.symlink(source, link)
 """
 
@@ -693,13 +734,95 @@ def check_s3(python: str) -> None:
     # Everything else only as the device would have it: its image's distributions and the serve list's.
     rest = device_view(python, DEVICE_HAS | {name for name, _ in read_set("serve")} | ENVIRONMENT_ONLY)
     proc = subprocess.run([python, "-S", "-c", S3_PROBE], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": f"{view}:{rest}"})
+                          env={**os.environ, "PYTHONPATH": f"{view}:{rest}",
+                               "PYTHONPYCACHEPREFIX": str(CARRY / "check" / "pycache")})
     if proc.returncode:
         sys.exit(f"S3 round trip through the trimmed moto and boto3 failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"S3 round trip passed with {result['moto_file']}")
     print(f"  moto modules loaded: {' '.join(result['moto'])}")
     print(f"  botocore models read: {' '.join(result['botocore_data'])}")
+
+
+CLUSTER_APP = """
+from ray import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Hello:
+    async def __call__(self, request) -> str:
+        return "hello from the serve set"
+
+
+app = Hello.bind()
+"""
+
+CLUSTER_PROBE = r"""
+import json, socket, time, urllib.request
+import ray
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+dashboard, http = free_port(), free_port()
+ray.init(include_dashboard=True, dashboard_port=dashboard, num_cpus=2, _temp_dir=__import__("sys").argv[1])
+url = f"http://127.0.0.1:{dashboard}"
+client = JobSubmissionClient(url)
+job = client.submit_job(entrypoint="python -c 'import ray; ray.init(); print(ray.cluster_resources())'")
+for _ in range(300):
+    if (status := client.get_job_status(job)) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        break
+    time.sleep(1)
+assert status == JobStatus.SUCCEEDED, (status, client.get_job_logs(job)[-2000:])
+print("job submission: SUCCEEDED,", client.get_job_logs(job).strip().splitlines()[-1])
+config = {"http_options": {"host": "127.0.0.1", "port": http},
+          "applications": [{"name": "hello", "route_prefix": "/", "import_path": "dataplane_carry_app:app"}]}
+request = urllib.request.Request(f"{url}/api/serve/applications/", data=json.dumps(config).encode(), method="PUT",
+                                 headers={"Content-Type": "application/json"})
+assert urllib.request.urlopen(request, timeout=600).status == 200
+for _ in range(300):
+    try:
+        print("Serve REST API deploy: the app answered", repr(urllib.request.urlopen(f"http://127.0.0.1:{http}/", timeout=5).read().decode()))
+        break
+    except OSError:
+        time.sleep(1)
+else:
+    raise SystemExit("the Serve app never answered")
+ray.shutdown()
+"""
+
+
+def check_cluster(python: str) -> None:
+    """A Ray cluster from the trimmed serve set: head with dashboard, `ray job submit`'s API, a Serve app deployed
+    through the REST API. `python` must be a Python 3.12 (the set holds cp312 builds) with the device image's
+    packages that Ray needs (aiohttp, grpcio, protobuf, requests, pyyaml, ...); no GPU or torch needed."""
+    work = CARRY / "check" / "cluster"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "dataplane_carry_app.py").write_text(CLUSTER_APP)
+    serve = BUILD / "serve"
+    env = {**os.environ, "PYTHONPATH": f"{work}:{serve}", "PATH": f"{serve / 'bin'}:{Path(python).parent}:"
+           f"{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPYCACHEPREFIX": str(CARRY / "check" / "pycache"),  # bytecode outside the tree being packed
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300"}  # 30 s is short on a busy machine
+    # A temp dir of its own: the cluster ends with this process and leaves other clusters on the machine alone.
+    proc = subprocess.run([python, "-c", CLUSTER_PROBE, "/tmp/dataplane-carry-ray"], env=env, cwd=work, timeout=900,
+                          capture_output=True, text=True)
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith(("20", "\x1b"))))
+    if proc.returncode:
+        sys.exit(f"the Ray cluster check failed:\n{proc.stderr[-3000:]}")
+    logs = Path("/tmp/dataplane-carry-ray/session_latest/logs")
+    errors = sorted({line.strip() for log in logs.glob("*") if log.is_file()
+                     for line in log.read_text(errors="replace").splitlines()
+                     if "No module named" in line or "ImportError" in line})
+    print(f"import errors in the cluster's logs: {len(errors)}")
+    for line in errors:
+        print(" ", line[:300])
 
 
 def python_lacks(python: str, module: str) -> bool:
@@ -717,6 +840,8 @@ def main() -> None:
                         help="interpreter with LLaMA-Factory for the finetune half of --check-imports")
     parser.add_argument("--check-s3", metavar="PYTHON",
                         help="S3 round trip through moto's server and boto3 from the trimmed serve set")
+    parser.add_argument("--check-cluster", metavar="PYTHON312",
+                        help="Ray head + dashboard, job submission and a Serve REST deploy from the trimmed serve set")
     parser.add_argument("--check-fatbin", nargs="?", const="", metavar="PYTHON",
                         help="list the architectures in the trimmed library; with PYTHON (vLLM's torch), load it")
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
@@ -726,6 +851,9 @@ def main() -> None:
 
     if args.check_imports:
         report_imports(args.check_imports, args.finetune_python or args.check_imports)
+        return
+    if args.check_cluster:
+        check_cluster(args.check_cluster)
         return
     if args.check_s3:
         check_s3(args.check_s3)
