@@ -82,7 +82,12 @@ def versions(sites: dict[str, str]) -> dict[str, str]:
     import importlib.metadata as md
     import subprocess
 
-    found = {name: md.version(name) for name in ("ray", "vllm", "torch", "transformers")}
+    found = {}
+    for name in ("ray", "vllm", "torch", "transformers"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
     lf = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('llamafactory'), "
                          "m.version('transformers'), m.version('peft'))"],
                         env={"PYTHONPATH": sites["finetune"]}, capture_output=True, text=True)

@@ -52,9 +52,11 @@ class Run:
             path.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import main\n"
                             "if __name__ == '__main__':\n    sys.exit(main())\n")
             path.chmod(0o755)
-        python = folder / "python"  # the entrypoints say `python`; an image's python is the one Ray runs on
-        if not python.exists():
-            python.symlink_to(sys.executable)
+        # The entrypoints say `python`: this interpreter (a script, not a link: a link would lose its venv).
+        python = folder / "python"
+        python.unlink(missing_ok=True)
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        python.chmod(0o755)
         return folder
 
     def save(self, section: str, value: Any) -> None:
@@ -126,14 +128,23 @@ class Run:
         section.update({
             "phase": report.get("state"), "message": report.get("message"), "via_ray": True,
             "adapter": json.loads(report.get("adapter") or "null"), "metrics": metrics,
-            "train_samples_per_s": metrics.get("train_samples_per_second"),
-            "checkpoints": sorted({k.split("/")[2] for k in self.s3.keys("adapters/viggo-checkpoints/")
-                                   if k.count("/") > 2})[:5],
+            "train_samples_per_s": metrics.get("trainSamplesPerSecond"),
+            "checkpoints": self._checkpoints(),
             "adapter_files": sorted(k.rsplit("/", 1)[1] for k in self.s3.keys("adapters/viggo/")),
         })
         section["adapter_checked"] = self._check_adapter() if report.get("state") == "Succeeded" else False
         self.save("finetune", section)
         return section
+
+    def _checkpoints(self) -> dict[str, Any]:
+        """Where Ray Train put the checkpoints (the rendered ray_storage_path), and how many it left."""
+        import yaml
+
+        config = yaml.safe_load(rc.find(self.rendered, "ConfigMap", "viggo-ft-config")["data"]["train.yaml"])
+        prefix = config["ray_storage_path"].split("/", 1)[1] + "/"
+        keys = self.s3.keys(prefix)
+        return {"storage_path": config["ray_storage_path"], "objects": len(keys),
+                "checkpoints": len({k.split("/checkpoint_")[1].split("/")[0] for k in keys if "/checkpoint_" in k})}
 
     def _check_adapter(self) -> bool:
         """peft (this machine's) loads the published adapter on the base and it changes the logits."""

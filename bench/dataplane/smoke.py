@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +35,13 @@ def main(out: Path) -> None:
     server.client().put_object(Bucket="llmops-bench", Key="x", Body=b"y")
     result["moto"] = server.keys() == ["x"]
     server.stop()
+    # The model is made in another process: torch and the tokenizer trainer start thread pools here, and a vLLM
+    # engine forked from a process that has them deadlocks in its first parallel torch op.
+    data, model = Path("/tmp/dp/smoke-data"), Path("/tmp/dp/smoke-model")
+    data.mkdir(parents=True, exist_ok=True)
     rows = task.rows(200, seed=9)
-    model = Path("/tmp/dp/smoke-model")
-    task.build_model(model, task.train_tokenizer(rows))
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([sys.executable, "-m", "dataplane.task", str(data), str(model)], check=True)
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
 
