@@ -150,3 +150,32 @@ def test_attention_follows_what_the_training_image_has():
     assert runtime["flash_attn"] == "fa2"
     doc["spec"]["training"] = {"attention": "eager"}
     assert train_yaml(Settings())["flash_attn"] != "sdpa"
+
+
+def _declared_resources(group):
+    """rayStartParams `resources` read the way Ray's KubeRay autoscaler reads it (outer quotes and backslashes
+    dropped, then JSON); the Ray-venv test runs Ray's own reader on the same objects."""
+    value = group["rayStartParams"]["resources"]
+    return json.loads(value[1:-1].replace("\\", ""))
+
+
+@pytest.mark.parametrize("accelerator, ray_type", [("L4", "L4"), ("A100", "A100-80G"), ("H100", "H100")])
+def test_every_gpu_worker_group_declares_its_accelerator_resource(accelerator, ray_type):
+    docs = [finetune("f"), batchinference("b"), llmservice("s", adapters=[{"name": "a", "uri": "s3://b/ad/a"}])]
+    for doc in docs:
+        doc["spec"]["resources"]["accelerator"] = accelerator
+    rays = [o for o in _render(*docs) if o["kind"] in ("RayJob", "RayService")]
+    assert sorted(o["kind"] for o in rays) == ["RayJob", "RayJob", "RayService"]
+    for ray in rays:
+        cluster = ray["spec"].get("rayClusterSpec") or ray["spec"].get("rayClusterConfig")
+        assert "resources" not in cluster["headGroupSpec"]["rayStartParams"]   # the head runs no GPU work
+        for group in cluster["workerGroupSpecs"]:
+            assert _declared_resources(group) == {f"accelerator_type:{ray_type}": 1}, ray["metadata"]["name"]
+
+
+def test_the_service_replica_asks_for_what_the_worker_group_declares():
+    import yaml
+    service = _render(llmservice("s"))[0]
+    llm_config = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"][0]
+    group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert f"accelerator_type:{llm_config['accelerator_type']}" in _declared_resources(group)

@@ -227,6 +227,20 @@ class UnknownAccelerator(ValueError):
     pass
 
 
+def accelerator_resources(profile: AcceleratorProfile) -> dict[str, int]:
+    """The custom resource Ray gives a node with this GPU (`accelerator_type:L4`), which every vLLM replica and
+    training worker asks for. Ray detects it on a running node, but the autoscaler only knows what a worker group
+    declares: without this, a group with no pod yet offers nothing a replica asks for and never scales up."""
+    return {f"accelerator_type:{profile.ray_accelerator_type}": 1}
+
+
+def ray_start_resources(resources: Mapping[str, int]) -> str:
+    """rayStartParams `resources`: KubeRay pastes the value into the `ray start` shell line, and Ray's KubeRay
+    autoscaler reads it back by dropping the outer quotes and every backslash, so the JSON is quoted once more."""
+    text = json.dumps(dict(resources), sort_keys=True)
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 def container(name: str, image: str, env: list, env_from: list, mounts: list, requests: dict, limits: dict
               ) -> dict[str, Any]:
     c: dict[str, Any] = {"name": name, "image": image, "env": env}
@@ -275,7 +289,7 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
         "replicas": replicas,
         "minReplicas": replicas,
         "maxReplicas": replicas if autoscale_to is None else max(replicas, autoscale_to),
-        "rayStartParams": {},
+        "rayStartParams": {"resources": ray_start_resources(accelerator_resources(profile))},
         "template": {"metadata": {"labels": dict(pod_labels)}, "spec": worker_pod},
     }
     cluster: dict[str, Any] = {
