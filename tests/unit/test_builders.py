@@ -179,3 +179,16 @@ def test_the_service_replica_asks_for_what_the_worker_group_declares():
     llm_config = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"][0]
     group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert f"accelerator_type:{llm_config['accelerator_type']}" in _declared_resources(group)
+
+
+def test_example_evaluation_prompts_with_the_text_the_adapter_was_trained_on():
+    """The example BatchInference asks with each row's own instruction and input, the columns the FineTune
+    trained on, not a paraphrase of them (the score then measures the adapter, as the reference run did)."""
+    ft, bi = example("viggo/finetune.yaml"), example("viggo/batchinference.yaml")
+    columns = ft["spec"]["dataset"]["columns"]
+    prompt = bi["spec"]["prompt"]
+    assert prompt == {"systemField": columns["prompt"], "userField": columns["query"]}
+    assert bi["spec"]["evaluation"]["referenceField"] == columns["response"]
+    job = next(o for o in _all_examples() if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "viggo-eval-bi-config")
+    assert json.loads(job["data"]["job.json"])["prompt"] == {"systemField": "instruction", "systemPrompt": None,
+                                                             "userField": "input"}
