@@ -45,7 +45,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from .render import render_manifests
     text = Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
-    objects, errors = render_manifests(yamlio.load_all(text))
+    objects, errors = render_manifests(yamlio.load_all(text), assume_ready=args.assume_ready)
     for error in errors:
         print(error, file=sys.stderr)
     print(yamlio.dump_all(objects), end="")
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("render", help="print every object the operator would create for a manifest (offline)")
     p.add_argument("-f", "--file", required=True, help="manifest file, or - for stdin")
+    p.add_argument("--assume-ready", action="store_true",
+                   help="render each LLMService as it will be once its FineTunes succeeded and its gates passed "
+                        "(default: FineTunes succeeded, gates still waiting)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("dev", help="the local control plane (real kube-apiserver, etcd, KubeRay, kwok)")

@@ -33,7 +33,9 @@ def _digest_payloads(objects: list[dict]) -> list[dict]:
 
 def rendered(example_dir: Path) -> dict[str, str]:
     docs = [d for f in sorted(example_dir.glob("*.yaml")) for d in yamlio.load_all(f.read_text())]
-    objects, errors = render_manifests(docs, BuildContext(settings=Settings(), payloads=load_payloads()))
+    # As the workflow ends up: FineTunes done and gates passed, so the served adapters appear.
+    objects, errors = render_manifests(docs, BuildContext(settings=Settings(), payloads=load_payloads()),
+                                       assume_ready=True)
     assert not errors, errors
     files: dict[str, list[dict]] = {}
     for obj in _digest_payloads(objects):
@@ -67,3 +69,16 @@ def test_render_cli_works_offline(capsys):
     out = capsys.readouterr().out
     assert "kind: RayJob" in out and "llamafactory" not in out.split("kind: RayJob")[0][:0]
     assert "USE_RAY" in out
+
+
+def test_render_cli_assume_ready_shows_the_gated_adapter(capsys, tmp_path):
+    from llmops.cli import main
+    manifest = tmp_path / "viggo.yaml"
+    manifest.write_text("\n---\n".join(p.read_text() for p in sorted((ROOT / "examples" / "viggo").glob("*.yaml"))))
+    def serve_config(args):
+        assert main(["render", "-f", str(manifest), *args]) == 0
+        service = next(o for o in yamlio.load_all(capsys.readouterr().out) if o["kind"] == "RayService")
+        return service["spec"]["serveConfigV2"]
+    # the gate (viggo-eval's exactMatch) waits by default; once assumed passed, the adapter is served
+    assert "lora_config" not in serve_config([])
+    assert "dynamic_lora_loading_path: s3://llmops-demo/adapters" in serve_config(["--assume-ready"])

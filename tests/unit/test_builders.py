@@ -192,3 +192,43 @@ def test_example_evaluation_prompts_with_the_text_the_adapter_was_trained_on():
     job = next(o for o in _all_examples() if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "viggo-eval-bi-config")
     assert json.loads(job["data"]["job.json"])["prompt"] == {"systemField": "instruction", "systemPrompt": None,
                                                              "userField": "input"}
+
+
+def _job_engine_kwargs(objects, name):
+    job = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{name}-bi-config")
+    return json.loads(job["data"]["job.json"])["engineKwargs"]
+
+
+@pytest.mark.parametrize("rank, max_lora_rank", [(8, 8), (4, 8), (16, 16), (48, 64), (256, 256)])
+def test_batch_job_config_carries_the_lora_engine_args_at_the_finetunes_rank(rank, max_lora_rank):
+    ft = finetune("ft")
+    ft["spec"]["method"] = {"type": "lora", "rank": rank}
+    kwargs = _job_engine_kwargs(_render(ft, batchinference("b", fine_tune="ft")), "b")
+    assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"]) == (True, max_lora_rank, 1)
+
+
+def test_batch_job_config_without_adapter_has_no_lora_args_and_a_uri_adapter_gets_the_default_or_its_own():
+    assert not {"enable_lora", "max_lora_rank", "max_loras"} & set(_job_engine_kwargs(_render(batchinference("b")), "b"))
+    bi = batchinference("b")
+    bi["spec"]["model"]["adapter"] = {"uri": "s3://bucket/adapters/x"}
+    assert _job_engine_kwargs(_render(bi), "b")["max_lora_rank"] == 64
+    bi["spec"]["engine"] = {"extraEngineArgs": {"max_lora_rank": 32}}
+    assert _job_engine_kwargs(_render(bi), "b")["max_lora_rank"] == 32
+
+
+def test_assume_ready_serves_the_gated_adapter_and_default_render_waits():
+    import yaml
+    from llmops.render import render_manifests
+    docs = [example("viggo/finetune.yaml"), example("viggo/batchinference.yaml"), example("viggo/llmservice.yaml")]
+    ctx = BuildContext(settings=Settings(), payloads=load_payloads())
+
+    def llm_config(assume_ready):
+        objects, errors = render_manifests(docs, ctx, assume_ready=assume_ready)
+        assert not errors, errors
+        service = next(o for o in objects if o["kind"] == "RayService")
+        return yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"][0]
+    assert "lora_config" not in llm_config(False)
+    ready = llm_config(True)
+    assert ready["lora_config"] == {"dynamic_lora_loading_path": "s3://llmops-demo/adapters",
+                                    "max_num_adapters_per_replica": 4}
+    assert ready["engine_kwargs"]["max_lora_rank"] == 8
