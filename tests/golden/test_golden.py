@@ -71,10 +71,9 @@ def test_render_cli_works_offline(capsys):
     assert "USE_RAY" in out
 
 
-def test_render_cli_assume_ready_shows_the_gated_adapter(capsys, tmp_path):
+def test_render_cli_assume_ready_shows_the_gated_adapter(capsys):
     from llmops.cli import main
-    manifest = tmp_path / "viggo.yaml"
-    manifest.write_text("\n---\n".join(p.read_text() for p in sorted((ROOT / "examples" / "viggo").glob("*.yaml"))))
+    manifest = ROOT / "examples" / "viggo"   # a folder renders all its manifests
     def serve_config(args):
         assert main(["render", "-f", str(manifest), *args]) == 0
         service = next(o for o in yamlio.load_all(capsys.readouterr().out) if o["kind"] == "RayService")
