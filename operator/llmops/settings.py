@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,19 +26,51 @@ class AcceleratorProfile(BaseModel):
     gpu_resource: str = "nvidia.com/gpu"
 
 
-def _gpu(product: str, ray_type: str, memory: float) -> AcceleratorProfile:
-    return AcceleratorProfile(node_selector={"nvidia.com/gpu.product": product}, ray_accelerator_type=ray_type,
-                              gpu_memory_gib=memory)
-
-
-DEFAULT_PROFILES = {
-    "L4": _gpu("NVIDIA-L4", "L4", 24),
-    "A10G": _gpu("NVIDIA-A10G", "A10G", 24),
-    "L40S": _gpu("NVIDIA-L40S", "L40S", 48),
-    "A100": _gpu("NVIDIA-A100-SXM4-80GB", "A100-80G", 80),
-    "H100": _gpu("NVIDIA-H100-80GB-HBM3", "H100", 80),
-    "H200": _gpu("NVIDIA-H200", "H200", 141),
+# Node labels that pick an accelerator's nodes differ per platform; `Settings.cloud` picks one set (the chart's
+# one `cloud` value). Ray's accelerator_type and the GPU memory are the same everywhere.
+CLOUDS = ("gpu-operator", "gke", "eks")
+Cloud = Literal["gpu-operator", "gke", "eks"]
+GPUS = {  # profile -> (Ray accelerator_type, GiB per GPU)
+    "L4": ("L4", 24), "A10G": ("A10G", 24), "L40S": ("L40S", 48), "A100": ("A100-80G", 80), "H100": ("H100", 80),
+    "H200": ("H200", 141)}
+NODE_SELECTORS: dict[str, dict[str, dict[str, str]]] = {
+    # NVIDIA GPU Operator (GPU Feature Discovery labels each GPU node with its product name)
+    "gpu-operator": {
+        "L4": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+        "A10G": {"nvidia.com/gpu.product": "NVIDIA-A10G"},
+        "L40S": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+        "A100": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+        "H100": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "H200": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+    },
+    # GKE labels every GPU node pool with its accelerator (GKE has no A10G or L40S machines)
+    "gke": {
+        "L4": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "A100": {"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"},
+        "H100": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        "H200": {"cloud.google.com/gke-accelerator": "nvidia-h200-141gb"},
+    },
+    # EKS with Karpenter: its well-known labels name the GPU and the instance family that carries it
+    "eks": {
+        "L4": {"karpenter.k8s.aws/instance-gpu-name": "l4", "karpenter.k8s.aws/instance-family": "g6"},
+        "A10G": {"karpenter.k8s.aws/instance-gpu-name": "a10g", "karpenter.k8s.aws/instance-family": "g5"},
+        "L40S": {"karpenter.k8s.aws/instance-gpu-name": "l40s", "karpenter.k8s.aws/instance-family": "g6e"},
+        "A100": {"karpenter.k8s.aws/instance-gpu-name": "a100", "karpenter.k8s.aws/instance-family": "p4de"},
+        "H100": {"karpenter.k8s.aws/instance-gpu-name": "h100", "karpenter.k8s.aws/instance-family": "p5"},
+        # two instance families carry H200 (p5e, p5en): the GPU's name alone picks either
+        "H200": {"karpenter.k8s.aws/instance-gpu-name": "h200"},
+    },
 }
+
+
+def cloud_profiles(cloud: str) -> dict[str, AcceleratorProfile]:
+    """The built-in accelerator profiles of one platform."""
+    return {name: AcceleratorProfile(node_selector=selector, ray_accelerator_type=GPUS[name][0],
+                                     gpu_memory_gib=GPUS[name][1])
+            for name, selector in NODE_SELECTORS[cloud].items()}
+
+
+DEFAULT_PROFILES = cloud_profiles("gpu-operator")
 
 
 class HeadSettings(BaseModel):
@@ -68,12 +100,21 @@ class Settings(BaseModel):
     otherwise SDPA with neat packing, the default (about 6% slower on one H100; docs/training-recipe.md)."""
     inference_image: str = f"rayproject/ray-llm:{RAY_VERSION}-py311-cu128"
     """Ray LLM image (vLLM) for BatchInference and LLMService."""
-    accelerators: dict[str, AcceleratorProfile] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
+    cloud: Cloud = "gpu-operator"
+    """Platform whose node labels pick the GPU nodes: `gpu-operator` (nvidia.com/gpu.product, added by the NVIDIA
+    GPU Operator's feature discovery), `gke` (cloud.google.com/gke-accelerator) or `eks` (Karpenter's
+    karpenter.k8s.aws/instance-gpu-name and instance-family). docs/clusters.md."""
+    accelerators: dict[str, AcceleratorProfile] = Field(default_factory=dict)
+    """Accelerator profiles added to the cloud's built-in ones, or replacing one of the same name."""
     head: HeadSettings = Field(default_factory=HeadSettings)
     field_manager: str = "llmops"
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch; empty means all."""
     cluster_domain: str = "cluster.local"
+
+    def profiles(self) -> dict[str, AcceleratorProfile]:
+        """Every accelerator profile a spec may name: the cloud's, with `accelerators` over them."""
+        return {**cloud_profiles(self.cloud), **self.accelerators}
 
     @classmethod
     def load(cls, path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -81,7 +122,7 @@ class Settings(BaseModel):
         environ = os.environ if environ is None else environ
         path = path or environ.get("LLMOPS_SETTINGS_FILE")
         data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-        for key in ("finetune_image", "inference_image", "field_manager", "cluster_domain"):
+        for key in ("finetune_image", "inference_image", "field_manager", "cluster_domain", "cloud"):
             if f"LLMOPS_{key.upper()}" in environ:
                 data[key] = environ[f"LLMOPS_{key.upper()}"]
         if environ.get("LLMOPS_NAMESPACES"):

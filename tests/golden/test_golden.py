@@ -16,7 +16,7 @@ from llmops import yamlio
 from llmops.builders.common import BuildContext, is_shared
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
-from llmops.settings import Settings
+from llmops.settings import CLOUDS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent
@@ -81,3 +81,29 @@ def test_render_cli_assume_ready_shows_the_gated_adapter(capsys):
     # the gate (viggo-eval's exactMatch) waits by default; once assumed passed, the adapter is served
     assert "lora_config" not in serve_config([])
     assert "dynamic_lora_loading_path: s3://llmops-demo/adapters" in serve_config(["--assume-ready"])
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_gpu_placement_per_cloud_matches_golden(cloud, request):
+    """Where each example's GPU workers land under each `cloud` (the chart's one per-cluster value): the node
+    selector, tolerations and the Ray resources of every worker group."""
+    docs = [d for f in sorted((ROOT / "examples" / "viggo").glob("*.yaml")) for d in yamlio.load_all(f.read_text())]
+    objects, errors = render_manifests(docs, BuildContext(settings=Settings(cloud=cloud), payloads=load_payloads()),
+                                       assume_ready=True)
+    assert not errors, errors
+    placement = {}
+    for obj in objects:
+        if obj["kind"] in ("RayJob", "RayService"):
+            cluster = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig")
+            for group in cluster["workerGroupSpecs"]:
+                pod = group["template"]["spec"]
+                placement[f"{obj['kind']}/{obj['metadata']['name']}/{group['groupName']}"] = {
+                    "nodeSelector": pod["nodeSelector"], "tolerations": pod["tolerations"],
+                    "rayStartParams": group["rayStartParams"],
+                    "gpuLimits": {k: v for k, v in pod["containers"][0]["resources"]["limits"].items() if "/" in k}}
+    text = yamlio.dump(placement)
+    golden = GOLDEN / "clouds" / f"{cloud}.yaml"
+    if request.config.getoption("--update-golden"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.read_text() == text, f"{golden.name} differs: run pytest tests/golden --update-golden"

@@ -232,3 +232,23 @@ def test_assume_ready_serves_the_gated_adapter_and_default_render_waits():
     assert ready["lora_config"] == {"dynamic_lora_loading_path": "s3://llmops-demo/adapters",
                                     "max_num_adapters_per_replica": 4}
     assert ready["engine_kwargs"]["max_lora_rank"] == 8
+
+
+@pytest.mark.parametrize("cloud, label", [("gpu-operator", "nvidia.com/gpu.product"),
+                                          ("gke", "cloud.google.com/gke-accelerator"),
+                                          ("eks", "karpenter.k8s.aws/instance-gpu-name")])
+def test_the_cloud_setting_picks_the_node_labels_and_settings_add_profiles(cloud, label):
+    from llmops.settings import AcceleratorProfile
+    settings = Settings(cloud=cloud, accelerators={"T4": AcceleratorProfile(
+        node_selector={"pool": "t4"}, ray_accelerator_type="T4", gpu_memory_gib=16)})
+    assert label in settings.profiles()["L4"].node_selector and "T4" in settings.profiles()
+    assert Settings.load(environ={"LLMOPS_CLOUD": cloud}).cloud == cloud
+
+
+def test_an_accelerator_the_cloud_lacks_is_a_clear_error():
+    from llmops.render import render_manifests
+    ft = finetune("f")
+    ft["spec"]["resources"]["accelerator"] = "A10G"   # an AWS GPU: no GKE machine has it
+    _, errors = render_manifests([ft], BuildContext(settings=Settings(cloud="gke"), payloads={}))
+    assert len(errors) == 1 and "'A10G' is not a profile of this operator (cloud gke)" in errors[0]
+    assert "use one of A100, H100, L4" in errors[0]

@@ -215,11 +215,13 @@ def pod_env(names: Names, spec: WorkloadControls) -> tuple[list[dict], list[dict
 
 
 def profile_for(resources: Resources, settings: Settings) -> AcceleratorProfile:
-    profile = settings.accelerators.get(resources.accelerator)
+    profiles = settings.profiles()
+    profile = profiles.get(resources.accelerator)
     if profile is None:
-        known = ", ".join(sorted(settings.accelerators))
+        known = ", ".join(sorted(profiles))
         raise UnknownAccelerator(f"spec.resources.accelerator {resources.accelerator!r} is not a profile of this "
-                                 f"operator; use one of {known} or add it to the operator settings")
+                                 f"operator (cloud {settings.cloud}); use one of {known} or add it to the operator "
+                                 "settings (accelerators)")
     return profile
 
 
