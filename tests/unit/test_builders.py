@@ -8,7 +8,7 @@ import pytest
 
 from llmops.builders.common import (DNS1035_LABEL, RAY_NAME_MAX, Owner, child_name, is_shared, payloads_name,
                                     ray_name)
-from llmops.builders.finetune import model_params_b
+from llmops.builders.common import ephemeral_storage, model_params_b, quantity_bytes, shm_size
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
 from llmops.builders.common import BuildContext
@@ -252,3 +252,37 @@ def test_an_accelerator_the_cloud_lacks_is_a_clear_error():
     _, errors = render_manifests([ft], BuildContext(settings=Settings(cloud="gke"), payloads={}))
     assert len(errors) == 1 and "'A10G' is not a profile of this operator (cloud gke)" in errors[0]
     assert "use one of A100, H100, L4" in errors[0]
+
+
+def test_every_ray_pod_mounts_an_in_memory_dev_shm_sized_from_its_memory():
+    for ray in (o for o in _all_examples() if o["kind"] in ("RayJob", "RayService")):
+        for pod in _pod_specs(ray):
+            container = pod["containers"][0]
+            volume = next(v for v in pod["volumes"] if v["name"] == "dshm")
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+            memory = quantity_bytes(container["resources"]["limits"]["memory"])
+            size = quantity_bytes(volume["emptyDir"]["sizeLimit"])
+            assert volume["emptyDir"]["medium"] == "Memory"
+            # larger than Ray's default object store (30% of memory), within the memory limit it counts against
+            assert 0.3 * memory < size < 0.5 * memory, (ray["metadata"]["name"], volume)
+
+
+@pytest.mark.parametrize("memory, expected", [("32Gi", "13107Mi"), ("8Gi", "3276Mi"), ("16G", "6103Mi"),
+                                              ("100Mi", "64Mi")])
+def test_shm_size(memory, expected):
+    assert shm_size(memory) == expected
+
+
+@pytest.mark.parametrize("source, gib", [("Qwen/Qwen2.5-7B-Instruct", 36), ("meta-llama/Llama-3.1-70B", 177),
+                                         ("Qwen/Qwen2.5-0.5B", 22), ("s3://bucket/model", 36)])
+def test_gpu_workers_request_disk_for_the_models_weights(source, gib):
+    assert ephemeral_storage(source) == f"{gib}Gi"
+    ft = finetune("f")
+    ft["spec"]["baseModel"]["source"] = source
+    svc = llmservice("s")
+    svc["spec"]["model"]["source"] = source
+    for ray in (o for o in _render(ft, svc) if o["kind"] in ("RayJob", "RayService")):
+        cluster = ray["spec"].get("rayClusterSpec") or ray["spec"].get("rayClusterConfig")
+        worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+        assert worker["requests"]["ephemeral-storage"] == f"{gib}Gi"
+        assert "ephemeral-storage" not in worker["limits"]   # a request places the pod; no limit evicts it

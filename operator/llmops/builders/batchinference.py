@@ -104,7 +104,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> l
                                     sort_keys=True)}
     claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
     image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims, model_source=model.source)
     entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
     return [
         *result_channel(owner, n, ctx.settings),

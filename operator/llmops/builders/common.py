@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -178,6 +179,54 @@ def pvc_claims(*uris: str | None) -> list[str]:
     return claims
 
 
+# ---- memory and disk ----------------------------------------------------------------------------------------
+QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+QUANTITY_FACTORS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+                    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+# /dev/shm as a share of the pod's memory: Ray's object store takes 30% of it by default and falls back to slow
+# disk when /dev/shm is smaller; the rest is for DataLoader workers and NCCL. An in-memory emptyDir counts
+# against the container's memory limit, so it is a share, not an addition.
+SHM_SHARE = 0.4
+DEFAULT_PARAMS_B = 7.0
+# Local disk a Ray worker writes besides the weights: the runtime env (a pip install of the FineTune stack is
+# several GB), Hugging Face and pip caches, Ray's logs and spilled objects.
+DISK_BASE_GIB = 20
+BYTES_PER_PARAM = 2   # bf16 weights, as downloaded
+
+
+def quantity_bytes(quantity: str) -> float:
+    """Bytes in a Kubernetes quantity of the API's QUANTITY_PATTERN (`32Gi`, `8G`, `500M`)."""
+    match = QUANTITY.match(str(quantity))
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity such as 32Gi")
+    return float(match.group(1)) * QUANTITY_FACTORS[match.group(2)]
+
+
+def shm_size(memory: str) -> str:
+    """sizeLimit of a pod's in-memory /dev/shm: SHM_SHARE of its memory, in whole MiB."""
+    return f"{max(64, int(quantity_bytes(memory) * SHM_SHARE / 2**20))}Mi"
+
+
+def model_params_b(source: str) -> float:
+    """Parameter count in billions as the model id states it (`Qwen2.5-7B-Instruct` -> 7), else 7."""
+    match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", source.rsplit("/", 1)[-1])
+    return float(match.group(1)) if match else DEFAULT_PARAMS_B
+
+
+def ephemeral_storage(model_source: str) -> str:
+    """Local disk a GPU worker requests: every worker downloads the model's weights (a Hugging Face id into its
+    cache; an s3:// or gs:// model into the staging folder) next to DISK_BASE_GIB of runtime env, caches and logs.
+    A request only, so that the scheduler picks a node with that much free disk; no limit evicts the pod."""
+    weights_gib = model_params_b(model_source) * 1e9 * BYTES_PER_PARAM / 2**30
+    return f"{DISK_BASE_GIB + math.ceil(weights_gib * 1.2)}Gi"
+
+
+def shm_volume(memory: str) -> tuple[dict, dict]:
+    """KubeRay's advice for Ray pods: /dev/shm as an in-memory emptyDir (a container gets 64 MiB otherwise)."""
+    return ({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+            {"name": "dshm", "mountPath": "/dev/shm"})
+
+
 def volumes(names: Names, payload_config: str, claims: list[str], scratch: str | None = None
             ) -> tuple[list[dict], list[dict]]:
     """The job's files and the payload package, each ConfigMap mounted whole (listing its keys would make the Ray
@@ -254,7 +303,7 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
 
 
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
-                     ctx: BuildContext, claims: list[str], *,
+                     ctx: BuildContext, claims: list[str], *, model_source: str,
                      autoscale_to: int | None = None, scratch: str | None = None) -> dict[str, Any]:
     """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
     settings = ctx.settings
@@ -263,12 +312,13 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch)
     pod_labels = labels(owner)
     head = settings.head
+    head_shm, shm_mount = shm_volume(head.memory)
     head_pod: dict[str, Any] = {
         "serviceAccountName": names.account,
-        "containers": [container("ray-head", image, env, env_from, mounts,
+        "containers": [container("ray-head", image, env, env_from, [*mounts, shm_mount],
                                  {"cpu": head.cpu, "memory": head.memory},
                                  {"cpu": head.cpu, "memory": head.memory})],
-        "volumes": vols,
+        "volumes": [*vols, head_shm],
     }
     if head.node_selector:
         head_pod["nodeSelector"] = dict(head.node_selector)
@@ -277,11 +327,13 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     gpus = str(resources.gpus_per_worker)
     worker_resources = {"cpu": str(resources.cpus_per_worker), "memory": resources.memory_per_worker,
                         profile.gpu_resource: gpus}
+    worker_shm, _ = shm_volume(resources.memory_per_worker)
     worker_pod: dict[str, Any] = {
         "serviceAccountName": names.account,
-        "containers": [container("ray-worker", image, env, env_from, mounts, worker_resources,
+        "containers": [container("ray-worker", image, env, env_from, [*mounts, shm_mount],
+                                 {**worker_resources, "ephemeral-storage": ephemeral_storage(model_source)},
                                  dict(worker_resources))],
-        "volumes": vols,
+        "volumes": [*vols, worker_shm],
         "nodeSelector": {**profile.node_selector, **(resources.node_selector or {})},
         "tolerations": [*profile.tolerations, *(t.wire() for t in resources.tolerations or [])],
     }
