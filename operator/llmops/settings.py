@@ -107,6 +107,9 @@ class Settings(BaseModel):
     accelerators: dict[str, AcceleratorProfile] = Field(default_factory=dict)
     """Accelerator profiles added to the cloud's built-in ones, or replacing one of the same name."""
     head: HeadSettings = Field(default_factory=HeadSettings)
+    ray_service_account_annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations on the ServiceAccounts the operator creates for Ray pods (`<name>-<ft|bi>-ray`), e.g.
+    eks.amazonaws.com/role-arn for IRSA. A resource's spec.serviceAccountName uses an account of its own instead."""
     field_manager: str = "llmops"
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch; empty means all."""

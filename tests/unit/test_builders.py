@@ -286,3 +286,36 @@ def test_gpu_workers_request_disk_for_the_models_weights(source, gib):
         worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
         assert worker["requests"]["ephemeral-storage"] == f"{gib}Gi"
         assert "ephemeral-storage" not in worker["limits"]   # a request places the pod; no limit evicts it
+
+
+def test_ray_pods_run_as_the_specs_own_account_which_gains_only_the_result_configmap():
+    ft = finetune("f")
+    ft["spec"]["serviceAccountName"] = "ml-irsa"
+    svc = llmservice("s")
+    svc["spec"]["serviceAccountName"] = "ml-irsa"
+    objects = _render(ft, svc)
+    assert not [o for o in objects if o["kind"] == "ServiceAccount"]     # none created: the user's is used
+    for ray in (o for o in objects if o["kind"] in ("RayJob", "RayService")):
+        assert {pod["serviceAccountName"] for pod in _pod_specs(ray)} == {"ml-irsa"}
+    role = next(o for o in objects if o["kind"] == "Role")
+    binding = next(o for o in objects if o["kind"] == "RoleBinding")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["f-ft-result"],
+                              "verbs": ["get", "patch"]}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-irsa", "namespace": "default"}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_settings_annotate_the_accounts_the_operator_creates():
+    annotations = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/llmops-ray"}
+    objects, errors = render_manifests([batchinference("b")], BuildContext(
+        settings=Settings(ray_service_account_annotations=annotations), payloads={}))
+    assert not errors
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")
+    assert account["metadata"]["name"] == "b-bi-ray" and account["metadata"]["annotations"] == annotations
+    plain = next(o for o in _render(batchinference("b")) if o["kind"] == "ServiceAccount")
+    assert "annotations" not in plain["metadata"]
+
+
+def test_a_service_without_its_own_account_runs_as_the_namespace_default():
+    service = _render(llmservice("s"))[0]
+    assert all("serviceAccountName" not in pod for pod in _pod_specs(service))

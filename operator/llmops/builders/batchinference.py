@@ -107,7 +107,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> l
     cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims, model_source=model.source)
     entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
     return [
-        *result_channel(owner, n, ctx.settings),
+        *result_channel(owner, n, ctx.settings, spec),
         payload_config_map(owner.namespace, ctx.payloads, ctx.settings),
         config_map(owner, n, ctx.settings, files),
         ray_job(owner, n, spec, cluster, entrypoint, runtime_env(spec), ctx.settings),

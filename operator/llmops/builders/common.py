@@ -117,20 +117,33 @@ def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: M
 
 
 # ---- the result channel -----------------------------------------------------------------------------------
-def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[str, Any]]:
-    """Result ConfigMap plus a ServiceAccount that may get/patch only that ConfigMap."""
+def ray_account(names: Names, spec: WorkloadControls) -> str:
+    """The ServiceAccount the Ray pods run as: the spec's own, else the one the operator creates."""
+    return spec.service_account_name or names.account
+
+
+def result_channel(owner: Owner, names: Names, settings: Settings, spec: WorkloadControls) -> list[dict[str, Any]]:
+    """Result ConfigMap and a Role that may get/patch only that ConfigMap, bound to the Ray pods' ServiceAccount:
+    one the operator creates, or the spec's own (which gains nothing else)."""
+    account = ray_account(names, spec)
+    created = []
+    if spec.service_account_name is None:
+        meta: dict[str, Any] = {"name": names.account}
+        if settings.ray_service_account_annotations:
+            meta["annotations"] = dict(settings.ray_service_account_annotations)
+        created.append(owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
+                              "automountServiceAccountToken": True}, owner, settings))
     return [
         owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.result}, "data": {}},
               owner, settings, {ROLE_LABEL: RESULT_ROLE}),
-        owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": names.account},
-               "automountServiceAccountToken": True}, owner, settings),
+        *created,
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": names.account},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.result],
                           "verbs": ["get", "patch"]}]}, owner, settings),
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": names.account},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.account},
-               "subjects": [{"kind": "ServiceAccount", "name": names.account, "namespace": owner.namespace}]},
+               "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": owner.namespace}]},
               owner, settings),
     ]
 
@@ -314,7 +327,7 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     head = settings.head
     head_shm, shm_mount = shm_volume(head.memory)
     head_pod: dict[str, Any] = {
-        "serviceAccountName": names.account,
+        "serviceAccountName": ray_account(names, spec),
         "containers": [container("ray-head", image, env, env_from, [*mounts, shm_mount],
                                  {"cpu": head.cpu, "memory": head.memory},
                                  {"cpu": head.cpu, "memory": head.memory})],
@@ -329,7 +342,7 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
                         profile.gpu_resource: gpus}
     worker_shm, _ = shm_volume(resources.memory_per_worker)
     worker_pod: dict[str, Any] = {
-        "serviceAccountName": names.account,
+        "serviceAccountName": ray_account(names, spec),
         "containers": [container("ray-worker", image, env, env_from, [*mounts, shm_mount],
                                  {**worker_resources, "ephemeral-storage": ephemeral_storage(model_source)},
                                  dict(worker_resources))],

@@ -76,7 +76,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
     runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"
     return [
-        *result_channel(owner, n, ctx.settings),
+        *result_channel(owner, n, ctx.settings, spec),
         payload_config_map(owner.namespace, ctx.payloads, ctx.settings),
         config_map(owner, n, ctx.settings, files),
         ray_job(owner, n, spec, cluster, entrypoint, runtime, ctx.settings),

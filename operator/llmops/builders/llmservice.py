@@ -50,7 +50,8 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
         for c in pod["containers"]:
             c["volumeMounts"] = [m for m in c["volumeMounts"] if not m["name"].startswith("llmops-")]
             c["env"] = [e for e in c["env"] if e["name"] not in ("PYTHONPATH", "LLMOPS_RESULT_CONFIGMAP")]
-        pod.pop("serviceAccountName", None)
+        if spec.service_account_name is None:   # Serve reports nothing: no account of ours is needed
+            pod.pop("serviceAccountName", None)
         if not pod["volumes"]:
             del pod["volumes"]
             for c in pod["containers"]:
