@@ -307,7 +307,9 @@ def ray_start_resources(resources: Mapping[str, int]) -> str:
 
 def container(name: str, image: str, env: list, env_from: list, mounts: list, requests: dict, limits: dict
               ) -> dict[str, Any]:
-    c: dict[str, Any] = {"name": name, "image": image, "env": env}
+    # A container that dies leaves its log tail as its termination message, where the status can read why (a CUDA
+    # driver too old for the image shows up there).
+    c: dict[str, Any] = {"name": name, "image": image, "env": env, "terminationMessagePolicy": "FallbackToLogsOnError"}
     if env_from:
         c["envFrom"] = env_from
     c["volumeMounts"] = mounts
