@@ -10,7 +10,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 RAY_VERSION = "2.60.0"
+"""The Ray the CPU test environments check rendered configs against (Ray's own config models)."""
 LLAMAFACTORY_VERSION = "0.9.4"
+# The images the Ray pods run. Ray's own build configuration (docs/clusters.md, *Images*) builds ray-llm for Python
+# 3.12 on CUDA 13.0 only, tagged `<ray>-py312-cu130`; 2.57.0 is the Ray whose `ray[llm]` pins vLLM 0.25.1, the stack
+# this project's GPU run used (Python 3.12, CUDA 13).
+IMAGE_RAY_VERSION = "2.57.0"
+IMAGE_PLATFORM = "py312-cu130"
+STOCK_RAY_IMAGE = f"rayproject/ray:{IMAGE_RAY_VERSION}-{IMAGE_PLATFORM}"
+INFERENCE_IMAGE = f"rayproject/ray-llm:{IMAGE_RAY_VERSION}-{IMAGE_PLATFORM}"
+# The FineTune image the release workflow publishes (.github/workflows/release.yaml, docker/ray-runtime.Dockerfile):
+# the stock Ray image with the LLaMA-Factory stack installed, tagged with this project's version.
+RUNTIME_IMAGE_REPOSITORY = "ghcr.io/llmops/llmops-ray-llamafactory"
+PROJECT_VERSION = "0.1.0"
+FINETUNE_IMAGE = f"{RUNTIME_IMAGE_REPOSITORY}:{PROJECT_VERSION}"
+FINETUNE_PIP_FALLBACK = [
+    f"llamafactory=={LLAMAFACTORY_VERSION}", "transformers==4.52.4", "liger-kernel==0.5.10",
+    # torchaudio does not declare its torch version and LLaMA-Factory imports it: pin the three together.
+    "torch==2.11.0", "torchaudio==2.11.0", "torchvision==0.26.0"]
+"""What the runtime image adds to the stock Ray image; with finetune_image set to STOCK_RAY_IMAGE, finetune_pip
+installs it on every pod at start instead (docs/clusters.md, *The training image*)."""
 
 
 class AcceleratorProfile(BaseModel):
@@ -87,19 +106,20 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    finetune_image: str = f"rayproject/ray:{RAY_VERSION}-py311-cu128"
-    """Ray image for FineTune jobs; LLaMA-Factory comes through `finetune_pip` unless the image has it."""
-    finetune_pip: list[str] = Field(default_factory=lambda: [
-        f"llamafactory=={LLAMAFACTORY_VERSION}", "transformers==4.52.4", "liger-kernel==0.5.10",
-        # torchaudio does not declare its torch version and LLaMA-Factory imports it: pin the three together.
-        "torch==2.11.0", "torchaudio==2.11.0", "torchvision==0.26.0"])
-    """pip requirements added to every FineTune's runtime environment (empty when the image carries them).
-    transformers 4.52.4 keeps LLaMA-Factory's neat packing working with SDPA attention (no flash-attn needed)."""
+    finetune_image: str = FINETUNE_IMAGE
+    """Ray image for FineTune jobs: by default the published runtime image, which carries LLaMA-Factory and its
+    pins. The stock Ray image works too, with LLaMA-Factory installed through `finetune_pip` (slow: docs)."""
+    finetune_pip: list[str] = Field(default_factory=list)
+    """pip requirements added to every FineTune's runtime environment: empty for the runtime image; FINETUNE_PIP_FALLBACK
+    (LLaMA-Factory 0.9.4, transformers 4.52.4 for its neat packing with SDPA, liger-kernel, torch) on the stock image."""
     finetune_flash_attention: bool = False
-    """The FineTune image has flash-attn (our runtime image does): the recipe then uses FA2 varlen attention,
+    """The FineTune image has flash-attn (the runtime image does): the recipe then uses FA2 varlen attention,
     otherwise SDPA with neat packing, the default (about 6% slower on one H100; docs/training-recipe.md)."""
-    inference_image: str = f"rayproject/ray-llm:{RAY_VERSION}-py311-cu128"
+    inference_image: str = INFERENCE_IMAGE
     """Ray LLM image (vLLM) for BatchInference and LLMService."""
+    runtime_env_setup_timeout_seconds: int = Field(default=1800, ge=60)
+    """Ray's limit on setting up a job's runtime environment when it installs pip packages (Ray's own default, 600 s,
+    is shorter than a pip install of the LLaMA-Factory stack, several GB, on a cold node)."""
     cloud: Cloud = "gpu-operator"
     """Platform whose node labels pick the GPU nodes: `gpu-operator` (nvidia.com/gpu.product, added by the NVIDIA
     GPU Operator's feature discovery), `gke` (cloud.google.com/gke-accelerator) or `eks` (Karpenter's

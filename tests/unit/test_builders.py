@@ -319,3 +319,40 @@ def test_settings_annotate_the_accounts_the_operator_creates():
 def test_a_service_without_its_own_account_runs_as_the_namespace_default():
     service = _render(llmservice("s"))[0]
     assert all("serviceAccountName" not in pod for pod in _pod_specs(service))
+
+
+def test_default_images_are_the_published_forms():
+    """ray-llm is built by Ray for Python 3.12 on CUDA 13.0 only (docs/clusters.md cites Ray's build config): the
+    tags are `<ray version>-py312-cu130`; the FineTune default is the runtime image this project's release
+    workflow publishes, tagged with the project's version."""
+    import re
+    import tomllib
+    from pathlib import Path
+    from llmops.settings import IMAGE_RAY_VERSION, PROJECT_VERSION, RUNTIME_IMAGE_REPOSITORY
+    settings = Settings()
+    assert re.fullmatch(r"rayproject/ray-llm:2\.\d+\.\d+-py312-cu130", settings.inference_image)
+    assert settings.inference_image == f"rayproject/ray-llm:{IMAGE_RAY_VERSION}-py312-cu130"
+    assert settings.finetune_image == f"{RUNTIME_IMAGE_REPOSITORY}:{PROJECT_VERSION}"
+    assert re.fullmatch(r"ghcr\.io/[a-z0-9-]+/llmops-ray-llamafactory:\d+\.\d+\.\d+", settings.finetune_image)
+    root = Path(__file__).resolve().parents[2]
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"] == PROJECT_VERSION
+    assert settings.finetune_pip == []   # the runtime image carries LLaMA-Factory
+
+
+def test_pip_in_the_runtime_env_raises_rays_setup_timeout():
+    import yaml
+    from llmops.settings import FINETUNE_PIP_FALLBACK, STOCK_RAY_IMAGE
+
+    def runtime(settings):
+        job = next(o for o in _render_with(settings, finetune("f")) if o["kind"] == "RayJob")
+        return yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert "pip" not in runtime(Settings()) and "config" not in runtime(Settings())
+    stock = runtime(Settings(finetune_image=STOCK_RAY_IMAGE, finetune_pip=FINETUNE_PIP_FALLBACK))
+    assert stock["pip"] == FINETUNE_PIP_FALLBACK
+    assert stock["config"] == {"setup_timeout_seconds": 1800}   # Ray's own 600 s is short for several GB of pip
+
+
+def _render_with(settings, *docs):
+    objects, errors = render_manifests(list(docs), BuildContext(settings=settings, payloads=load_payloads()))
+    assert not errors, errors
+    return objects

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from llmops.dev.plane import BUILD_HINT, bin_dir
-from llmops.settings import CLOUDS, NODE_SELECTORS, Settings
+from llmops.settings import (CLOUDS, FINETUNE_PIP_FALLBACK, IMAGE_RAY_VERSION, NODE_SELECTORS, STOCK_RAY_IMAGE,
+                             Settings)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llmops-operator"
@@ -200,11 +201,12 @@ def test_operator_image():
 def test_ray_runtime_image_pins_match_the_project():
     steps = instructions(REPO / "docker" / "ray-runtime.Dockerfile")
     base = next(rest for word, rest in steps if word == "FROM")
-    assert base == Settings().finetune_image, "the training image builds on the operator's default Ray image"
+    assert base == STOCK_RAY_IMAGE, "the training image builds on the stock Ray image the fallback uses"
     quoted = re.findall(r'"([^"]+)"', " ".join(rest for word, rest in steps if word == "RUN"))
     requirements = [q for q in quoted if not q.startswith("import ")]
     assert all(re.fullmatch(r"[\w\[\],.-]+==[\w.]+", r) for r in requirements), requirements
     training = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["training"]
     # Everything the project pins for training, and everything the runtime env would add, at the same versions.
-    assert set(training) | set(Settings().finetune_pip) <= set(requirements)
+    assert set(training) | set(FINETUNE_PIP_FALLBACK) <= set(requirements)
+    assert f"ray[train]=={IMAGE_RAY_VERSION}" in requirements   # the Ray of the base image, not another
     assert any(r.startswith("flash-attn==") for r in requirements)

@@ -110,5 +110,6 @@ def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> l
         *result_channel(owner, n, ctx.settings, spec),
         payload_config_map(owner.namespace, ctx.payloads, ctx.settings),
         config_map(owner, n, ctx.settings, files),
-        ray_job(owner, n, spec, cluster, entrypoint, runtime_env(spec), ctx.settings),
+        ray_job(owner, n, spec, cluster, entrypoint,
+                runtime_env(spec, setup_timeout_s=ctx.settings.runtime_env_setup_timeout_seconds), ctx.settings),
     ]

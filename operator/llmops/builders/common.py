@@ -373,11 +373,16 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     return cluster
 
 
-def runtime_env(spec: WorkloadControls, extra_pip: list[str] | None = None) -> dict[str, Any]:
+def runtime_env(spec: WorkloadControls, extra_pip: list[str] | None = None, *, setup_timeout_s: int | None = None
+                ) -> dict[str, Any]:
+    """Ray's runtime environment. With pip packages, Ray installs them on every node before the job starts, and
+    gives up after `setup_timeout_s` (Ray's own default, 600 s, is short for a large install on a cold node)."""
     env: dict[str, Any] = {}
     pip = [*(extra_pip or []), *((spec.runtime_env.pip if spec.runtime_env else None) or [])]
     if pip:
         env["pip"] = pip
+        if setup_timeout_s is not None:
+            env["config"] = {"setup_timeout_seconds": setup_timeout_s}
     if spec.runtime_env and spec.runtime_env.env_vars:
         env["env_vars"] = dict(spec.runtime_env.env_vars)
     return env

@@ -72,7 +72,8 @@ def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
     image = spec.image or ctx.settings.finetune_image
     cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims,
                                model_source=spec.base_model.source, scratch=STAGING_DIR)
-    runtime = runtime_env(spec, ctx.settings.finetune_pip)
+    runtime = runtime_env(spec, ctx.settings.finetune_pip,
+                          setup_timeout_s=ctx.settings.runtime_env_setup_timeout_seconds)
     runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"
     return [
