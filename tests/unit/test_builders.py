@@ -8,7 +8,7 @@ import pytest
 
 from llmops.builders.common import (DNS1035_LABEL, RAY_NAME_MAX, Owner, child_name, is_shared, payloads_name,
                                     ray_name)
-from llmops.builders.common import ephemeral_storage, model_params_b, quantity_bytes, shm_size
+from llmops.builders.sizing import ephemeral_storage, model_params_b, quantity_bytes, shm_size
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
 from llmops.builders.common import BuildContext

@@ -13,7 +13,6 @@ from .common import (
     Names,
     Owner,
     config_map,
-    model_params_b,
     payload_config_map,
     profile_for,
     pvc_claims,
@@ -23,6 +22,7 @@ from .common import (
     runtime_env,
 )
 from .recipe import training_recipe
+from .sizing import model_params_b
 
 TAG = "ft"
 # Node-local scratch (an emptyDir on every Ray pod) where the driver stages datasets for the workers.
