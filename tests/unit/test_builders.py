@@ -251,7 +251,7 @@ def test_an_accelerator_the_cloud_lacks_is_a_clear_error():
     ft["spec"]["resources"]["accelerator"] = "A10G"   # an AWS GPU: no GKE machine has it
     _, errors = render_manifests([ft], BuildContext(settings=Settings(cloud="gke"), payloads={}))
     assert len(errors) == 1 and "'A10G' is not a profile of this operator (cloud gke)" in errors[0]
-    assert "use one of A100, H100, L4" in errors[0]
+    assert "use one of A100, H100, H200, L4" in errors[0]
 
 
 def test_every_ray_pod_mounts_an_in_memory_dev_shm_sized_from_its_memory():
