@@ -1,5 +1,6 @@
 # The llmops operator image: `llmops run` (kopf) as a non-root user on a small, pinned Python base.
-# Build from the repository root:  docker build -f docker/operator.Dockerfile -t llmops/operator:0.1.0 .
+# The release workflow publishes it as ghcr.io/<owner>/llmops-operator:<version>. Build it yourself from the repository
+# root:  docker build -f docker/operator.Dockerfile -t <registry>/llmops-operator:0.1.0 .
 # The operator never imports Ray, vLLM or LLaMA-Factory: the image holds only pyproject.toml's `dependencies`.
 
 FROM python:3.11.11-slim-bookworm AS build

@@ -44,8 +44,14 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from .render import render_manifests
-    text = Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
-    objects, errors = render_manifests(yamlio.load_all(text))
+    path = Path(args.file)
+    if args.file == "-":
+        text = sys.stdin.read()
+    elif path.is_dir():   # a workflow's folder: its manifests, as separate documents
+        text = "\n---\n".join(p.read_text() for p in sorted(path.glob("*.yaml")))
+    else:
+        text = path.read_text()
+    objects, errors = render_manifests(yamlio.load_all(text), assume_ready=args.assume_ready)
     for error in errors:
         print(error, file=sys.stderr)
     print(yamlio.dump_all(objects), end="")
@@ -122,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_crds)
 
     p = sub.add_parser("render", help="print every object the operator would create for a manifest (offline)")
-    p.add_argument("-f", "--file", required=True, help="manifest file, or - for stdin")
+    p.add_argument("-f", "--file", required=True, help="manifest file, a folder of them, or - for stdin")
+    p.add_argument("--assume-ready", action="store_true",
+                   help="render each LLMService as it will be once its FineTunes succeeded and its gates passed "
+                        "(default: FineTunes succeeded, gates still waiting)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("dev", help="the local control plane (real kube-apiserver, etcd, KubeRay, kwok)")

@@ -7,6 +7,7 @@ Credentials are the ones kopf logged in with (kubeconfig or in-cluster service a
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 from dataclasses import dataclass
@@ -51,6 +52,13 @@ def path_of(api_version: str, kind: str, namespace: str | None, name: str | None
     return f"{base}/{name}" if name else base
 
 
+def pem(data: str | bytes) -> str:
+    """A certificate as PEM text: kopf hands over a kubeconfig's certificate-authority-data as it is written there
+    (base64 of the PEM), a service account's CA as PEM."""
+    text = data.decode("ascii") if isinstance(data, bytes) else data
+    return text if text.lstrip().startswith("-----BEGIN ") else base64.b64decode(text).decode("ascii")
+
+
 @dataclass
 class Credentials:
     server: str
@@ -76,8 +84,7 @@ class Kube:
         c = self.credentials
         if c.insecure:
             return False
-        context = ssl.create_default_context(cafile=c.ca_path,
-                                             cadata=c.ca_data.decode() if c.ca_data else None)
+        context = ssl.create_default_context(cafile=c.ca_path, cadata=pem(c.ca_data) if c.ca_data else None)
         if c.cert_path and c.key_path:
             context.load_cert_chain(c.cert_path, c.key_path)
         return context

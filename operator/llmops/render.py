@@ -1,7 +1,9 @@
 """`llmops render`: every object the operator would create for some manifests, without a cluster.
 
 References between resources in the same input are resolved as if each FineTune had finished and written
-its adapter to its spec.output.uri, so a whole workflow renders in one go.
+its adapter to its spec.output.uri, so a whole workflow renders in one go. With ``assume_ready`` the LLMService
+is rendered as it will be once its gates passed too (every gate's evaluation Ready at its minimum), so the
+adapters it will serve, and their `lora_config`, appear.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pydantic import ValidationError
 from .api import API_VERSION, KINDS
 from .api.batchinference import BatchInferenceSpec
 from .api.finetune import FineTuneSpec
+from .api.llmservice import LLMServiceSpec
 from .builders import batchinference, finetune, llmservice
 from .builders.common import BuildContext
-from .builders.serving import resolve_adapters
+from .builders.serving import EVALUATED_ADAPTER_KEY, resolve_adapters
 from .handlers.jobs import spec_errors
 from .settings import Settings
 
@@ -36,7 +39,28 @@ def planned_finetune_status(doc: dict[str, Any]) -> dict[str, Any]:
             "adapter": {"uri": spec.output.uri, "baseModel": spec.base_model.source, "rank": spec.method.rank}}
 
 
-def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None) -> tuple[list[dict], list[str]]:
+def planned_gate_statuses(spec: LLMServiceSpec, finetunes: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """BatchInference statuses under which every gate of `spec` passes: each evaluation Ready, reporting its
+    gate's minimum for the adapter it guards."""
+    statuses: dict[str, dict[str, Any]] = {}
+    for adapter in spec.adapters or []:
+        gate = adapter.gate
+        if gate is None:
+            continue
+        uri = adapter.uri
+        if uri is None and adapter.fine_tune_ref.name in finetunes:
+            uri = FineTuneSpec.model_validate(finetunes[adapter.fine_tune_ref.name]["spec"]).output.uri
+        status = statuses.setdefault(gate.batch_inference_ref.name, {
+            "phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}],
+            "metrics": {}})
+        status["metrics"][gate.metric] = max(gate.minimum, status["metrics"].get(gate.metric, gate.minimum))
+        if uri:
+            status[EVALUATED_ADAPTER_KEY] = uri
+    return statuses
+
+
+def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None, *, assume_ready: bool = False
+                     ) -> tuple[list[dict], list[str]]:
     if ctx is None:
         from .handlers.main import load_payloads
         ctx = BuildContext(settings=Settings.load(), payloads=load_payloads())
@@ -48,7 +72,7 @@ def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None
     for doc in docs:
         where = f"{doc['kind']} {doc['metadata']['namespace']}/{doc['metadata'].get('name')}"
         try:
-            for obj in _render_one(doc, finetunes, ctx):
+            for obj in _render_one(doc, finetunes, ctx, assume_ready):
                 key = (obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
                 if key not in seen:
                     seen.add(key)
@@ -60,7 +84,8 @@ def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None
     return objects, errors
 
 
-def _render_one(doc: dict[str, Any], finetunes: dict[str, dict], ctx: BuildContext) -> list[dict]:
+def _render_one(doc: dict[str, Any], finetunes: dict[str, dict], ctx: BuildContext, assume_ready: bool
+                ) -> list[dict]:
     kind = doc["kind"]
     if kind == "FineTune":
         return finetune.build(doc, ctx)
@@ -71,13 +96,12 @@ def _render_one(doc: dict[str, Any], finetunes: dict[str, dict], ctx: BuildConte
             ref = spec.model.fine_tune_ref.name
             if ref not in finetunes:
                 raise KeyError(f"spec.model.fineTuneRef names FineTune {ref}, which is not in the input")
-            ft = finetunes[ref]
-            uri = FineTuneSpec.model_validate(ft["spec"]).output.uri
-            model = batchinference.ResolvedModel(ft["spec"]["baseModel"]["source"], uri,
-                                                 uri.rstrip("/").rsplit("/", 1)[-1])
+            ft = FineTuneSpec.model_validate(finetunes[ref]["spec"])
+            uri = ft.output.uri
+            model = batchinference.ResolvedModel(ft.base_model.source, uri, uri.rstrip("/").rsplit("/", 1)[-1],
+                                                 ft.method.rank)
         return batchinference.build(doc, ctx, model)
-    from .api.llmservice import LLMServiceSpec
     spec = LLMServiceSpec.model_validate(doc["spec"])
     statuses = {name: planned_finetune_status(d) for name, d in finetunes.items()}
-    plan = resolve_adapters(spec, statuses, {})
+    plan = resolve_adapters(spec, statuses, planned_gate_statuses(spec, finetunes) if assume_ready else {})
     return llmservice.build(doc, ctx, plan)

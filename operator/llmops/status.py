@@ -6,6 +6,7 @@ Pure functions: observations in, a `Verdict` out. The handlers turn a verdict in
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -137,6 +138,8 @@ def job_verdict(kind: str, suspended: bool, ray_job: Mapping[str, Any] | None, r
         return Verdict("Pending", "stalled", "Unschedulable",
                        f"pod {p.pod} cannot be scheduled: {p.message}. Check that the accelerator's node pool "
                        "exists and has free GPUs, or change spec.resources")
+    if driver := driver_verdict(problems):
+        return driver
     pulling = [p for p in problems if p.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")]
     if pulling:
         p = pulling[0]
@@ -173,7 +176,43 @@ def pod_problems(pods: list[Mapping[str, Any]]) -> list[PodProblem]:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff"):
                 problems.append(PodProblem(waiting["reason"], waiting.get("message", ""), name))
+            if driver_error := _driver_error(cs):
+                problems.append(PodProblem(GPU_DRIVER_TOO_OLD, driver_error, name))
     return problems
+
+
+# ---- the GPU driver is older than the image's CUDA ------------------------------------------------------------
+GPU_DRIVER_TOO_OLD = "GPUDriverTooOld"
+DRIVER_FLOOR = 580
+"""The NVIDIA driver CUDA 13 needs (the Ray images' CUDA); docs/clusters.md says how to check it per cloud."""
+_DRIVER_ERROR = re.compile(
+    r"unsatisfied condition: cuda|CUDA driver version is insufficient|NVIDIA driver on your system is too old"
+    r"|please update your (?:GPU |NVIDIA )?driver|forward compatibility was attempted on non supported HW",
+    re.IGNORECASE)
+
+
+def _driver_error(container_status: Mapping[str, Any]) -> str:
+    """The message of a container that cannot start CUDA on this node's driver: the NVIDIA container runtime
+    refuses to create it (its `cuda>=` requirement), or CUDA fails in it (the log tail the container leaves as
+    its termination message)."""
+    states = (container_status.get("state") or {}, container_status.get("lastState") or {})
+    for state in states:
+        for part in ("waiting", "terminated"):
+            message = (state.get(part) or {}).get("message") or ""
+            if _DRIVER_ERROR.search(message):
+                return message
+    return ""
+
+
+def driver_verdict(problems: list[PodProblem]) -> Verdict | None:
+    found = [p for p in problems if p.reason == GPU_DRIVER_TOO_OLD]
+    if not found:
+        return None
+    p = found[0]
+    return Verdict("Pending", "stalled", GPU_DRIVER_TOO_OLD,
+                   f"pod {p.pod} cannot use its GPU: {p.message.strip()[-500:]}. The image's CUDA 13 needs NVIDIA "
+                   f"driver {DRIVER_FLOOR} or newer on the GPU nodes: upgrade the node pool's driver "
+                   "(docs/clusters.md) or use an image built for the CUDA the installed driver supports")
 
 
 # ---- KubeRay RayService -> verdict --------------------------------------------------------------------------
@@ -208,6 +247,8 @@ def service_verdict(ray_service: Mapping[str, Any] | None, adapters_summary: str
         p = unschedulable[0]
         return Verdict("Pending", "stalled", "Unschedulable",
                        f"pod {p.pod} cannot be scheduled: {p.message}. Check the accelerator's node pool")
+    if driver := driver_verdict(problems):
+        return driver
     pulling = [p for p in problems if p.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")]
     if pulling:
         return Verdict("Pending", "stalled", "ImagePullFailed",

@@ -16,7 +16,7 @@ from llmops import yamlio
 from llmops.builders.common import BuildContext, is_shared
 from llmops.handlers.main import load_payloads
 from llmops.render import render_manifests
-from llmops.settings import Settings
+from llmops.settings import CLOUDS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent
@@ -33,7 +33,9 @@ def _digest_payloads(objects: list[dict]) -> list[dict]:
 
 def rendered(example_dir: Path) -> dict[str, str]:
     docs = [d for f in sorted(example_dir.glob("*.yaml")) for d in yamlio.load_all(f.read_text())]
-    objects, errors = render_manifests(docs, BuildContext(settings=Settings(), payloads=load_payloads()))
+    # As the workflow ends up: FineTunes done and gates passed, so the served adapters appear.
+    objects, errors = render_manifests(docs, BuildContext(settings=Settings(), payloads=load_payloads()),
+                                       assume_ready=True)
     assert not errors, errors
     files: dict[str, list[dict]] = {}
     for obj in _digest_payloads(objects):
@@ -67,3 +69,41 @@ def test_render_cli_works_offline(capsys):
     out = capsys.readouterr().out
     assert "kind: RayJob" in out and "llamafactory" not in out.split("kind: RayJob")[0][:0]
     assert "USE_RAY" in out
+
+
+def test_render_cli_assume_ready_shows_the_gated_adapter(capsys):
+    from llmops.cli import main
+    manifest = ROOT / "examples" / "viggo"   # a folder renders all its manifests
+    def serve_config(args):
+        assert main(["render", "-f", str(manifest), *args]) == 0
+        service = next(o for o in yamlio.load_all(capsys.readouterr().out) if o["kind"] == "RayService")
+        return service["spec"]["serveConfigV2"]
+    # the gate (viggo-eval's exactMatch) waits by default; once assumed passed, the adapter is served
+    assert "lora_config" not in serve_config([])
+    assert "dynamic_lora_loading_path: s3://llmops-demo/adapters" in serve_config(["--assume-ready"])
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_gpu_placement_per_cloud_matches_golden(cloud, request):
+    """Where each example's GPU workers land under each `cloud` (the chart's one per-cluster value): the node
+    selector, tolerations and the Ray resources of every worker group."""
+    docs = [d for f in sorted((ROOT / "examples" / "viggo").glob("*.yaml")) for d in yamlio.load_all(f.read_text())]
+    objects, errors = render_manifests(docs, BuildContext(settings=Settings(cloud=cloud), payloads=load_payloads()),
+                                       assume_ready=True)
+    assert not errors, errors
+    placement = {}
+    for obj in objects:
+        if obj["kind"] in ("RayJob", "RayService"):
+            cluster = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig")
+            for group in cluster["workerGroupSpecs"]:
+                pod = group["template"]["spec"]
+                placement[f"{obj['kind']}/{obj['metadata']['name']}/{group['groupName']}"] = {
+                    "nodeSelector": pod["nodeSelector"], "tolerations": pod["tolerations"],
+                    "rayStartParams": group["rayStartParams"],
+                    "gpuLimits": {k: v for k, v in pod["containers"][0]["resources"]["limits"].items() if "/" in k}}
+    text = yamlio.dump(placement)
+    golden = GOLDEN / "clouds" / f"{cloud}.yaml"
+    if request.config.getoption("--update-golden"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.read_text() == text, f"{golden.name} differs: run pytest tests/golden --update-golden"

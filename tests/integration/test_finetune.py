@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from integration.harness import condition, phase, wait_for
+from integration.harness import _unless_absent, condition, phase, wait_for
 from llmops.dev.simulator import Plan, Simulator
 from manifests import finetune
 
@@ -171,3 +171,40 @@ def test_ray_pods_may_only_patch_their_result(cluster, operator, ns):
     assert not allowed("list", "configmaps")
     assert not allowed("get", "secrets", "hf-token")
     assert not allowed("create", "pods")
+
+
+def test_pods_run_as_the_specs_own_account_with_only_the_result_channel_added(cluster, operator, ns, simulator):
+    """spec.serviceAccountName (an account annotated for IRSA or Workload Identity): the operator creates none,
+    the Ray pods run as it, the payload reports through it, and it gains get/patch on this result ConfigMap only."""
+    from integration.rbac import ServiceAccount, allowed
+    annotations = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/llmops-ray"}
+    cluster.core.create_namespaced_service_account(ns, {"metadata": {"name": "ml-identity",
+                                                                     "annotations": annotations}})
+    doc = finetune("own")
+    doc["spec"]["serviceAccountName"] = "ml-identity"
+    cluster.create(doc, ns)
+    job = wait_for(lambda: _rayjob(cluster, ns, "own"), what="the RayJob")
+    cluster_spec = job["spec"]["rayClusterSpec"]
+    pods = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    assert {g["template"]["spec"]["serviceAccountName"] for g in pods} == {"ml-identity"}
+    binding = wait_for(lambda: _unless_absent(lambda: cluster.rbac.read_namespaced_role_binding("own-ft-ray", ns)),
+                       what="the result RoleBinding")
+    assert [(s.kind, s.name) for s in binding.subjects] == [("ServiceAccount", "ml-identity")]
+    assert [a.metadata.name for a in cluster.core.list_namespaced_service_account(ns).items
+            if a.metadata.name.startswith("own-")] == []
+
+    account = ServiceAccount(ns, "ml-identity")
+    wait_for(lambda: allowed(cluster, account, "patch", "configmaps", namespace=ns, name="own-ft-result"),
+             what="the binding to take effect")
+    assert allowed(cluster, account, "get", "configmaps", namespace=ns, name="own-ft-result")
+    for verb, resource, name in [("get", "configmaps", "own-ft-config"), ("list", "configmaps", ""),
+                                 ("delete", "configmaps", "own-ft-result"), ("get", "secrets", ""),
+                                 ("create", "pods", ""), ("patch", "rayjobs", "own-ft")]:
+        group = "ray.io" if resource == "rayjobs" else ""
+        assert not allowed(cluster, account, verb, resource, group, namespace=ns, name=name), (verb, resource, name)
+
+    # the payload's report goes through that account (the simulator posts it with the account's token)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "own")) == "Running", timeout=90, what="Running")
+    _finish(simulator, cluster, ns, "own")
+    assert phase(cluster.get("FineTune", ns, "own")) == "Succeeded"
+    assert cluster.core.read_namespaced_service_account("ml-identity", ns).metadata.annotations == annotations

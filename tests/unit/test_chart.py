@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from llmops.dev.plane import BUILD_HINT, bin_dir
-from llmops.settings import Settings
+from llmops.settings import (CLOUDS, FINETUNE_PIP_FALLBACK, IMAGE_RAY_VERSION, NODE_SELECTORS, STOCK_RAY_IMAGE,
+                             Settings)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llmops-operator"
@@ -31,6 +32,9 @@ VARIANTS = {
     # namespace mode, with every optional template on
     "namespaced": ["--set", "watchNamespaces={team-a,team-b}", "--set", "leaderElection.enabled=true",
                    "--set", "metrics.serviceMonitor.enabled=true"],
+    # the one value that differs per cluster (docs/clusters.md); default is gpu-operator
+    "gke": ["--set", "cloud=gke"],
+    "eks": ["--set", "cloud=eks"],
 }
 
 
@@ -137,7 +141,24 @@ def test_chart_settings_are_the_operator_defaults(helm, tmp_path):
     assert Settings.load(path, environ={}) == Settings()
     # values.schema.json knows every settings field (namespaces comes from watchNamespaces).
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert set(schema["properties"]["settings"]["properties"]) == set(Settings.model_fields) - {"namespaces"}
+    assert set(schema["properties"]["settings"]["properties"]) == set(Settings.model_fields) - {"namespaces", "cloud"}
+    assert schema["properties"]["cloud"]["enum"] == list(CLOUDS)
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_one_value_picks_the_clouds_gpu_nodes(helm, tmp_path, cloud):
+    """`--set cloud=X` gives the operator settings whose profiles select X's GPU node labels."""
+    config = next(o for o in objects(template(helm, "--set", f"cloud={cloud}")) if o["kind"] == "ConfigMap")
+    path = tmp_path / "settings.yaml"
+    path.write_text(config["data"]["settings.yaml"])
+    settings = Settings.load(path, environ={})
+    assert settings == Settings(cloud=cloud)
+    assert settings.profiles()["L4"].node_selector == NODE_SELECTORS[cloud]["L4"]
+
+
+def test_schema_rejects_an_unknown_cloud(helm):
+    result = run_helm(helm, "template", "x", str(CHART), "--set", "cloud=aks")
+    assert result.returncode != 0 and "at '/cloud'" in result.stderr, result.stderr
 
 
 def test_generated_install_files_are_current():
@@ -180,11 +201,12 @@ def test_operator_image():
 def test_ray_runtime_image_pins_match_the_project():
     steps = instructions(REPO / "docker" / "ray-runtime.Dockerfile")
     base = next(rest for word, rest in steps if word == "FROM")
-    assert base == Settings().finetune_image, "the training image builds on the operator's default Ray image"
+    assert base == STOCK_RAY_IMAGE, "the training image builds on the stock Ray image the fallback uses"
     quoted = re.findall(r'"([^"]+)"', " ".join(rest for word, rest in steps if word == "RUN"))
     requirements = [q for q in quoted if not q.startswith("import ")]
     assert all(re.fullmatch(r"[\w\[\],.-]+==[\w.]+", r) for r in requirements), requirements
     training = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["training"]
     # Everything the project pins for training, and everything the runtime env would add, at the same versions.
-    assert set(training) | set(Settings().finetune_pip) <= set(requirements)
+    assert set(training) | set(FINETUNE_PIP_FALLBACK) <= set(requirements)
+    assert f"ray[train]=={IMAGE_RAY_VERSION}" in requirements   # the Ray of the base image, not another
     assert any(r.startswith("flash-attn==") for r in requirements)

@@ -85,7 +85,7 @@ def test_reference_spec_renders_the_reference_config():
         "report_to": "none",
         # ray
         "ray_run_name": "viggo",
-        "ray_storage_path": "artifacts/viggo/adapters/viggo-checkpoints",
+        "ray_storage_path": "artifacts/llmops-checkpoints/viggo/adapters/viggo",
         "ray_storage_filesystem": "s3",
         "ray_num_workers": 4,
         "resources_per_worker": {"GPU": 1, "accelerator_type:L4": 0.001},
@@ -189,14 +189,14 @@ def test_data_loader_workers_leave_a_cpu_to_the_training_process():
 
 
 @pytest.mark.parametrize("output, expected", [
-    ("s3://artifacts/viggo/adapters/viggo", {"ray_storage_path": "artifacts/viggo/adapters/viggo-checkpoints",
+    ("s3://artifacts/viggo/adapters/viggo", {"ray_storage_path": "artifacts/llmops-checkpoints/viggo/adapters/viggo",
                                              "ray_storage_filesystem": "s3"}),
-    ("gs://artifacts/adapters/viggo/", {"ray_storage_path": "artifacts/adapters/viggo-checkpoints",
+    ("gs://artifacts/adapters/viggo/", {"ray_storage_path": "artifacts/llmops-checkpoints/adapters/viggo",
                                         "ray_storage_filesystem": "gs"}),
-    ("pvc://models/adapters/viggo", {"ray_storage_path": "/mnt/llmops/pvc/models/adapters/viggo-checkpoints"}),
+    ("pvc://models/adapters/viggo", {"ray_storage_path": "/mnt/llmops/pvc/models/llmops-checkpoints/adapters/viggo"}),
     ("s3://artifacts", {"ray_storage_path": "artifacts/llmops-checkpoints", "ray_storage_filesystem": "s3"}),
 ])
-def test_checkpoints_go_to_shared_storage_beside_the_output(output, expected):
+def test_checkpoints_go_to_shared_storage_outside_the_adapters_folder(output, expected):
     assert checkpoint_storage(output) == expected
     config = render(spec_of(output={"uri": output}))
     assert {k: v for k, v in config.items() if k.startswith("ray_storage")} == expected
@@ -258,3 +258,15 @@ def test_sharegpt_columns_pass_through_and_defaults_stay_unset():
         "file_name": "/mnt/llmops/scratch/data/train", "formatting": "sharegpt",
         "columns": {"messages": "conversations", "system": "sys"}}
     assert "columns" not in dataset_info(spec_of(dataset={"columns": None}), STAGING)["train"]
+
+
+@pytest.mark.parametrize("output", ["s3://artifacts/adapters/viggo", "gs://a/b/c/viggo/", "s3://artifacts/viggo"])
+def test_checkpoints_are_not_listed_as_adapters_by_ray_serve(output):
+    """Ray Serve lists every folder under the adapters' parent (the LLMService's dynamic_lora_loading_path) as a
+    model: the checkpoints must not sit there, unless the adapter sits at a bucket root (then everything does)."""
+    from llmops.builders.serving import _split as adapter_parent
+    parent = adapter_parent(output)[0]
+    storage = checkpoint_storage(output)
+    checkpoints = f"{storage['ray_storage_filesystem']}://{storage['ray_storage_path']}"
+    bucket_root = parent.count("/") == 2
+    assert checkpoints.startswith(parent + "/") == bucket_root, (parent, checkpoints)

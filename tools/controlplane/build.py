@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the local control plane from Go source into a cache folder outside the repository.
 
-Produces kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and the
+Produces kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, actionlint and the
 KubeRay operator, plus KubeRay's CRDs and kwok's stage configs, under ``$LLMOPS_CACHE`` (default
 ``~/.cache/llmops``). Every version comes from ``versions.env`` beside this file. A binary already built
 for the pinned version is never rebuilt, so a warm run takes seconds.
@@ -181,6 +181,7 @@ def main() -> int:
     build_kuberay(cache, bin_dir, v["KUBERAY_VERSION"])
     build_kwok(cache, bin_dir, v["KWOK_VERSION"])
     go_install(bin_dir, "helm", "helm.sh/helm/v3/cmd/helm", v["HELM_VERSION"], cache)
+    go_install(bin_dir, "actionlint", "github.com/rhysd/actionlint/cmd/actionlint", v["ACTIONLINT_VERSION"], cache)
     log(f"all present in {bin_dir} ({time.monotonic() - started:.0f}s)")
     return 0
 

@@ -135,6 +135,11 @@ class WorkloadControls(ApiModel):
     """Ray runtime environment additions."""
     secrets: Secrets | None = None
     """Credentials as Secret references."""
+    service_account_name: str | None = Field(default=None, pattern=K8S_NAME_PATTERN, max_length=253)
+    """ServiceAccount (in this namespace) the Ray pods run as, e.g. one annotated for EKS IRSA
+    (eks.amazonaws.com/role-arn) or GKE Workload Identity, so the pods reach object storage without keys. The
+    operator binds it to this resource's result ConfigMap only (get and patch) and creates no account of its own.
+    Unset: the operator creates one per resource (annotated with the settings' ray_service_account_annotations)."""
     suspend: bool = False
     """Suspend: no Ray cluster exists while true; resuming starts it again."""
 

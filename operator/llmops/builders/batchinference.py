@@ -20,8 +20,12 @@ from .common import (
     result_channel,
     runtime_env,
 )
+from .serving import lora_rank
 
 TAG = "bi"
+# max_lora_rank for an adapter named by URI, whose rank the operator cannot read (vLLM refuses a larger adapter,
+# and reserves memory for this rank): spec.engine.extraEngineArgs.max_lora_rank overrides it.
+UNKNOWN_ADAPTER_MAX_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,18 @@ class ResolvedModel:
     source: str
     adapter_uri: str | None = None
     adapter_name: str | None = None
+    adapter_rank: int | None = None
+    """The adapter's LoRA rank when known (a FineTune's); it sizes vLLM's max_lora_rank."""
 
 
 def names(owner: Owner) -> Names:
     return Names.of(owner, TAG)
 
 
-def engine_kwargs(engine: Engine) -> dict[str, Any]:
-    """vLLM engine arguments from the spec's engine block (snake_case, unset ones left out)."""
+def engine_kwargs(engine: Engine, model: ResolvedModel) -> dict[str, Any]:
+    """vLLM engine arguments, exactly as the engine gets them: the spec's engine block (snake_case, unset ones left
+    out), extraEngineArgs over it, then the LoRA arguments an adapter needs (one adapter per run; its own rank,
+    rounded up to one vLLM accepts)."""
     kwargs: dict[str, Any] = {
         "max_model_len": engine.max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
@@ -50,6 +58,11 @@ def engine_kwargs(engine: Engine) -> dict[str, Any]:
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.update(engine.extra_engine_args or {})
+    if model.adapter_uri:
+        kwargs["enable_lora"] = True
+        rank = lora_rank(model.adapter_rank) if model.adapter_rank else UNKNOWN_ADAPTER_MAX_RANK
+        kwargs.setdefault("max_lora_rank", rank)
+        kwargs["max_loras"] = 1
     return kwargs
 
 
@@ -72,7 +85,7 @@ def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel, accel
         "prompt": {"systemPrompt": spec.prompt.system_prompt, "systemField": spec.prompt.system_field,
                    "userField": spec.prompt.user_field},
         "sampling": wire["sampling"],
-        "engineKwargs": engine_kwargs(spec.engine),
+        "engineKwargs": engine_kwargs(spec.engine, model),
         "acceleratorType": accelerator_type,
         "concurrency": spec.concurrency,
         "batchSize": spec.batch_size,
@@ -91,11 +104,12 @@ def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> l
                                     sort_keys=True)}
     claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
     image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims, model_source=model.source)
     entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
     return [
-        *result_channel(owner, n, ctx.settings),
+        *result_channel(owner, n, ctx.settings, spec),
         payload_config_map(owner.namespace, ctx.payloads, ctx.settings),
         config_map(owner, n, ctx.settings, files),
-        ray_job(owner, n, spec, cluster, entrypoint, runtime_env(spec), ctx.settings),
+        ray_job(owner, n, spec, cluster, entrypoint,
+                runtime_env(spec, setup_timeout_s=ctx.settings.runtime_env_setup_timeout_seconds), ctx.settings),
     ]

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ..api.common import JobControls, Resources, WorkloadControls
 from ..settings import AcceleratorProfile, Settings
+from .sizing import ephemeral_storage, shm_volume
 
 JOB_MOUNT = "/etc/llmops/job"
 PAYLOAD_ROOT = "/opt/llmops"
@@ -116,20 +117,33 @@ def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: M
 
 
 # ---- the result channel -----------------------------------------------------------------------------------
-def result_channel(owner: Owner, names: Names, settings: Settings) -> list[dict[str, Any]]:
-    """Result ConfigMap plus a ServiceAccount that may get/patch only that ConfigMap."""
+def ray_account(names: Names, spec: WorkloadControls) -> str:
+    """The ServiceAccount the Ray pods run as: the spec's own, else the one the operator creates."""
+    return spec.service_account_name or names.account
+
+
+def result_channel(owner: Owner, names: Names, settings: Settings, spec: WorkloadControls) -> list[dict[str, Any]]:
+    """Result ConfigMap and a Role that may get/patch only that ConfigMap, bound to the Ray pods' ServiceAccount:
+    one the operator creates, or the spec's own (which gains nothing else)."""
+    account = ray_account(names, spec)
+    created = []
+    if spec.service_account_name is None:
+        meta: dict[str, Any] = {"name": names.account}
+        if settings.ray_service_account_annotations:
+            meta["annotations"] = dict(settings.ray_service_account_annotations)
+        created.append(owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
+                              "automountServiceAccountToken": True}, owner, settings))
     return [
         owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.result}, "data": {}},
               owner, settings, {ROLE_LABEL: RESULT_ROLE}),
-        owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": names.account},
-               "automountServiceAccountToken": True}, owner, settings),
+        *created,
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": names.account},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.result],
                           "verbs": ["get", "patch"]}]}, owner, settings),
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": names.account},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.account},
-               "subjects": [{"kind": "ServiceAccount", "name": names.account, "namespace": owner.namespace}]},
+               "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": owner.namespace}]},
               owner, settings),
     ]
 
@@ -215,11 +229,13 @@ def pod_env(names: Names, spec: WorkloadControls) -> tuple[list[dict], list[dict
 
 
 def profile_for(resources: Resources, settings: Settings) -> AcceleratorProfile:
-    profile = settings.accelerators.get(resources.accelerator)
+    profiles = settings.profiles()
+    profile = profiles.get(resources.accelerator)
     if profile is None:
-        known = ", ".join(sorted(settings.accelerators))
+        known = ", ".join(sorted(profiles))
         raise UnknownAccelerator(f"spec.resources.accelerator {resources.accelerator!r} is not a profile of this "
-                                 f"operator; use one of {known} or add it to the operator settings")
+                                 f"operator (cloud {settings.cloud}); use one of {known} or add it to the operator "
+                                 "settings (accelerators)")
     return profile
 
 
@@ -227,9 +243,25 @@ class UnknownAccelerator(ValueError):
     pass
 
 
+def accelerator_resources(profile: AcceleratorProfile) -> dict[str, int]:
+    """The custom resource Ray gives a node with this GPU (`accelerator_type:L4`), which every vLLM replica and
+    training worker asks for. Ray detects it on a running node, but the autoscaler only knows what a worker group
+    declares: without this, a group with no pod yet offers nothing a replica asks for and never scales up."""
+    return {f"accelerator_type:{profile.ray_accelerator_type}": 1}
+
+
+def ray_start_resources(resources: Mapping[str, int]) -> str:
+    """rayStartParams `resources`: KubeRay pastes the value into the `ray start` shell line, and Ray's KubeRay
+    autoscaler reads it back by dropping the outer quotes and every backslash, so the JSON is quoted once more."""
+    text = json.dumps(dict(resources), sort_keys=True)
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 def container(name: str, image: str, env: list, env_from: list, mounts: list, requests: dict, limits: dict
               ) -> dict[str, Any]:
-    c: dict[str, Any] = {"name": name, "image": image, "env": env}
+    # A container that dies leaves its log tail as its termination message, where the status can read why (a CUDA
+    # driver too old for the image shows up there).
+    c: dict[str, Any] = {"name": name, "image": image, "env": env, "terminationMessagePolicy": "FallbackToLogsOnError"}
     if env_from:
         c["envFrom"] = env_from
     c["volumeMounts"] = mounts
@@ -238,7 +270,7 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
 
 
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
-                     ctx: BuildContext, claims: list[str], *,
+                     ctx: BuildContext, claims: list[str], *, model_source: str,
                      autoscale_to: int | None = None, scratch: str | None = None) -> dict[str, Any]:
     """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
     settings = ctx.settings
@@ -247,12 +279,13 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch)
     pod_labels = labels(owner)
     head = settings.head
+    head_shm, shm_mount = shm_volume(head.memory)
     head_pod: dict[str, Any] = {
-        "serviceAccountName": names.account,
-        "containers": [container("ray-head", image, env, env_from, mounts,
+        "serviceAccountName": ray_account(names, spec),
+        "containers": [container("ray-head", image, env, env_from, [*mounts, shm_mount],
                                  {"cpu": head.cpu, "memory": head.memory},
                                  {"cpu": head.cpu, "memory": head.memory})],
-        "volumes": vols,
+        "volumes": [*vols, head_shm],
     }
     if head.node_selector:
         head_pod["nodeSelector"] = dict(head.node_selector)
@@ -261,11 +294,13 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     gpus = str(resources.gpus_per_worker)
     worker_resources = {"cpu": str(resources.cpus_per_worker), "memory": resources.memory_per_worker,
                         profile.gpu_resource: gpus}
+    worker_shm, _ = shm_volume(resources.memory_per_worker)
     worker_pod: dict[str, Any] = {
-        "serviceAccountName": names.account,
-        "containers": [container("ray-worker", image, env, env_from, mounts, worker_resources,
+        "serviceAccountName": ray_account(names, spec),
+        "containers": [container("ray-worker", image, env, env_from, [*mounts, shm_mount],
+                                 {**worker_resources, "ephemeral-storage": ephemeral_storage(model_source)},
                                  dict(worker_resources))],
-        "volumes": vols,
+        "volumes": [*vols, worker_shm],
         "nodeSelector": {**profile.node_selector, **(resources.node_selector or {})},
         "tolerations": [*profile.tolerations, *(t.wire() for t in resources.tolerations or [])],
     }
@@ -275,7 +310,7 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
         "replicas": replicas,
         "minReplicas": replicas,
         "maxReplicas": replicas if autoscale_to is None else max(replicas, autoscale_to),
-        "rayStartParams": {},
+        "rayStartParams": {"resources": ray_start_resources(accelerator_resources(profile))},
         "template": {"metadata": {"labels": dict(pod_labels)}, "spec": worker_pod},
     }
     cluster: dict[str, Any] = {
@@ -290,11 +325,16 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     return cluster
 
 
-def runtime_env(spec: WorkloadControls, extra_pip: list[str] | None = None) -> dict[str, Any]:
+def runtime_env(spec: WorkloadControls, extra_pip: list[str] | None = None, *, setup_timeout_s: int | None = None
+                ) -> dict[str, Any]:
+    """Ray's runtime environment. With pip packages, Ray installs them on every node before the job starts, and
+    gives up after `setup_timeout_s` (Ray's own default, 600 s, is short for a large install on a cold node)."""
     env: dict[str, Any] = {}
     pip = [*(extra_pip or []), *((spec.runtime_env.pip if spec.runtime_env else None) or [])]
     if pip:
         env["pip"] = pip
+        if setup_timeout_s is not None:
+            env["config"] = {"setup_timeout_seconds": setup_timeout_s}
     if spec.runtime_env and spec.runtime_env.env_vars:
         env["env_vars"] = dict(spec.runtime_env.env_vars)
     return env

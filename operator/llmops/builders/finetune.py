@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Mapping
 
 from .. import yamlio
@@ -23,21 +22,15 @@ from .common import (
     runtime_env,
 )
 from .recipe import training_recipe
+from .sizing import model_params_b
 
 TAG = "ft"
 # Node-local scratch (an emptyDir on every Ray pod) where the driver stages datasets for the workers.
 STAGING_DIR = "/mnt/llmops/scratch"
-DEFAULT_PARAMS_B = 7.0
 
 
 def names(owner: Owner) -> Names:
     return Names.of(owner, TAG)
-
-
-def model_params_b(source: str) -> float:
-    """Parameter count in billions as the model id states it (`Qwen2.5-7B-Instruct` -> 7), else 7."""
-    match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", source.rsplit("/", 1)[-1])
-    return float(match.group(1)) if match else DEFAULT_PARAMS_B
 
 
 def recipe_for(spec: FineTuneSpec, ctx: BuildContext) -> dict[str, Any]:
@@ -77,12 +70,14 @@ def build(body: Mapping[str, Any], ctx: BuildContext) -> list[dict[str, Any]]:
     claims = pvc_claims(spec.base_model.source, spec.dataset.train.uri,
                         spec.dataset.validation.uri if spec.dataset.validation else None, spec.output.uri)
     image = spec.image or ctx.settings.finetune_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims, scratch=STAGING_DIR)
-    runtime = runtime_env(spec, ctx.settings.finetune_pip)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims,
+                               model_source=spec.base_model.source, scratch=STAGING_DIR)
+    runtime = runtime_env(spec, ctx.settings.finetune_pip,
+                          setup_timeout_s=ctx.settings.runtime_env_setup_timeout_seconds)
     runtime.setdefault("env_vars", {})["USE_RAY"] = "1"
     entrypoint = "python -m payloads.finetune --config /etc/llmops/job/job.json"
     return [
-        *result_channel(owner, n, ctx.settings),
+        *result_channel(owner, n, ctx.settings, spec),
         payload_config_map(owner.namespace, ctx.payloads, ctx.settings),
         config_map(owner, n, ctx.settings, files),
         ray_job(owner, n, spec, cluster, entrypoint, runtime, ctx.settings),

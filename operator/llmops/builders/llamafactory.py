@@ -9,8 +9,8 @@ Where things live (see docs/finetune.md):
 - A pvc:// base model is read in place from the claim's mount; a Hugging Face id is downloaded by each worker
   (with HF_TOKEN from the pod environment, never from this config).
 - ``output_dir`` is node-local too: Hugging Face checkpoints land there first and Ray Train copies each one to
-  ``ray_storage_path``, which is shared storage next to ``spec.output`` (``<output>-checkpoints``), so the driver
-  finds the final adapter wherever the rank-0 worker ran.
+  ``ray_storage_path``, shared storage in the output's bucket or claim (``<root>/llmops-checkpoints/<output path>``),
+  so the driver finds the final adapter wherever the rank-0 worker ran.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from .common import PVC_ROOT as PVC_MOUNT_ROOT  # claim C is mounted on every Ra
 
 TRAIN_DATASET = "train"
 VALIDATION_DATASET = "validation"
-CHECKPOINTS_SUFFIX = "-checkpoints"
-# Ray Train checkpoint storage for an output at a bucket or claim root, where a sibling path does not exist.
-ROOT_CHECKPOINTS_DIR = "llmops-checkpoints"
+# Ray Train checkpoint storage: a folder at the root of the output's bucket or claim, mirroring the output's path.
+CHECKPOINTS_DIR = "llmops-checkpoints"
 # NCCL timeout: the local main process tokenizes the dataset while the other ranks wait at a barrier, and the
 # first collective waits for the slowest model download. Generous, but a dead peer still fails the job.
 DDP_TIMEOUT_S = 3 * 3600
@@ -56,14 +55,16 @@ def pvc_path(uri: str) -> str:
 
 
 def checkpoint_storage(output_uri: str) -> dict[str, Any]:
-    """``ray_storage_path`` / ``ray_storage_filesystem`` for an output location.
+    """``ray_storage_path`` / ``ray_storage_filesystem`` for an output location: ``<root>/llmops-checkpoints/<path>``.
 
-    A sibling of the output (``<output>-checkpoints``) rather than a folder inside it: the output folder is the
-    adapter that serving loads, and must not carry optimizer states. For s3:// and gs:// LLaMA-Factory builds the
-    pyarrow filesystem itself from ``ray_storage_filesystem`` and hands Ray the path without the scheme.
+    Neither inside the output (that folder is the adapter serving loads, and must not carry optimizer states)
+    nor beside it: Ray Serve lists every folder under the adapters' parent (``dynamic_lora_loading_path``) as a
+    model, so a sibling ``<output>-checkpoints`` would be advertised on /v1/models and fail when requested.
+    For s3:// and gs:// LLaMA-Factory builds the pyarrow filesystem itself from ``ray_storage_filesystem`` and
+    hands Ray the path without the scheme.
     """
     scheme, root, key = _split(output_uri)
-    path = f"{key}{CHECKPOINTS_SUFFIX}" if key else ROOT_CHECKPOINTS_DIR
+    path = posixpath.join(CHECKPOINTS_DIR, key) if key else CHECKPOINTS_DIR
     if scheme == "pvc":
         return {"ray_storage_path": posixpath.join(PVC_MOUNT_ROOT, root, path)}
     return {"ray_storage_path": f"{root}/{path}", "ray_storage_filesystem": scheme}

@@ -42,7 +42,7 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
     resources = spec.resources.model_copy(update={"workers": spec.autoscaling.min_replicas * per_replica})
     image = spec.image or ctx.settings.inference_image
     cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, pvc_claims(spec.model.source),
-                               autoscale_to=max_workers)
+                               model_source=spec.model.source, autoscale_to=max_workers)
     # No job files or payloads for serving: drop the ConfigMap volumes the job kinds mount.
     for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
         pod = group["template"]["spec"]
@@ -50,7 +50,8 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
         for c in pod["containers"]:
             c["volumeMounts"] = [m for m in c["volumeMounts"] if not m["name"].startswith("llmops-")]
             c["env"] = [e for e in c["env"] if e["name"] not in ("PYTHONPATH", "LLMOPS_RESULT_CONFIGMAP")]
-        pod.pop("serviceAccountName", None)
+        if spec.service_account_name is None:   # Serve reports nothing: no account of ours is needed
+            pod.pop("serviceAccountName", None)
         if not pod["volumes"]:
             del pod["volumes"]
             for c in pod["containers"]:

@@ -353,7 +353,7 @@ def cluster_fingerprint(spec: LLMServiceSpec) -> str:
     """Short hash of the fields that restart the vLLM engine or change the pods, so need a new Ray cluster:
 
     - model.source, engine (extraEngineArgs included), resources (pod size, accelerator, node pool), image,
-      runtimeEnv, secrets;
+      runtimeEnv, secrets, serviceAccountName;
     - while spec.adapters is non-empty, the engine's LoRA limits (the rendered max_lora_rank, and
       lora.maxAdaptersPerReplica as max_loras); and adapters going empty <-> non-empty (enable_lora).
 
@@ -371,5 +371,7 @@ def cluster_fingerprint(spec: LLMServiceSpec) -> str:
         "runtimeEnv": spec.runtime_env.wire() if spec.runtime_env else None,
         "secrets": spec.secrets.wire() if spec.secrets else None,
     }
+    if spec.service_account_name:   # only when set, so that fingerprints from before the field stay as they were
+        material["serviceAccountName"] = spec.service_account_name
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -21,6 +21,7 @@ class Pool:
     memory: str
     gpus: int = 0
     gpu_product: str | None = None
+    disk: str = "500Gi"   # a cloud GPU node's boot disk
 
 
 DEFAULT_POOLS = (
@@ -33,7 +34,9 @@ def node(pool: Pool, index: int) -> dict:
     name = f"{pool.name}-{index}"
     labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
               "type": "kwok", "llmops.dev/pool": pool.name}
-    resources = {"cpu": pool.cpu, "memory": pool.memory, "pods": "250"}
+    # Local disk too: Ray workers request ephemeral-storage for the model's weights, and the scheduler refuses a
+    # pod that asks for more than a node reports.
+    resources = {"cpu": pool.cpu, "memory": pool.memory, "ephemeral-storage": pool.disk, "pods": "250"}
     taints = []
     if pool.gpus:
         labels.update({"nvidia.com/gpu.product": pool.gpu_product, "nvidia.com/gpu.count": str(pool.gpus),

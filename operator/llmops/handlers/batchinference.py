@@ -43,7 +43,8 @@ def fine_tune_model(engine: Engine, namespace: str, ref: str) -> tuple[builder.R
         return None, Verdict("Waiting", "progressing", "WaitingForFineTune",
                              f"waiting for FineTune {ref} to produce its adapter (it is {phase}: "
                              f"{status.get('message', '')})")
-    return builder.ResolvedModel(ft["spec"]["baseModel"]["source"], adapter, adapter.rstrip("/").rsplit("/", 1)[-1]), None
+    return builder.ResolvedModel(ft["spec"]["baseModel"]["source"], adapter, adapter.rstrip("/").rsplit("/", 1)[-1],
+                                 (status.get("adapter") or {}).get("rank")), None
 
 
 def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:

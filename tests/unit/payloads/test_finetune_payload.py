@@ -184,7 +184,7 @@ def test_trains_checks_and_publishes_the_adapter(run):
         (run.job_dir / "dataset_info.json").read_text())
     # LLaMA-Factory got a JSON config with the checkpoint storage re-rooted under the test's pvc root
     assert "Loaded 12 examples of train" in done.stdout
-    assert (run.pvc / "models/adapters/viggo-checkpoints/viggo").is_dir()
+    assert (run.pvc / "models/llmops-checkpoints/adapters/viggo/viggo").is_dir()
 
 
 @needs_peft
@@ -419,7 +419,7 @@ def test_llamafactory_094_parses_the_config_and_loads_the_staged_datasets(tmp_pa
     ray_args = get_ray_args(config)
     assert ray_args.use_ray and ray_args.ray_num_workers == 1 and ray_args.ray_run_name == "viggo"
     assert type(ray_args.ray_storage_filesystem).__name__ == "S3FileSystem"
-    assert ray_args.ray_storage_path == "artifacts/adapters/viggo-checkpoints"
+    assert ray_args.ray_storage_path == "artifacts/llmops-checkpoints/adapters/viggo"
     assert ray_args.resources_per_worker == {"GPU": 1, "accelerator_type:L4": 0.001}
 
     data = world.pvc / "data" / "viggo"
@@ -475,7 +475,7 @@ def test_real_llamafactory_094_trains_through_the_driver_on_cpu(ray_run):
     assert not {"optimizer.pt", "scheduler.pt", "training_args.bin"} & published
     steps = json.loads((run.output / "trainer_state.json").read_text())["global_step"]
     assert steps == json.loads(final["progress"])["totalSteps"]  # the newest checkpoint, not an earlier one
-    checkpoints = run.pvc / "models" / "adapters" / "viggo-checkpoints" / "viggo"
+    checkpoints = run.pvc / "models" / "llmops-checkpoints" / "adapters" / "viggo" / "viggo"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint_"))
 
 
