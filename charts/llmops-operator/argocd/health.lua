@@ -2,10 +2,11 @@
 -- operator writes: kstatus conditions Ready / Reconciling / Stalled, phase and observedGeneration.
 --   Progressing  no status yet, or the operator has not seen the latest spec (observedGeneration < generation),
 --                or Reconciling (a job is running, a service is starting or upgrading, waiting on a FineTune)
---   Suspended    phase Suspended (spec.suspend is true)
+--   Suspended    phase Suspended (spec.suspend is true; condition Suspended=True instead of Ready)
 --   Degraded     Stalled=True (failed, unschedulable, invalid spec, image pull errors ...)
 --   Healthy      Ready=True (a job Succeeded, a service is serving)
--- Argo CD runs this with obj bound to the live object and reads the returned table.
+-- Argo CD runs this with obj bound to the live object and reads the returned table. It opens only Lua's base,
+-- table and os libraries for it: no string.* functions here.
 local hs = {}
 local status = obj.status
 if status == nil then
@@ -59,7 +60,7 @@ end
 
 if status.phase == "Suspended" then
   hs.status = "Suspended"
-  hs.message = describe(conditions["Ready"])
+  hs.message = describe(conditions["Suspended"] or conditions["Ready"])
   return hs
 end
 
