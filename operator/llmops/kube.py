@@ -142,6 +142,13 @@ class Kube:
                 return None
             raise
 
+    async def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object named `name`, or None: a list narrowed to one name (the operator may list, not get)."""
+        listed = await self.request("GET", path_of(api_version, kind, namespace),
+                                    params={"fieldSelector": f"metadata.name={name}"})
+        items = listed.get("items") or []
+        return items[0] if items else None
+
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         return await self.request("POST", path_of(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)

@@ -12,6 +12,7 @@ from llmops.dev.install import install_crds
 from llmops.dev.nodes import Pool
 from llmops.dev.plane import LocalPlane
 
+from gitops import SnapshotContract
 from integration.harness import Cluster, OperatorProcess
 
 
@@ -30,7 +31,8 @@ def plane():
 
 @pytest.fixture(scope="session")
 def cluster(plane) -> Cluster:
-    return Cluster(plane.kubeconfig)
+    """Every status a test reads through it is also checked against docs/gitops.md with kstatus and Argo CD."""
+    return Cluster(plane.kubeconfig, SnapshotContract())
 
 
 @pytest.fixture(scope="session")

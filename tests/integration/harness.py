@@ -16,6 +16,7 @@ from typing import Any, Callable
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from gitops import SnapshotContract, gitops_health
 from llmops.dev.plane import LocalPlane, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,9 +77,11 @@ class OperatorProcess:
 
 
 class Cluster:
-    """A thin client over the kubernetes package for tests."""
+    """A thin client over the kubernetes package for tests. With a `contract`, every status of our kinds it reads
+    is checked against docs/gitops.md's table with the real GitOps clients (each distinct one once)."""
 
-    def __init__(self, kubeconfig: Path):
+    def __init__(self, kubeconfig: Path, contract: SnapshotContract | None = None):
+        self.contract = contract
         self.api_client = config.new_client_from_config(str(kubeconfig))
         self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
@@ -95,8 +98,11 @@ class Cluster:
         return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[body["kind"]], body)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return _unless_absent(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                                               PLURALS[kind], name))
+        obj = _unless_absent(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                              PLURALS[kind], name))
+        if obj is not None and self.contract is not None:
+            self.contract.check([obj])
+        return obj
 
     def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name, patch)
@@ -150,3 +156,41 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 
 def phase(obj: dict[str, Any] | None) -> str | None:
     return ((obj or {}).get("status") or {}).get("phase")
+
+
+class ClientWait:
+    """A wait on one resource as a GitOps client does it, in the background: `kubectl get --watch -o json` into
+    `gitops-health wait` (kstatus: done at Current, failed at Failed), or a `kubectl wait` command."""
+
+    def __init__(self, plane: LocalPlane, kind: str, namespace: str, name: str, timeout: float = 120,
+                 kubectl_wait: str | None = None):
+        target = f"{PLURALS[kind]}.{GROUP}/{name}"
+        if kubectl_wait:
+            self.watch = None
+            self.proc = subprocess.Popen([plane.binary("kubectl"), "wait", f"--for={kubectl_wait}", target, "-n",
+                                          namespace, f"--timeout={timeout:.0f}s"], env=plane.env(), text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            return
+        self.watch = subprocess.Popen([plane.binary("kubectl"), "get", target, "-n", namespace, "-o", "json",
+                                       "--watch"], env=plane.env(), stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen([str(gitops_health()), "wait", f"--timeout={timeout:.0f}s"],
+                                     stdin=self.watch.stdout, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.watch.stdout.close()   # the waiter holds the pipe now
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self, timeout: float = 10) -> tuple[int, str]:
+        """(exit code, what it printed), once it has ended."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        if self.watch is not None:
+            self.watch.kill()
+            self.watch.wait()
+        return self.proc.returncode, out
+
+    def stop(self) -> None:
+        for proc in (self.proc, self.watch):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -78,6 +78,21 @@ def test_kubectl_explain_shows_descriptions(plane):
     assert "LoRA rank" in out and "Fine-tuning method" in out
 
 
+def test_kubectl_explain_prints_whole_paragraphs(plane):
+    """kubectl explain wraps descriptions itself: every line of a paragraph but its last is a full one (a hard
+    line break left in a description prints as a ragged short line)."""
+    out = plane.kubectl("explain", "finetune.spec.training.sharedPrefix", quiet=True).stdout
+    lines = [line.strip() for line in out.split("DESCRIPTION:", 1)[1].splitlines() if line.strip()]
+    assert len(lines) > 3 and all(len(line) > 60 for line in lines[:-1]), out
+    conditions = plane.kubectl("explain", "finetune.status.conditions", quiet=True).stdout
+    fields = conditions.split("FIELDS:", 1)[1]
+    for name in ("lastTransitionTime", "message", "observedGeneration", "reason", "status", "type"):
+        assert name in fields, conditions
+    assert "<no description>" not in fields and "Suspended=True in place of Ready" in " ".join(conditions.split())
+    status = plane.kubectl("explain", "finetune.status", quiet=True).stdout
+    assert "<no description>" not in status, status
+
+
 def test_kubectl_get_llmops_lists_all_kinds(plane, cluster, ns):
     for path in ("viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml"):
         doc = example(path)

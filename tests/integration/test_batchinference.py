@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -56,12 +57,15 @@ def test_chain_waits_for_finetune_then_runs_with_its_adapter(plane, cluster, ope
     assert "Succeeded" in table and "0.688" in table
 
 
-def test_missing_finetune_stalls(cluster, operator, ns):
+def test_missing_finetune_is_a_wait_not_stalled(cluster, operator, ns):
     cluster.create(batchinference("orphan", fine_tune="nope"), ns)
-    bi = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("status") == "True" else None)(
-        cluster.get("BatchInference", ns, "orphan")), what="Stalled")
-    assert condition(bi, "Stalled")["reason"] == "FineTuneNotFound"
-    assert "nope" in condition(bi, "Stalled")["message"]
+    bi = wait_for(lambda: (lambda o: o if condition(o, "Reconciling").get("reason") == "FineTuneNotFound" else None)(
+        cluster.get("BatchInference", ns, "orphan")), what="Reconciling: FineTuneNotFound")
+    # Applied a moment before its FineTune (kubectl apply -f <folder>, a GitOps sync): a wait, not Stalled.
+    waiting = condition(bi, "Reconciling")
+    assert waiting["status"] == "True" and condition(bi, "Stalled")["status"] == "False" and phase(bi) == "Waiting"
+    assert "FineTune nope (spec.model.fineTuneRef) does not exist" in waiting["message"]
+    assert "then this stalls" in waiting["message"]
 
 
 def test_failed_finetune_stalls_dependent(cluster, operator, ns, simulator):
@@ -84,3 +88,20 @@ def test_bad_input_stalls_and_reports_no_output(cluster, operator, ns, simulator
     assert condition(bi, "Stalled")["reason"] == "PayloadFailed"
     assert "spec.prompt.userField" in condition(bi, "Stalled")["message"]
     assert "outputURI" not in bi["status"]
+
+
+def test_deleted_rayjob_fails_the_run_and_is_not_recreated(cluster, operator, ns):
+    cluster.create(batchinference("lost"), ns)
+    wait_for(lambda: phase(cluster.get("BatchInference", ns, "lost")) == "Running", timeout=90, what="Running")
+    cluster.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", "lost-bi")
+    bi = wait_for(lambda: (lambda o: o if phase(o) == "Failed" else None)(cluster.get("BatchInference", ns, "lost")),
+                  timeout=90, what="Failed")
+    stalled = condition(bi, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "RayJobDeleted"
+    assert "RayJob lost-bi was deleted" in stalled["message"]
+    assert "delete this BatchInference and create it again" in stalled["message"]
+    assert "outputURI" not in bi["status"] and "metrics" not in bi["status"]
+    wait_for(lambda: cluster.ray("rayjobs", ns, "lost-bi") is None, timeout=60, what="the RayJob to go")
+    time.sleep(3)
+    assert cluster.ray("rayjobs", ns, "lost-bi") is None
+    assert phase(cluster.get("BatchInference", ns, "lost")) == "Failed"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import time
 
 import pytest
 
 from integration.harness import _unless_absent, condition, phase, wait_for
 from llmops.dev.simulator import Plan, Simulator
+from llmops.status import SCALE_UP_GRACE_SECONDS
 from manifests import finetune
 
 pytestmark = pytest.mark.integration
@@ -102,27 +105,78 @@ def test_job_failure_stalls_with_reason(cluster, operator, ns, simulator):
     assert "loss is NaN" in stalled["message"]
 
 
-def test_unschedulable_pool_stalls(cluster, operator, ns):
+def _unschedulable_pod(cluster, ns):
+    for pod in cluster.pods(ns, "ray.io/is-ray-node=yes"):
+        for c in pod.status.conditions or []:
+            if c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable":
+                return pod, c
+    return None
+
+
+def test_unschedulable_pool_waits_for_a_scale_up_then_stalls(cluster, operator, ns):
     doc = finetune("big")
     doc["spec"]["resources"].update(workers=1, gpusPerWorker=8)   # no L4 node has more than 4 GPUs
     cluster.create(doc, ns)
+    ft = wait_for(lambda: (lambda o: o if condition(o, "Reconciling").get("reason") == "Unschedulable" else None)(
+        cluster.get("FineTune", ns, "big")), timeout=90, what="Reconciling: Unschedulable")
+    waiting = condition(ft, "Reconciling")
+    assert waiting["status"] == "True" and condition(ft, "Stalled")["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in waiting["message"] and "spec.resources" in waiting["message"]
+    assert "then this stalls" in waiting["message"] and ".." not in waiting["message"], waiting["message"]
+
+    # A node pool that never fits it: as if the pod had waited past the grace period (its condition says since
+    # when; the scheduler keeps that time while the pod stays unschedulable).
+    pod, scheduled = wait_for(lambda: _unschedulable_pod(cluster, ns), what="the unschedulable pod")
+    since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=SCALE_UP_GRACE_SECONDS + 60)
+    cluster.core.patch_namespaced_pod_status(pod.metadata.name, ns, {"status": {"conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": scheduled.message,
+        "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%SZ")}]}})
     ft = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("status") == "True" else None)(
-        cluster.get("FineTune", ns, "big")), timeout=90, what="Stalled")
+        cluster.get("FineTune", ns, "big")), timeout=60, what="Stalled")
     stalled = condition(ft, "Stalled")
-    assert stalled["reason"] == "Unschedulable"
-    assert "Insufficient nvidia.com/gpu" in stalled["message"] and "spec.resources" in stalled["message"]
+    assert stalled["reason"] == "Unschedulable" and phase(ft) == "Pending"
+    assert "No node has fit it for 10 minutes" in stalled["message"] and "spec.resources" in stalled["message"]
 
 
-def test_suspend_and_resume(cluster, operator, ns):
+def test_deleted_rayjob_fails_the_run_and_is_not_recreated(cluster, operator, ns):
+    cluster.create(finetune("lost"), ns)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "lost")) == "Running", timeout=90, what="Running")
+    cluster.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", "lost-ft")
+    ft = wait_for(lambda: (lambda o: o if phase(o) == "Failed" else None)(cluster.get("FineTune", ns, "lost")),
+                  timeout=90, what="Failed")
+    stalled = condition(ft, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "RayJobDeleted"
+    assert "RayJob lost-ft was deleted" in stalled["message"]
+    assert "delete this FineTune and create it again" in stalled["message"] and "spec.suspend" in stalled["message"]
+    assert ft["status"]["completionTime"]
+    # Gone for good: KubeRay finishes the deletion, and nothing creates the RayJob again.
+    wait_for(lambda: _rayjob(cluster, ns, "lost") is None, timeout=60, what="the RayJob to go")
+    time.sleep(3)
+    assert _rayjob(cluster, ns, "lost") is None
+    assert phase(cluster.get("FineTune", ns, "lost")) == "Failed"
+    events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=lost").items
+    assert any(e.reason == "RayJobDeleted" and e.type == "Warning" for e in events)
+
+
+def test_suspend_and_resume(plane, cluster, operator, ns):
     cluster.create(finetune("pause"), ns)
     wait_for(lambda: phase(cluster.get("FineTune", ns, "pause")) == "Running", timeout=90, what="Running")
     cluster.patch("FineTune", ns, "pause", {"spec": {"suspend": True}})
     wait_for(lambda: (_rayjob(cluster, ns, "pause") or {}).get("spec", {}).get("suspend") is True, what="suspend")
-    wait_for(lambda: phase(cluster.get("FineTune", ns, "pause")) == "Suspended", timeout=90, what="Suspended")
+    ft = wait_for(lambda: (lambda o: o if phase(o) == "Suspended" else None)(cluster.get("FineTune", ns, "pause")),
+                  timeout=90, what="Suspended")
+    # Suspended=True in place of Ready (kstatus reads Ready=False as in progress); the REASON column says it.
+    assert condition(ft, "Suspended")["status"] == "True" and not condition(ft, "Ready")
+    assert condition(ft, "Reconciling")["status"] == "False" and condition(ft, "Stalled")["status"] == "False"
+    table = plane.kubectl("get", "ft", "pause", "-n", ns, quiet=True).stdout.splitlines()
+    assert table[0].split()[:5] == ["NAME", "PHASE", "BASE", "MODEL", "REASON"], table
+    assert table[1].split()[:4] == ["pause", "Suspended", "Qwen/Qwen2.5-7B-Instruct", "Suspended"], table
     wait_for(lambda: not cluster.ray_list("rayclusters", ns), timeout=90, what="the RayCluster to go")
     cluster.patch("FineTune", ns, "pause", {"spec": {"suspend": False}})
-    wait_for(lambda: phase(cluster.get("FineTune", ns, "pause")) == "Running", timeout=90, what="Running again")
+    ft = wait_for(lambda: (lambda o: o if phase(o) == "Running" else None)(cluster.get("FineTune", ns, "pause")),
+                  timeout=90, what="Running again")
     assert cluster.ray_list("rayclusters", ns)
+    assert not condition(ft, "Suspended") and condition(ft, "Ready")["status"] == "False"
 
 
 def test_deletion_garbage_collects_children(cluster, operator, ns):
@@ -148,8 +202,8 @@ def test_spec_invalid_past_admission_stalls_without_children(cluster, operator, 
     ft = wait_for(lambda: (lambda o: o if phase(o) == "Failed" else None)(cluster.get("FineTune", ns, "managed")),
                   what="Failed")
     stalled = condition(ft, "Stalled")
-    assert stalled["reason"] == "InvalidSpec" and "spec.extraArgs" in stalled["message"]
-    assert "output_dir" in stalled["message"]
+    assert stalled["reason"] == "InvalidSpec" and stalled["message"].startswith("spec.extraArgs may not set ")
+    assert "output_dir" in stalled["message"] and "Value error" not in stalled["message"]
     assert _rayjob(cluster, ns, "managed") is None
 
 

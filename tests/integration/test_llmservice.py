@@ -129,3 +129,18 @@ def test_unsupported_adapter_location_is_reported(cluster, operator, ns):
     message = _adapter(svc, "local")["message"]
     assert "s3://" in message and "PersistentVolumeClaim" in message
     assert "local" in condition(svc, "Reconciling")["message"] or "local" in svc["status"]["message"]
+
+
+def test_suspend_removes_the_rayservice_and_a_deleted_one_comes_back(cluster, operator, ns):
+    """A service is meant to keep serving: a RayService deleted by someone else is re-created (unlike a job's
+    RayJob). Suspended removes it, and reads Suspended=True with no Ready (kstatus: Current)."""
+    cluster.create(llmservice("keep"), ns)
+    first = wait_for(lambda: _service(cluster, ns, "keep"), what="the RayService")
+    cluster.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayservices", "keep-llm")
+    wait_for(lambda: (lambda s: s if s and s["metadata"]["uid"] != first["metadata"]["uid"] else None)(
+        _service(cluster, ns, "keep")), timeout=60, what="a new RayService")
+    cluster.patch("LLMService", ns, "keep", {"spec": {"suspend": True}})
+    svc = wait_for(lambda: (lambda o: o if phase(o) == "Suspended" else None)(cluster.get("LLMService", ns, "keep")),
+                   what="Suspended")
+    assert condition(svc, "Suspended")["status"] == "True" and not condition(svc, "Ready")
+    wait_for(lambda: _service(cluster, ns, "keep") is None, timeout=60, what="the RayService to go")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from integration.harness import OperatorProcess, phase, wait_for
+from integration.harness import OperatorProcess, condition, phase, wait_for
 from manifests import batchinference, finetune
 
 pytestmark = pytest.mark.integration
@@ -61,3 +61,22 @@ def test_restart_converges_without_rewriting(plane, cluster, ns, tmp_path):
         assert len(cluster.ray_list("rayjobs", ns)) == 1
     finally:
         second.stop()
+
+
+def test_rayjob_deleted_while_the_operator_is_down(cluster, operator, ns):
+    """The restarted operator lists no RayJob for a FineTune that had one: the run failed (RayJobDeleted), and
+    nothing re-creates the RayJob."""
+    cluster.create(finetune("orphaned"), ns)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "orphaned")) == "Running", timeout=90, what="Running")
+    operator.kill()
+    try:
+        cluster.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", "orphaned-ft")
+        wait_for(lambda: cluster.ray("rayjobs", ns, "orphaned-ft") is None, timeout=60, what="the RayJob to go")
+        assert phase(cluster.get("FineTune", ns, "orphaned")) == "Running"
+    finally:
+        operator.start()
+    ft = wait_for(lambda: (lambda o: o if phase(o) == "Failed" else None)(cluster.get("FineTune", ns, "orphaned")),
+                  timeout=60, what="Failed")
+    assert condition(ft, "Stalled")["reason"] == "RayJobDeleted"
+    time.sleep(3)
+    assert cluster.ray("rayjobs", ns, "orphaned-ft") is None

@@ -127,20 +127,27 @@ def unconverged(inv: Inventory) -> list[str]:
         if status.get("observedGeneration") != r["metadata"].get("generation"):
             found.append(f"{r['kind']}/{r['metadata']['name']}: observedGeneration {status.get('observedGeneration')}"
                          f" != generation {r['metadata'].get('generation')}")
-        for type_ in ("Ready", "Reconciling", "Stalled"):
+        for type_ in condition_types(r):
             c = condition(r, type_)
             if c.get("observedGeneration") != r["metadata"].get("generation"):
                 found.append(f"{r['kind']}/{r['metadata']['name']}: condition {type_} is stale or missing ({c})")
     return found
 
 
+def condition_types(obj: dict[str, Any]) -> tuple[str, ...]:
+    """The conditions the operator writes: Ready, Reconciling, Stalled; Suspended in place of Ready while
+    suspended."""
+    first = "Suspended" if condition(obj, "Suspended") else "Ready"
+    return (first, "Reconciling", "Stalled")
+
+
 def settled(obj: dict[str, Any] | None) -> str | None:
     """Where the resource rests, or None while it is still in flight.
 
     A status rests when it describes the current generation and says one of: Ready=True; Stalled=True (the
-    operator gave up and says why); Suspended (all three False, reason Suspended); or Reconciling=True with a
-    reason that waits on something outside the operator (any reason but IN_FLIGHT_REASONS: the Ray cluster, the
-    job, a FineTune).
+    operator gave up and says why); Suspended=True (with reason Suspended); or Reconciling=True with a reason that
+    waits on something outside the operator (any reason but IN_FLIGHT_REASONS: the Ray cluster, the job, a
+    FineTune, a node that fits).
     """
     if not obj:
         return None
@@ -148,14 +155,14 @@ def settled(obj: dict[str, Any] | None) -> str | None:
     generation = obj["metadata"].get("generation")
     if status.get("observedGeneration") != generation:
         return None
-    conds = {t: condition(obj, t) for t in ("Ready", "Reconciling", "Stalled")}
+    conds = {t: condition(obj, t) for t in condition_types(obj)}
     if any(c.get("observedGeneration") != generation for c in conds.values()):
         return None
     true = [t for t, c in conds.items() if c.get("status") == "True"]
-    if len(true) > 1:
+    if len(true) != 1:
         return None
-    if not true:
-        return "Suspended" if status.get("phase") == "Suspended" and conds["Ready"].get("reason") == "Suspended" \
+    if true[0] == "Suspended":
+        return "Suspended" if status.get("phase") == "Suspended" and conds["Suspended"].get("reason") == "Suspended" \
             else None
     c = conds[true[0]]
     if not c.get("reason") or not c.get("message"):

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import datetime
+from pathlib import Path
+
 import pytest
 
 from llmops.status import (
+    DEPENDENCY_GRACE_SECONDS,
+    SCALE_UP_GRACE_SECONDS,
+    WRITTEN,
     PodProblem,
     Verdict,
     conditions_for,
@@ -14,6 +21,11 @@ from llmops.status import (
     service_verdict,
 )
 
+OPERATOR = Path(__file__).resolve().parents[2] / "operator" / "llmops"
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+SINCE = "2026-01-01T00:00:00Z"   # T0
+GPU_SHORT = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: not eligible due to scheduling.."
+
 
 def rayjob(deployment="", job="", reason="", message="", **extra):
     return {"status": {"jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason, "message": message,
@@ -22,10 +34,10 @@ def rayjob(deployment="", job="", reason="", message="", **extra):
 
 @pytest.mark.parametrize("ray,report,problems,suspended,expected", [
     (None, {}, [], False, ("Pending", "progressing", "Creating")),
-    (None, {}, [], True, ("Suspended", "idle", "Suspended")),
+    (None, {}, [], True, ("Suspended", "suspended", "Suspended")),
     (rayjob("Initializing"), {}, [], False, ("Pending", "progressing", "RayClusterStarting")),
     (rayjob("Running", "RUNNING"), {"progress": {"epoch": 1.5}}, [], False, ("Running", "progressing", "JobRunning")),
-    (rayjob("Suspended"), {}, [], True, ("Suspended", "idle", "Suspended")),
+    (rayjob("Suspended"), {}, [], True, ("Suspended", "suspended", "Suspended")),
     (rayjob("Retrying", failed=1), {}, [], False, ("Running", "progressing", "Retrying")),
     (rayjob("Failed", "FAILED", "DeadlineExceeded"), {}, [], False, ("Failed", "stalled", "DeadlineExceeded")),
     (rayjob("Failed", "FAILED", "AppFailed", "exit 1"), {}, [], False, ("Failed", "stalled", "AppFailed")),
@@ -35,13 +47,14 @@ def rayjob(deployment="", job="", reason="", message="", **extra):
      ("Succeeded", "ready", "Succeeded")),
     (rayjob("Running", "RUNNING"), {"state": "Failed", "message": "no field 'input'"}, [], False,
      ("Failed", "stalled", "PayloadFailed")),
-    (rayjob("Initializing"), {}, [PodProblem("Unschedulable", "0/3 nodes: Insufficient nvidia.com/gpu", "w-1")],
-     False, ("Pending", "stalled", "Unschedulable")),
+    (rayjob("Initializing"), {}, [PodProblem("Unschedulable", "0/3 nodes: Insufficient nvidia.com/gpu", "w-1", SINCE)],
+     False, ("Pending", "progressing", "Unschedulable")),
+    (rayjob("Failed", "FAILED", "SomethingNew"), {}, [], False, ("Failed", "stalled", "JobFailed")),
     (rayjob("Initializing"), {}, [PodProblem("ImagePullBackOff", "not found", "h-1")], False,
      ("Pending", "stalled", "ImagePullFailed")),
 ])
 def test_job_verdicts(ray, report, problems, suspended, expected):
-    verdict = job_verdict("FineTune", suspended, ray, report, problems)
+    verdict = job_verdict("FineTune", suspended, ray, report, problems, T0 + 60)
     assert (verdict.phase, verdict.state, verdict.reason) == expected
     assert verdict.message
 
@@ -50,8 +63,9 @@ def test_messages_say_what_to_do():
     deadline = job_verdict("FineTune", False, rayjob("Failed", "FAILED", "DeadlineExceeded"), {}, [])
     assert "activeDeadlineSeconds" in deadline.message
     stuck = job_verdict("FineTune", False, rayjob("Initializing"), {},
-                        [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w")])
+                        [PodProblem("Unschedulable", GPU_SHORT, "w", SINCE)], T0 + 60)
     assert "spec.resources" in stuck.message and "Insufficient nvidia.com/gpu" in stuck.message
+    assert ".." not in stuck.message and "scheduling. A node pool" in stuck.message, stuck.message
     pull = job_verdict("FineTune", False, rayjob("Initializing"), {}, [PodProblem("ErrImagePull", "denied", "h")])
     assert "spec.image" in pull.message
 
@@ -62,6 +76,7 @@ def test_conditions_move_transition_time_only_on_flips():
     again = conditions_for(Verdict("Running", "progressing", "JobRunning", "running (epoch 2)"), 1, first,
                            "2026-01-01T00:05:00Z")
     assert [c["lastTransitionTime"] for c in again] == ["2026-01-01T00:00:00Z"] * 3
+    assert [c["type"] for c in again] == ["Ready", "Reconciling", "Stalled"]
     done = conditions_for(Verdict("Succeeded", "ready", "Succeeded", "done"), 1, again, "2026-01-01T00:10:00Z")
     by_type = {c["type"]: c for c in done}
     assert by_type["Ready"]["status"] == "True" and by_type["Ready"]["lastTransitionTime"] == "2026-01-01T00:10:00Z"
@@ -98,21 +113,26 @@ def rayservice(ready="False", reason="Initializing", upgrading="False", apps=Non
     (rayservice("True", "NonZeroServeEndpoints", apps={"llm": {"status": "RUNNING"}}), [], "NewCluster",
      ("Ready", "ready", "Serving")),
     (rayservice("True", upgrading="True"), [], "NewCluster", ("Upgrading", "progressing", "UpgradeInProgress")),
-    (rayservice("True", upgrading="True"), [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w")],
+    (rayservice("True", upgrading="True"), [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w", SINCE)],
+     "NewCluster", ("Upgrading", "progressing", "UpgradeCannotFit")),
+    (rayservice("True", upgrading="True"), [PodProblem("Unschedulable", "Insufficient", "w", "2025-12-31T00:00:00Z")],
      "NewCluster", ("Upgrading", "stalled", "UpgradeCannotFit")),
     (rayservice(apps={"llm": {"status": "DEPLOY_FAILED", "message": "no adapter"}}), [], "NewCluster",
      ("Failed", "stalled", "ServeApplicationFailed")),
-    (rayservice(), [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w")], "None",
+    (rayservice(), [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w", SINCE)], "None",
+     ("Pending", "progressing", "Unschedulable")),
+    (rayservice(), [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w", "2025-12-31T23:00:00Z")], "None",
      ("Pending", "stalled", "Unschedulable")),
 ])
 def test_service_verdicts(service, problems, strategy, expected):
-    verdict = service_verdict(service, "1/1 adapters served (viggo)", problems, strategy)
+    verdict = service_verdict(service, "1/1 adapters served (viggo)", problems, strategy, T0 + 60)
     assert (verdict.phase, verdict.state, verdict.reason) == expected
 
 
 def test_upgrade_that_cannot_fit_names_the_fix():
     verdict = service_verdict(rayservice("True", upgrading="True"),
-                              "", [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w")], "NewCluster")
+                              "", [PodProblem("Unschedulable", "Insufficient nvidia.com/gpu", "w", SINCE)],
+                              "NewCluster", T0 + 60)
     assert "twice the GPUs" in verdict.message and "upgradeStrategy" in verdict.message
 
 
@@ -124,3 +144,85 @@ def test_finished_job_waits_a_grace_period_for_its_report():
     assert (soon.phase, soon.state, soon.reason) == ("Running", "progressing", "CollectingResult")
     late = job_verdict("FineTune", False, job, {}, [], end.timestamp() + 600)
     assert (late.phase, late.reason) == ("Failed", "NoResultReported")
+
+
+def test_pod_problems_keep_when_a_pod_became_unschedulable():
+    pod = {"metadata": {"name": "w"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPUs",
+         "lastTransitionTime": SINCE}]}}
+    assert pod_problems([pod]) == [PodProblem("Unschedulable", "no GPUs", "w", SINCE)]
+
+
+def test_unschedulable_waits_a_scale_up_then_stalls():
+    """A GPU node pool scaling up leaves pods unschedulable for minutes: Reconciling (reason Unschedulable, a
+    recheck when the grace period ends), Stalled only once it has lasted SCALE_UP_GRACE_SECONDS."""
+    problems = [PodProblem("Unschedulable", GPU_SHORT, "w-1", "2026-01-01T00:02:00Z"),
+                PodProblem("Unschedulable", GPU_SHORT, "w-0", SINCE)]   # waiting longest: the one named
+    waiting = job_verdict("FineTune", False, rayjob("Initializing"), {}, problems, T0 + 100)
+    assert (waiting.state, waiting.reason) == ("progressing", "Unschedulable")
+    assert waiting.recheck_after == pytest.approx(SCALE_UP_GRACE_SECONDS - 100 + 1)
+    assert "pod w-0" in waiting.message and "until 2026-01-01T00:10:00Z" in waiting.message, waiting.message
+    stalled = job_verdict("FineTune", False, rayjob("Initializing"), {}, problems, T0 + SCALE_UP_GRACE_SECONDS + 1)
+    assert (stalled.state, stalled.reason, stalled.recheck_after) == ("stalled", "Unschedulable", None)
+    assert "for 10 minutes" in stalled.message and "spec.resources" in stalled.message
+    # The message stays the same while it waits (no countdown): the status is not rewritten every reconcile.
+    assert job_verdict("FineTune", False, rayjob("Initializing"), {}, problems, T0 + 200).message == waiting.message
+
+
+@pytest.mark.parametrize("ray,suspended", [(None, False), (None, True),
+                                           ({"metadata": {"deletionTimestamp": SINCE}, "status": {}}, False)])
+def test_a_started_job_whose_rayjob_is_gone_fails_saying_who_can_do_what(ray, suspended):
+    verdict = job_verdict("BatchInference", suspended, ray, {}, [], T0, started=True, ray_name="eval-bi")
+    assert (verdict.phase, verdict.state, verdict.reason) == ("Failed", "stalled", "RayJobDeleted")
+    assert "RayJob eval-bi was deleted" in verdict.message
+    assert "delete this BatchInference and create it again" in verdict.message and "spec.suspend" in verdict.message
+
+
+def test_a_report_outlives_its_deleted_rayjob():
+    """KubeRay's ttlSecondsAfterFinished deletes a finished RayJob: the report still says how it ended."""
+    verdict = job_verdict("FineTune", False, None, {"state": "Succeeded", "message": "done"}, [], T0, started=True)
+    assert verdict.reason == "Succeeded"
+    assert job_verdict("FineTune", False, None, {}, [], T0, started=False).reason == "Creating"
+
+
+def test_suspended_has_suspended_in_place_of_ready():
+    """kstatus reads Ready=False as in progress: a suspended resource has no Ready, and Suspended=True."""
+    suspended = conditions_for(Verdict("Suspended", "suspended", "Suspended", "paused"), 2, None, SINCE)
+    assert [(c["type"], c["status"], c["reason"]) for c in suspended] == [
+        ("Suspended", "True", "Suspended"), ("Reconciling", "False", "Suspended"), ("Stalled", "False", "Suspended")]
+    resumed = conditions_for(Verdict("Running", "progressing", "JobRunning", "running"), 3, suspended,
+                             "2026-01-01T01:00:00Z")
+    assert [c["type"] for c in resumed] == ["Ready", "Reconciling", "Stalled"]
+    assert {c["type"]: c["lastTransitionTime"] for c in resumed} == {
+        "Ready": "2026-01-01T01:00:00Z", "Reconciling": "2026-01-01T01:00:00Z", "Stalled": SINCE}
+
+
+def _literal(node: ast.expr) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def test_written_lists_every_verdict_the_code_makes():
+    """Every Verdict(phase, state, reason, ...) in the operator's code whose arguments are written out is a row of
+    WRITTEN (arguments computed at run time match any), and every reason in WRITTEN occurs in the code."""
+    table = {(w.phase, w.state, w.reason) for w in WRITTEN}
+    states = {"ready", "progressing", "stalled", "suspended"}
+    made, source = [], ""
+    for path in sorted(OPERATOR.rglob("*.py")):
+        text = path.read_text()
+        source += text
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Verdict" and len(node.args) >= 3:
+                made.append((f"{path.name}:{node.lineno}", *(_literal(a) for a in node.args[:3])))
+    assert len(made) > 30
+    for where, phase, state, reason in made:
+        assert state is None or state in states, where
+        matches = [t for t in table if phase in (None, t[0]) and state in (None, t[1]) and reason in (None, t[2])]
+        assert matches, f"{where}: Verdict({phase}, {state}, {reason}) is not in status.WRITTEN"
+    assert all(f'"{w.reason}"' in source for w in WRITTEN), [w.reason for w in WRITTEN
+                                                            if f'"{w.reason}"' not in source]
+
+
+def test_grace_periods_are_what_the_docs_say():
+    doc = (OPERATOR.parents[1] / "docs" / "gitops.md").read_text()
+    assert f"`Unschedulable` (for up to {int(SCALE_UP_GRACE_SECONDS // 60)} minutes)" in doc
+    assert f"`FineTuneNotFound` (for up to {int(DEPENDENCY_GRACE_SECONDS // 60)} minutes" in doc

@@ -3,7 +3,8 @@
 
 Produces kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, actionlint and the
 KubeRay operator, plus KubeRay's CRDs and kwok's stage configs, under ``$LLMOPS_CACHE`` (default
-``~/.cache/llmops``). Every version comes from ``versions.env`` beside this file. A binary already built
+``~/.cache/llmops``); and gitops-health (``tools/gitops-health``), which reads our resources with kstatus and
+with Argo CD's Lua runtime for the tests. Every version comes from ``versions.env`` beside this file. A binary already built
 for the pinned version is never rebuilt, so a warm run takes seconds.
 
     python tools/controlplane/build.py            # build what is missing
@@ -13,6 +14,7 @@ for the pinned version is never rebuilt, so a warm run takes seconds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -162,6 +164,31 @@ def build_kwok(cache: Path, bin_dir: Path, version: str) -> None:
             shutil.copyfile(matches[0], stages / f"{name}.yaml")
 
 
+def build_gitops_health(cache: Path, bin_dir: Path, v: dict[str, str]) -> None:
+    """The GitOps clients' own code on our resources: kstatus and gopher-lua, with Kubernetes' API modules at the
+    plane's version (their packages are then already in Go's build cache)."""
+    source = (HERE.parent / "gitops-health" / "main.go").read_text()
+    requires = {
+        "sigs.k8s.io/cli-utils": v["CLI_UTILS_VERSION"],
+        "github.com/yuin/gopher-lua": v["GOPHER_LUA_VERSION"],
+        "layeh.com/gopher-json": v["GOPHER_JSON_VERSION"],
+        "k8s.io/api": "v0." + v["KUBERNETES_VERSION"].split(".", 1)[1],
+        "k8s.io/apimachinery": "v0." + v["KUBERNETES_VERSION"].split(".", 1)[1],
+    }
+    version = "+".join(requires.values()) + "+" + hashlib.sha256(source.encode()).hexdigest()[:12]
+    if is_built(bin_dir, "gitops-health", version):
+        log("gitops-health: present")
+        return
+    log("gitops-health: building")
+    src = cache / "src" / "gitops-health"
+    write_module(src, "llmops.local/tools/gitops-health",
+                 "require (\n" + "".join(f"\t{m} {ver}\n" for m, ver in requires.items()) + ")\n",
+                 {"main.go": source})
+    go(["mod", "tidy"], cwd=src)
+    go(["build", "-trimpath", "-ldflags", "-s -w", "-o", str(bin_dir / "gitops-health"), "."], cwd=src)
+    mark_built(bin_dir, "gitops-health", version)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print-bin", action="store_true", help="print the bin folder and exit")
@@ -182,6 +209,7 @@ def main() -> int:
     build_kwok(cache, bin_dir, v["KWOK_VERSION"])
     go_install(bin_dir, "helm", "helm.sh/helm/v3/cmd/helm", v["HELM_VERSION"], cache)
     go_install(bin_dir, "actionlint", "github.com/rhysd/actionlint/cmd/actionlint", v["ACTIONLINT_VERSION"], cache)
+    build_gitops_health(cache, bin_dir, v)
     log(f"all present in {bin_dir} ({time.monotonic() - started:.0f}s)")
     return 0
 

@@ -1,11 +1,13 @@
 -- Argo CD health of an llmops.dev resource (FineTune, BatchInference, LLMService), read from the status the
 -- operator writes: kstatus conditions Ready / Reconciling / Stalled, phase and observedGeneration.
 --   Progressing  no status yet, or the operator has not seen the latest spec (observedGeneration < generation),
---                or Reconciling (a job is running, a service is starting or upgrading, waiting on a FineTune)
---   Suspended    phase Suspended (spec.suspend is true)
---   Degraded     Stalled=True (failed, unschedulable, invalid spec, image pull errors ...)
+--                or Reconciling (a job is running, a service is starting or upgrading, waiting on a FineTune or
+--                for a node that fits)
+--   Suspended    phase Suspended (spec.suspend is true; condition Suspended=True instead of Ready)
+--   Degraded     Stalled=True (failed, invalid spec, image pull errors, waits past their grace period ...)
 --   Healthy      Ready=True (a job Succeeded, a service is serving)
--- Argo CD runs this with obj bound to the live object and reads the returned table.
+-- Argo CD runs this with obj bound to the live object and reads the returned table. It opens only Lua's base,
+-- package and table libraries and part of os for it: no string.* functions here.
 local hs = {}
 local status = obj.status
 if status == nil then
@@ -59,7 +61,7 @@ end
 
 if status.phase == "Suspended" then
   hs.status = "Suspended"
-  hs.message = describe(conditions["Ready"])
+  hs.message = describe(conditions["Suspended"] or conditions["Ready"])
   return hs
 end
 

@@ -45,7 +45,9 @@ def _column(name: str, path: str, type_: str = "string", priority: int = 0, desc
 
 
 PHASE = _column("Phase", ".status.phase", description="One-word summary of where the resource is")
-REASON = _column("Reason", '.status.conditions[?(@.type=="Ready")].reason', description="Why it is (not) Ready")
+# Every condition carries the reason; Reconciling is always there (Ready is not while suspended).
+REASON = _column("Reason", '.status.conditions[?(@.type=="Reconciling")].reason',
+                 description="Why the resource is in its phase")
 AGE = _column("Age", ".metadata.creationTimestamp", "date")
 
 FINETUNE = Kind(

@@ -168,20 +168,31 @@ class BatchMetrics(ApiModel):
     model_config = {"extra": "allow"}
 
     rows: int | None = None
+    """Rows generated."""
     exact_match: float | None = None
+    """Share of rows whose output equals the reference exactly."""
     function_name_accuracy: float | None = None
+    """Share of rows with the reference's function name (ViGGO-style meaning representations)."""
     attribute_f1: float | None = Field(default=None, alias="attributeF1")
+    """F1 of the attributes against the reference's (ViGGO-style meaning representations)."""
 
 
 class BatchInferenceStatus(StatusBase):
     ray_job_name: str | None = None
+    """The RayJob that runs it."""
     ray_cluster_name: str | None = None
+    """The Ray cluster KubeRay made for the RayJob."""
     dashboard_url: str | None = Field(default=None, alias="dashboardURL")
+    """The Ray dashboard of that cluster, while it runs."""
     start_time: str | None = None
+    """When the RayJob was created (RFC 3339); from then on the spec is immutable, except suspend."""
     completion_time: str | None = None
+    """When it Succeeded or Failed (RFC 3339)."""
     output_uri: str | None = Field(default=None, alias="outputURI")
+    """Where the generated rows are, once it Succeeded."""
     model_source: str | None = None
     """The base model the run uses (resolved from a FineTune when referenced)."""
     adapter_uri: str | None = Field(default=None, alias="adapterURI")
     """The adapter the run uses, if any."""
     metrics: BatchMetrics | None = None
+    """Evaluation metrics over the generated rows."""

@@ -156,21 +156,31 @@ class JobControls(WorkloadControls):
 
 
 class Condition(ApiModel):
+    """A kstatus condition (metav1.Condition). Ready, Reconciling and Stalled are always written, except that a
+    suspended resource has Suspended=True in place of Ready; all of them carry the same reason and message."""
+
     type: str
+    """Ready (the job succeeded, or the service serves), Reconciling (the operator or the work is still making
+    progress), Stalled (it cannot progress until something changes; the message says what), or Suspended."""
     status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
     reason: str
+    """Why, in one CamelCase word (e.g. JobRunning, Unschedulable, PayloadFailed)."""
     message: str = ""
+    """What is happening and, when stuck, what to do about it."""
     observed_generation: int | None = None
+    """The metadata.generation this condition describes; older than the resource's generation means stale."""
     last_transition_time: str | None = None
+    """When status last changed between True and False (RFC 3339)."""
 
 
 class StatusBase(ApiModel):
     phase: str | None = None
     """One-word summary: Pending, Waiting, Running, Succeeded, Ready, Failed, Suspended."""
     conditions: list[Condition] | None = None
-    """Ready, Reconciling and Stalled, as metav1.Condition (kstatus)."""
+    """Ready (or Suspended), Reconciling and Stalled, as metav1.Condition (kstatus)."""
     observed_generation: int | None = None
-    """The spec generation the status describes."""
+    """The spec generation the status describes; 0 until the operator has seen the resource."""
     message: str | None = None
     """What is happening and, when stuck, what to do."""
     progress: dict[str, Any] | None = None

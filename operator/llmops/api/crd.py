@@ -7,11 +7,28 @@ no `anyOf` with null, no `title`, no `additionalProperties` beside `properties`,
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from . import CATEGORY, KINDS, GROUP, VERSION, Kind
 
 DROPPED_KEYS = {"title", "$defs", "discriminator"}
+LIST_ITEM = re.compile(r"^([-*]|\d+[.)])\s")
+
+
+def unwrap(text: str) -> str:
+    """A docstring's paragraphs each on one line (list items on their own): `kubectl explain` wraps text to the
+    terminal itself, and a hard line break left in would print as a ragged short line."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines: list[str] = []
+        for line in (raw.strip() for raw in block.splitlines()):
+            if lines and not LIST_ITEM.match(line):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
 
 
 def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -47,6 +64,8 @@ def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> di
             out["maximum"], out["exclusiveMaximum"] = value, True
         elif key == "const":
             out["enum"] = [value]
+        elif key == "description" and isinstance(value, str):
+            out["description"] = unwrap(value)
         else:
             out[key] = value
     if out.get("x-kubernetes-preserve-unknown-fields"):
@@ -92,9 +111,12 @@ def crd(kind: Kind) -> dict[str, Any]:
     spec_schema["description"] = kind.spec_model.__doc__ and kind.description or kind.description
     status_schema = model_schema(kind.status_model)
     status_schema["description"] = f"Observed state of the {kind.kind}: phase, conditions and results."
+    # Until the operator first writes, the API server reads the status as generation 0 observed: GitOps tools
+    # (kstatus, Argo CD) then wait for the operator, where an empty status would read as done to kstatus.
+    status_schema["default"] = {"observedGeneration": 0}
     root: dict[str, Any] = {
         "type": "object",
-        "description": kind.description,
+        "description": unwrap(kind.description),
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},

@@ -179,17 +179,28 @@ class AdapterStatus(ApiModel):
 
 class TrainMetrics(ApiModel):
     train_loss: float | None = None
+    """Training loss at the end."""
     eval_loss: float | None = None
+    """Loss on the evaluation split, if there is one."""
     train_runtime_seconds: float | None = None
+    """How long training took."""
     train_samples_per_second: float | None = None
+    """Training throughput."""
 
 
 class FineTuneStatus(StatusBase):
     ray_job_name: str | None = None
+    """The RayJob that runs it."""
     ray_cluster_name: str | None = None
+    """The Ray cluster KubeRay made for the RayJob."""
     dashboard_url: str | None = Field(default=None, alias="dashboardURL")
+    """The Ray dashboard of that cluster, while it runs."""
     start_time: str | None = None
+    """When the RayJob was created (RFC 3339); from then on the spec is immutable, except suspend."""
     completion_time: str | None = None
+    """When it Succeeded or Failed (RFC 3339)."""
     adapter: AdapterStatus | None = None
+    """The adapter the job wrote, once it Succeeded."""
     metrics: TrainMetrics | None = None
+    """Training metrics the job reported."""
 

@@ -120,19 +120,24 @@ class LLMServiceSpec(WorkloadControls):
 
 class AdapterState(ApiModel):
     name: str
+    """The adapter's name in spec.adapters."""
     uri: str | None = None
+    """Where it is loaded from, once known."""
     state: str
     """Serving, WaitingForFineTune, WaitingForEvaluation, GateNotMet, Unsupported or Failed."""
     message: str | None = None
+    """Why it is in that state, and what to do."""
 
 
 class LLMServiceStatus(StatusBase):
     ray_service_name: str | None = None
+    """The RayService that serves it."""
     endpoint: str | None = None
     """In-cluster OpenAI-compatible base URL."""
     models: list[str] | None = None
     """Model ids a client can request."""
     adapters: list[AdapterState] | None = None
+    """Each adapter of spec.adapters: served, or why not yet."""
 
 
 __all__ = ["METRICS", "SERVE_LORA_SCHEMES", "LLMServiceSpec", "LLMServiceStatus"]

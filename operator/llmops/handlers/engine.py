@@ -31,6 +31,7 @@ ECHO_MEMORY_LIMIT = 100_000     # resourceVersions of our writes not yet seen ag
 RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
 STATUS_DEFER_SECONDS = 2.0      # what is not the Ray object waits at most this long for Ray objects being created
 CREATION_QUIET_SECONDS = 0.1    # ... and for none to have started for this long (a burst's events come closer)
+CACHE_LAG_RECHECK_SECONDS = 2.0  # a child the watch lost but the API server still has: look again this soon
 
 
 def without_none(value: Any) -> Any:
@@ -56,6 +57,8 @@ class Outcome:
     memo_key: Any = None   # what the children are a function of, besides the process (None: not memoized)
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove
     requeue_after: float | None = None   # look again after this many seconds even if nothing changes
+    confirm_absent: tuple[str, str, str] | None = None   # (apiVersion, kind, name): the verdict holds only if
+    # the API server has no such child of this owner either (the watch may lag behind it)
 
 
 class Applied(NamedTuple):
@@ -229,6 +232,8 @@ class Engine:
             for api_version, child_kind, name in outcome.delete:
                 if self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
+            if outcome.confirm_absent and await self._child_exists(body, *outcome.confirm_absent):
+                return CACHE_LAG_RECHECK_SECONDS
             await self._write_status(body, outcome)
         except ApiError as e:
             if _namespace_ending(e):
@@ -273,7 +278,7 @@ class Engine:
         uid = body["metadata"]["uid"]
         if outcome.memo_key is not None:
             self._hashes[uid] = (outcome.memo_key, wanted)
-        if self._applied_hash(uid) == wanted:
+        if self._applied_hash(uid) == wanted and self.ray_object(uid) is not None:
             return None
         created = self.caches.ray_objects.get(uid) is None
         if created:  # first creation (or after a restart): make sure the names are ours to take
@@ -350,6 +355,13 @@ class Engine:
             self._shared.pop(key, None)
             raise
         self._shared[key] = time.monotonic()   # until the watch shows it
+
+    async def _child_exists(self, body: dict[str, Any], api_version: str, kind: str, name: str) -> bool:
+        """True when the API server still has this owner's child, not being deleted (the cache lags)."""
+        live = await with_retries(lambda: self.kube.find(api_version, kind, body["metadata"]["namespace"], name))
+        meta = (live or {}).get("metadata") or {}
+        return not meta.get("deletionTimestamp") and any(
+            ref.get("uid") == body["metadata"]["uid"] for ref in meta.get("ownerReferences") or [])
 
     def _check_names_free(self, body: dict[str, Any], outcome: Outcome) -> None:
         """The Ray object and the result report carry a run's state: if an earlier resource of the same name still

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ValidationError
 
 from ..builders.common import BuildContext, UnknownAccelerator
-from ..status import REPORT_GRACE_SECONDS, Verdict, job_verdict, pod_problems, result_report
+from ..status import Verdict, job_verdict, pod_problems, result_report
 from .engine import Engine, Outcome, now_rfc3339
 
 TERMINAL = ("Succeeded", "Failed")
+OWN_PATH = re.compile(r"^spec[\w.\[\]-]*: ")   # a validator's message that starts by naming its field
 
 
 def spec_errors(error: ValidationError) -> str:
-    """pydantic's errors as one sentence naming each field by its YAML path."""
+    """pydantic's errors as one sentence, each naming its field by its YAML path once."""
     parts = []
     for e in error.errors():
-        path = "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
-        parts.append(f"{path}: {e['msg']}")
-    return "invalid spec: " + "; ".join(parts)
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        text = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
+        if not where:   # a rule across fields: its message names them
+            parts.append(text if text.startswith("spec") else f"spec: {text}")
+            continue
+        text = OWN_PATH.sub("", text)   # the location names the field already
+        parts.append(f"spec.{text}" if text.startswith(where[1:] + ".") else f"spec{where}: {text}")
+    return "; ".join(parts)
 
 
 def validate(model: type[BaseModel], body: Mapping[str, Any]) -> tuple[Any, Verdict | None]:
@@ -49,17 +56,11 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
     if status.get("phase") in TERMINAL and status.get("observedGeneration") == generation:
         return Outcome([], kept(body))
     uid = body["metadata"]["uid"]
-    memo_key = (generation, tuple(sorted((extra_fields or {}).items())))   # the children depend on nothing else
-    children: list[dict[str, Any]] = []
-    if not engine.children_current(uid, memo_key):
-        try:
-            children = build(body, engine.ctx)
-        except UnknownAccelerator as e:
-            return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)))
     ray = engine.ray_object(uid)
     report = result_report(engine.caches.results.get(uid))
     problems = pod_problems(engine.caches.pods.all(uid))
-    verdict = job_verdict(kind, spec.suspend, ray, report, problems, time.time())
+    verdict = job_verdict(kind, spec.suspend, ray, report, problems, time.time(),
+                          started=bool(status.get("startTime")), ray_name=ray_name)
 
     ray_status = (ray or {}).get("status") or {}
     fields: dict[str, Any] = {"rayJobName": ray_name, **(extra_fields or {})}
@@ -73,7 +74,17 @@ def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
     if report.get("progress") and verdict.phase == "Running":
         fields["progress"] = report["progress"]
     fields.update(result_fields(report))
-    verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields)
-    if verdict.reason == "CollectingResult":  # decide again once the grace period is over
-        return Outcome(children, verdict, requeue_after=REPORT_GRACE_SECONDS + 1, memo_key=memo_key)
-    return Outcome(children, verdict, memo_key=memo_key)
+    verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields, verdict.recheck_after)
+    if verdict.reason == "RayJobDeleted":
+        # Never re-created: whoever deleted it stopped the run. Checked against the API server first, since
+        # the decision is final and the watch may lag.
+        return Outcome([], verdict, confirm_absent=("ray.io/v1", "RayJob", ray_name))
+
+    memo_key = (generation, tuple(sorted((extra_fields or {}).items())))   # the children depend on nothing else
+    children: list[dict[str, Any]] = []
+    if ray is None or not engine.children_current(uid, memo_key):
+        try:
+            children = build(body, engine.ctx)
+        except UnknownAccelerator as e:
+            return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)))
+    return Outcome(children, verdict, memo_key=memo_key, requeue_after=verdict.recheck_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..api.llmservice import LLMServiceSpec
@@ -39,7 +40,7 @@ def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
     if not adapters:
         del fields["adapters"]
     if spec.suspend:
-        return Outcome([], Verdict("Suspended", "idle", "Suspended",
+        return Outcome([], Verdict("Suspended", "suspended", "Suspended",
                                    "spec.suspend is true: the RayService is removed; set it to false to serve again",
                                    {k: v for k, v in fields.items() if k != "endpoint"}),
                        ray_kind="RayService", delete=[("ray.io/v1", "RayService", names.ray)])
@@ -51,9 +52,10 @@ def reconcile(engine: Engine, body: dict[str, Any]) -> Outcome:
         return Outcome([], Verdict("Failed", "stalled", "InvalidServeConfig", str(e)), ray_kind="RayService")
     uid = body["metadata"]["uid"]
     problems = pod_problems(engine.caches.pods.all(uid))
-    verdict = service_verdict(engine.ray_object(uid), plan.summary, problems, spec.upgrade_strategy)
+    verdict = service_verdict(engine.ray_object(uid), plan.summary, problems, spec.upgrade_strategy, time.time())
+    reason = verdict.reason
     if verdict.state == "ready" and any(s["state"] != "Serving" for s in plan.states):
-        verdict = Verdict(verdict.phase, "ready", "ServingWithAdaptersPending", verdict.message)
-    return Outcome(children, Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields),
-                   ray_kind="RayService")
+        reason = "ServingWithAdaptersPending"
+    return Outcome(children, Verdict(verdict.phase, verdict.state, reason, verdict.message, fields),
+                   ray_kind="RayService", requeue_after=verdict.recheck_after)
 
