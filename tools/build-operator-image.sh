@@ -24,8 +24,12 @@ done
 
 rootfs="$OUT/rootfs"
 rm -rf "$OUT" && mkdir -p "$OUT"
+# The Debian mirror this machine's apt already uses (DEBIAN_MIRROR overrides it).
+mirror=${DEBIAN_MIRROR:-$(grep -rhoE '^(URIs:|deb) +[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ \
+  2>/dev/null | awk '{print $2}' | head -n1)}
+[ -n "$mirror" ] || { echo "no Debian mirror in /etc/apt sources: set DEBIAN_MIRROR" >&2; exit 1; }
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
-  "$DEBIAN_MIRROR" >"$OUT/debootstrap.log"
+  "$mirror" >"$OUT/debootstrap.log"
 
 # Wheels are resolved here (this machine's pip, its index and certificates), then installed offline in the rootfs.
 python3 -m pip wheel -q -w "$rootfs/wheels" .
