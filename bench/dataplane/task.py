@@ -18,8 +18,7 @@ import random
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-VIGGO = REPO / "tests" / "payload_data" / "viggo_test.jsonl"
+from llamafactory_bench.data import DEFAULT_SYSTEM, VIGGO, chat_tokenizer
 
 FUNCTION_PHRASES = {
     "inform": "let me tell you that",
@@ -40,14 +39,6 @@ ATTRIBUTE_WORDS = {
 }
 INSTRUCTION = ("Given a target sentence, construct the underlying meaning representation of the input sentence as a "
                "single function with attributes and attribute values.")
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # the qwen template's
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN_CHAT_TEMPLATE = (  # Qwen2.5's template without tools
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
-    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 VALUES_PER_ATTRIBUTE = 12
 
 # Small Qwen2 (tied embeddings as Qwen2.5's small models); the vocabulary is the tokenizer's.
@@ -90,21 +81,9 @@ def rows(n: int, seed: int) -> list[dict]:
 
 def train_tokenizer(samples: list[dict]):
     """Byte-level BPE trained until every word of the rows is one token, with Qwen's chat tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     texts = ["system\n" + DEFAULT_SYSTEM, "\n", "assistant\n", "user\n"]
     texts += [t for s in samples for t in (f"system\n{s['instruction']}", f"user\n{s['input']}", s["output"])]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=SPECIAL_TOKENS,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                                        model_max_length=4096, padding_side="right")
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer
+    return chat_tokenizer(texts, vocab_size=4096)
 
 
 def build_model(folder: Path, tokenizer, seed: int = 0) -> dict:

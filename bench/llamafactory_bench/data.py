@@ -68,15 +68,20 @@ def viggo_like_samples(n: int, seed: int) -> list[dict]:
 
 def train_tokenizer(samples: list[dict]):
     """Byte-level BPE trained until every word of the samples is one token, with Qwen's chat tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     # What LLaMA-Factory encodes between the chat tokens: role headers, the system prompt, the turns.
     texts = ["system\n" + DEFAULT_SYSTEM, "\n", "assistant\n"]
     texts += [t for s in samples for t in (f"user\n{s['instruction']}\n{s['input']}", s["output"])]
+    return chat_tokenizer(texts, vocab_size=8192)
+
+
+def chat_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on texts, with Qwen's chat tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=SPECIAL_TOKENS,
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
