@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     if RENDERED.exists():
         shutil.copy(RENDERED, args.work / "rendered.json")
     sites = dict(item.split("=", 1) for item in args.sites.split(","))
-    bench = Run(args.work, args.out, {name: Path(path) for name, path in sites.items()})
+    bench = Run(args.work, args.out, {name: Path(path) for name, path in sites.items()}, args.declare_resources)
     try:
         bench.save("versions", versions(sites))
         for phase in args.phases.split(","):
@@ -125,6 +125,8 @@ def main() -> None:
     runner.add_argument("--work", type=Path, default=Path("/tmp/dp/run"))
     runner.add_argument("--out", type=Path, required=True)
     runner.add_argument("--sites", default="serve=/tmp/dp/serve,finetune=/tmp/dp/finetune")
+    runner.add_argument("--declare-resources", help="JSON of Ray resources to declare (a CPU dry run of the plumbing: "
+                        "'{\"accelerator_type:H200\": 1}'); on the GPU machine Ray detects them")
     args = parser.parse_args()
     if args.command == "render":
         render(args.out)

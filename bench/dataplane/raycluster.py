@@ -88,10 +88,11 @@ def runtime_env(ray_job: dict) -> tuple[dict[str, Any], list[str]]:
 
 
 class RayCluster:
-    def __init__(self, env: dict[str, str], log_dir: Path, num_gpus: int = 1):
+    def __init__(self, env: dict[str, str], log_dir: Path, num_gpus: int = 1, resources: str | None = None):
         self.env = env
         self.log_dir = log_dir
         self.num_gpus = num_gpus
+        self.resources = resources  # JSON; only for a dry run on a machine whose GPU Ray cannot detect
 
     def _ray(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
@@ -102,6 +103,8 @@ class RayCluster:
         self._ray("stop", "--force", check=False)
         params = {k: v for k, v in start_params.items() if k != "num-gpus"}
         args = [f"--{k}={v}" for k, v in params.items()]
+        if self.resources:
+            args.append(f"--resources={self.resources}")
         done = self._ray("start", "--head", f"--num-gpus={self.num_gpus}", "--include-dashboard=true",
                          "--dashboard-port=8265", "--disable-usage-stats", *args, check=False)
         (self.log_dir / "ray-start.log").write_text(done.stdout + done.stderr)

@@ -31,8 +31,8 @@ REPLY_CHECKS = 64
 
 
 class Run:
-    def __init__(self, work: Path, out: Path, sites: dict[str, Path]):
-        self.work, self.out, self.sites = work, out, sites
+    def __init__(self, work: Path, out: Path, sites: dict[str, Path], declare: str | None = None):
+        self.work, self.out, self.sites, self.declare = work, out, sites, declare
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.results_path = work / "dataplane.json"
@@ -75,7 +75,7 @@ class Run:
         env = rc.environment_for(pod_env, [str(self.sites[s]) for s in site_names], result_file, BASE_ENV)
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         result_file.unlink(missing_ok=True)
-        return rc.RayCluster(env, self.logs)
+        return rc.RayCluster(env, self.logs, resources=self.declare)
 
     def python(self, site_names: list[str], *args: str, timeout: float) -> subprocess.CompletedProcess:
         env = {**os.environ, **BASE_ENV, **self.s3.env,
@@ -168,6 +168,7 @@ class Run:
 
     # ---- BatchInference ----------------------------------------------------------------------------------------
     def batch(self) -> dict[str, Any]:
+        self.prepare_data()
         section: dict[str, Any] = {}
         for label, name in (("base", "viggo-base"), ("adapter", "viggo-eval")):
             job = rc.find(self.rendered, "RayJob", f"{name}-bi")
