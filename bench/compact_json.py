@@ -1,6 +1,7 @@
 """Rewrite benchmark result files compactly: one line per top-level key, one line per record of a list.
 
-Usage: python3 bench/compact_json.py bench/results/FILE.json ...
+The benches write their results through compact(); to rewrite an older file:
+python3 bench/compact_json.py bench/results/FILE.json ...
 The content is unchanged (json.load gives the same object); only the layout shrinks.
 """
 import json
