@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from compact_json import compact
 from controlplane_bench import REPO  # (and operator/, tests/ on the path)
 from controlplane_bench.measure import REPEAT_MAX_N, TARGETS, log
 from controlplane_bench.phases import run_size
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].sort(key=lambda r: r["n"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report["verdicts"] = verdicts(report["results"])
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out).write_text(compact(report))
     print(table(report))
     log(f"wrote {args.out}")
     return 0

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import yaml
 
+from compact_json import compact
 from llamafactory_bench.configs import (DEFAULT_RECIPES, DEFAULT_STEPS, RECIPES, REFERENCE_CONFIG, local_config,
                                         rendered_config, worker_runtime_env)
 from llamafactory_bench.data import measure_samples, train_tokenizer, viggo_like_samples, write_dataset
@@ -145,7 +146,7 @@ def main() -> int:
         results["model"] = build_model(model_dir, config)
     except RuntimeError as exc:  # nothing can train without it: say why in the results too
         results["model"] = {"error": str(exc)[-8000:]}
-        (out / "llamafactory_run.json").write_text(json.dumps(results, indent=1))
+        (out / "llamafactory_run.json").write_text(compact(results))
         raise
     tokenizer.save_pretrained(str(model_dir))
     print("model:", json.dumps({k: v for k, v in results["model"].items() if k != "config"}), flush=True)
@@ -193,8 +194,8 @@ def main() -> int:
         print(f"[{name}] {result['status']}: {json.dumps(result.get('steady'))}", flush=True)
         for line in result.get("shared_prefix_lines", [])[:1]:
             print(f"[{name}] {line}", flush=True)
-        (out / "llamafactory_run.json").write_text(json.dumps(results, indent=1))
-    (out / "llamafactory_run.json").write_text(json.dumps(results, indent=1))
+        (out / "llamafactory_run.json").write_text(compact(results))
+    (out / "llamafactory_run.json").write_text(compact(results))
     print_table(results)
     return 0 if all(r["status"] == "ok" for r in results["recipes"].values()) else 1
 

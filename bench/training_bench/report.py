@@ -9,6 +9,8 @@ import platform
 
 import torch
 
+from compact_json import compact  # bench/ is on the path: the scripts run from it
+
 from .data import GIB
 
 
@@ -42,7 +44,7 @@ def environment() -> dict:
 def write(out_dir: str, results: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "training_recipe.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        f.write(compact(results))
 
 
 
