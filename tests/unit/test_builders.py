@@ -15,9 +15,6 @@ from llmops.builders.common import BuildContext
 from llmops.settings import Settings
 from manifests import batchinference, example, finetune, llmservice
 
-SECRET_VALUE = "hf_planted_secret_value_123"
-
-
 def _render(*docs):
     objects, errors = render_manifests(list(docs), BuildContext(settings=Settings(), payloads=load_payloads()))
     assert not errors, errors
@@ -36,16 +33,33 @@ def _pod_specs(obj):
         yield group["template"]["spec"]
 
 
-def test_every_mounted_configmap_key_exists():
+def _files_the_entrypoint_reads(job: dict, pod: dict) -> list[str]:
+    """Absolute paths the RayJob's entrypoint names: `--config` style arguments and the `-m` module's source file."""
+    words = job["spec"]["entrypoint"].split()
+    paths = [w for w in words if w.startswith("/")]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+    for flag, module in zip(words, words[1:]):
+        if flag == "-m":
+            paths.append(f"{env['PYTHONPATH']}/{module.replace('.', '/')}.py")
+    return paths
+
+
+def test_every_file_the_entrypoint_reads_is_a_mounted_configmap_key():
     objects = _all_examples()
     config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
-    for ray in (o for o in objects if o["kind"] in ("RayJob", "RayService")):
-        for pod in _pod_specs(ray):
-            for volume in pod.get("volumes", []):
-                if "configMap" in volume:
-                    data = config_maps[volume["configMap"]["name"]]["data"]
-                    for item in volume["configMap"].get("items", []):
-                        assert item["key"] in data, (ray["metadata"]["name"], item["key"])
+    jobs = [o for o in objects if o["kind"] == "RayJob"]
+    assert {j["metadata"]["labels"]["llmops.dev/owner-kind"] for j in jobs} == {"FineTune", "BatchInference"}
+    for job in jobs:
+        head = next(_pod_specs(job))   # the driver runs the entrypoint on the head
+        volumes = {v["name"]: v["configMap"]["name"] for v in head["volumes"] if "configMap" in v}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in head["containers"][0]["volumeMounts"]
+                  if m["name"] in volumes}
+        files = _files_the_entrypoint_reads(job, head)
+        assert len(files) == 2, (job["metadata"]["name"], files)   # the job config and the payload module
+        for path in files:
+            folder, _, key = path.rpartition("/")
+            assert folder in mounts, f"{job['metadata']['name']}: {path} is on no ConfigMap mount ({sorted(mounts)})"
+            assert key in config_maps[mounts[folder]]["data"], f"{job['metadata']['name']}: {path} is not mounted"
 
 
 def test_every_child_is_owned_by_its_resource():
@@ -75,10 +89,15 @@ def test_payload_sources_are_shared_by_the_jobs_of_a_namespace():
 def test_secrets_appear_only_as_references():
     ft = finetune("s")
     ft["spec"]["secrets"] = {"huggingFaceToken": {"name": "hf", "key": "token"}, "storage": {"name": "s3"}}
-    text = json.dumps(_render(ft))
-    assert '"secretKeyRef": {"name": "hf", "key": "token"}' in text
-    assert '"secretRef": {"name": "s3"}' in text
-    assert SECRET_VALUE not in text
+    objects = _render(ft)
+    assert not [o for o in objects if o["kind"] == "Secret"]   # the operator never copies a Secret
+    containers = [c for o in objects if o["kind"] == "RayJob" for pod in _pod_specs(o) for c in pod["containers"]]
+    assert len(containers) >= 2   # the head and every worker group
+    for container in containers:
+        tokens = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
+        assert tokens == [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}], tokens
+        assert {"secretRef": {"name": "s3"}} in container["envFrom"], container["envFrom"]
+        assert not [e for e in container["env"] if "value" in e and e["name"] in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY")]
 
 
 def test_head_runs_no_gpu_work_and_workers_are_on_the_pool():
