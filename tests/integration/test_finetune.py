@@ -88,7 +88,7 @@ def test_result_report_makes_it_ready(cluster, operator, ns, simulator):
     assert condition(ft, "Stalled")["status"] == "False" and condition(ft, "Reconciling")["status"] == "False"
     assert ft["status"]["adapter"] == {"uri": "s3://bucket/adapters/ready", "baseModel": "Qwen/Qwen2.5-7B-Instruct",
                                        "rank": 8}
-    assert ft["status"]["metrics"]["trainLoss"] > 0
+    assert ft["status"]["metrics"]["trainLoss"] > 0 and ft["status"]["metrics"]["simulated"] is True
     assert ft["status"]["completionTime"]
     events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=ready").items
     assert {"Succeeded"} <= {e.reason for e in events}

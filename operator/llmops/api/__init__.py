@@ -49,6 +49,9 @@ PHASE = _column("Phase", ".status.phase", description="One-word summary of where
 REASON = _column("Reason", '.status.conditions[?(@.type=="Reconciling")].reason',
                  description="Why the resource is in its phase")
 AGE = _column("Age", ".metadata.creationTimestamp", "date")
+# Beside the figures it qualifies, so a simulated number never shows without its mark.
+SIMULATED = _column("Simulated", ".status.metrics.simulated", "boolean",
+                    description="true when the local plane's simulator wrote the metrics (no model ran)")
 
 FINETUNE = Kind(
     kind="FineTune", plural="finetunes", short_name="ft", spec_model=FineTuneSpec, status_model=FineTuneStatus,
@@ -56,7 +59,8 @@ FINETUNE = Kind(
                 "object storage.",
     printer_columns=(PHASE, _column("Base Model", ".spec.baseModel.source"), REASON,
                      _column("Adapter", ".status.adapter.uri", priority=1),
-                     _column("Train Loss", ".status.metrics.trainLoss", "number", priority=1), AGE),
+                     _column("Train Loss", ".status.metrics.trainLoss", "number", priority=1),
+                     {**SIMULATED, "priority": 1}, AGE),
     immutable_once_started=True,
 )
 BATCHINFERENCE = Kind(
@@ -65,7 +69,7 @@ BATCHINFERENCE = Kind(
     description="Offline generation over a dataset with ray.data.llm (vLLM) on a KubeRay RayJob, with evaluation "
                 "metrics.",
     printer_columns=(PHASE, _column("Rows", ".status.metrics.rows", "integer"),
-                     _column("Exact Match", ".status.metrics.exactMatch", "number"), REASON,
+                     _column("Exact Match", ".status.metrics.exactMatch", "number"), SIMULATED, REASON,
                      _column("Output", ".status.outputURI", priority=1), AGE),
     immutable_once_started=True,
 )

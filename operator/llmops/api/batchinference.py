@@ -175,6 +175,9 @@ class BatchMetrics(ApiModel):
     """Share of rows with the reference's function name (ViGGO-style meaning representations)."""
     attribute_f1: float | None = Field(default=None, alias="attributeF1")
     """F1 of the attributes against the reference's (ViGGO-style meaning representations)."""
+    simulated: bool | None = None
+    """True when the local plane's data-plane simulator wrote these figures: no model ran, they measure nothing
+    about this resource. Absent when the job itself reported them."""
 
 
 class BatchInferenceStatus(StatusBase):

@@ -186,6 +186,9 @@ class TrainMetrics(ApiModel):
     """How long training took."""
     train_samples_per_second: float | None = None
     """Training throughput."""
+    simulated: bool | None = None
+    """True when the local plane's data-plane simulator wrote these figures: no model ran, they measure nothing
+    about this resource. Absent when the job itself reported them."""
 
 
 class FineTuneStatus(StatusBase):

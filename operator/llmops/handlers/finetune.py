@@ -8,7 +8,7 @@ from ..api.finetune import FineTuneSpec
 from ..builders import finetune as builder
 from ..builders.common import Owner
 from .engine import Engine, Outcome
-from .jobs import job_outcome, validate
+from .jobs import job_outcome, simulated_mark, validate
 
 
 def result_fields(report: dict[str, Any]) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def result_fields(report: dict[str, Any]) -> dict[str, Any]:
         keys = ("trainLoss", "evalLoss", "trainRuntimeSeconds", "trainSamplesPerSecond")
         numbers = {k: metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))}
         if numbers:
-            fields["metrics"] = numbers
+            fields["metrics"] = {**numbers, **simulated_mark(metrics)}
     return fields
 
 

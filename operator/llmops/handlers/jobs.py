@@ -47,6 +47,11 @@ def kept(body: Mapping[str, Any]) -> Verdict:
                    status.get("message", ""), fields)
 
 
+def simulated_mark(metrics: Mapping[str, Any]) -> dict[str, bool]:
+    """`{"simulated": True}` when the report's figures came from the local plane's simulator, so status says so."""
+    return {"simulated": True} if metrics.get("simulated") is True else {}
+
+
 def job_outcome(engine: Engine, body: Mapping[str, Any], spec: Any, kind: str,
                 build: Callable[[Mapping[str, Any], BuildContext], list[dict[str, Any]]],
                 ray_name: str, result_fields: Callable[[dict[str, Any]], dict[str, Any]],
