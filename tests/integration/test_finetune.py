@@ -90,8 +90,9 @@ def test_result_report_makes_it_ready(cluster, operator, ns, simulator):
                                        "rank": 8}
     assert ft["status"]["metrics"]["trainLoss"] > 0 and ft["status"]["metrics"]["simulated"] is True
     assert ft["status"]["completionTime"]
-    events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=ready").items
-    assert {"Succeeded"} <= {e.reason for e in events}
+    # The Event follows the status write (status goes first), so it may land a moment later.
+    wait_for(lambda: "Succeeded" in {e.reason for e in cluster.core.list_namespaced_event(
+        ns, field_selector="involvedObject.name=ready").items}, timeout=30, what="a Succeeded event")
 
 
 def test_job_failure_stalls_with_reason(cluster, operator, ns, simulator):
@@ -154,8 +155,8 @@ def test_deleted_rayjob_fails_the_run_and_is_not_recreated(cluster, operator, ns
     time.sleep(3)
     assert _rayjob(cluster, ns, "lost") is None
     assert phase(cluster.get("FineTune", ns, "lost")) == "Failed"
-    events = cluster.core.list_namespaced_event(ns, field_selector="involvedObject.name=lost").items
-    assert any(e.reason == "RayJobDeleted" and e.type == "Warning" for e in events)
+    wait_for(lambda: any(e.reason == "RayJobDeleted" and e.type == "Warning" for e in cluster.core.list_namespaced_event(
+        ns, field_selector="involvedObject.name=lost").items), timeout=30, what="a RayJobDeleted warning")
 
 
 def test_suspend_and_resume(plane, cluster, operator, ns):
