@@ -56,5 +56,10 @@ def register_pools(plane: LocalPlane, pools: tuple[Pool, ...] = DEFAULT_POOLS) -
     items = [node(pool, i) for pool in pools for i in range(pool.count)]
     plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
                   quiet=True)
+    # apply sets a node's status only when it creates the node: a plane whose data outlives an upgrade keeps the
+    # old capacity (say, no ephemeral-storage) unless the status is written through its own subresource.
+    for item in items:
+        plane.kubectl("patch", "node", item["metadata"]["name"], "--subresource=status", "--type=merge",
+                      "-p", json.dumps({"status": item["status"]}), quiet=True)
     names = [item["metadata"]["name"] for item in items]
     plane.kubectl("wait", "--for=condition=Ready", "--timeout=60s", *(f"node/{n}" for n in names), quiet=True)
