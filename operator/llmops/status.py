@@ -214,18 +214,11 @@ def job_verdict(kind: str, suspended: bool, ray_job: Mapping[str, Any] | None, r
                            recheck_after=REPORT_GRACE_SECONDS - waited + 1)
         return Verdict("Failed", "stalled", "NoResultReported",
                        "the Ray job finished but the payload reported no result; see the driver logs")
-    unschedulable = unschedulable_verdict(problems, now, "Check that the accelerator's node pool exists and has "
-                                                         "free GPUs (or can add nodes), or change spec.resources")
-    if unschedulable is not None:
-        return unschedulable
-    if driver := driver_verdict(problems):
-        return driver
-    pulling = [p for p in problems if p.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")]
-    if pulling:
-        p = pulling[0]
-        return Verdict("Pending", "stalled", "ImagePullFailed",
-                       f"pod {p.pod} cannot pull its image: {_sentence(p.message)}. Check spec.image and pull "
-                       "secrets")
+    blocked = pod_problem_verdict(problems, now, "Check that the accelerator's node pool exists and has free GPUs "
+                                                 "(or can add nodes), or change spec.resources",
+                                  "Check spec.image and pull secrets")
+    if blocked is not None:
+        return blocked
     if deployment == "Retrying":
         return Verdict("Running", "progressing", "Retrying",
                        f"the Ray job failed and is being retried ({status.get('failed', 0)} failed so far)")
@@ -301,6 +294,23 @@ def _driver_error(container_status: Mapping[str, Any]) -> str:
     return ""
 
 
+def pod_problem_verdict(problems: list[PodProblem], now: float | None, unschedulable_hint: str,
+                        image_hint: str) -> Verdict | None:
+    """What the Ray pods' own problems say, in order: no node takes them, the GPU driver is too old, the image
+    cannot be pulled; None when none applies. The hints end each message with the kind's own fix."""
+    unschedulable = unschedulable_verdict(problems, now, unschedulable_hint)
+    if unschedulable is not None:
+        return unschedulable
+    if driver := driver_verdict(problems):
+        return driver
+    pulling = [p for p in problems if p.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")]
+    if pulling:
+        p = pulling[0]
+        return Verdict("Pending", "stalled", "ImagePullFailed",
+                       f"pod {p.pod} cannot pull its image: {_sentence(p.message)}. {image_hint}")
+    return None
+
+
 def driver_verdict(problems: list[PodProblem]) -> Verdict | None:
     found = [p for p in problems if p.reason == GPU_DRIVER_TOO_OLD]
     if not found:
@@ -347,17 +357,10 @@ def service_verdict(ray_service: Mapping[str, Any] | None, adapters_summary: str
                        f"Serve application {name} is {app.get('status')}: {app.get('message', '')}"[:2000])
     if ready.get("status") == "True":
         return Verdict("Ready", "ready", "Serving", "serving" + suffix)
-    unschedulable = unschedulable_verdict(problems, now, "Check the accelerator's node pool, or change "
-                                                         "spec.resources")
-    if unschedulable is not None:
-        return unschedulable
-    if driver := driver_verdict(problems):
-        return driver
-    pulling = [p for p in problems if p.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")]
-    if pulling:
-        return Verdict("Pending", "stalled", "ImagePullFailed",
-                       f"pod {pulling[0].pod} cannot pull its image: {_sentence(pulling[0].message)}. Check "
-                       "spec.image")
+    blocked = pod_problem_verdict(problems, now, "Check the accelerator's node pool, or change spec.resources",
+                                  "Check spec.image")
+    if blocked is not None:
+        return blocked
     reason = ready.get("reason") or "Initializing"
     return Verdict("Pending", "progressing", reason,
                    f"waiting for the Ray cluster and Serve application ({reason})" + suffix)
