@@ -23,7 +23,9 @@ serving it). `run` plays KubeRay's part with them (bench/dataplane/raycluster.py
   a LoRARequest) over the same rows in a fresh process;
 * serve: the RayService's serveConfigV2 PUT to the dashboard's Serve API, queried with the openai client
   (/v1/models, the adapter's replies against the batch outputs, output tokens/s at 32 streams); then
-  `vllm serve` with the same engine arguments under the same load.
+  `vllm serve` with the same engine arguments under the same load;
+* serve_cold_start: a second LLMService with minReplicas 0 (bench/dataplane/coldstart.py): the first request,
+  a warm one, the replica stopping after the idle delay, and the cold start with the model already on disk.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def render(path: Path) -> None:
     from llmops.render import render_manifests
 
     docs = [m.finetune(**FINETUNE), m.batch_inference("viggo-base", with_adapter=False),
-            m.batch_inference("viggo-eval", with_adapter=True), m.llm_service(FINETUNE["rank"])]
+            m.batch_inference("viggo-eval", with_adapter=True), m.llm_service(FINETUNE["rank"]), m.llm_service_zero()]
     objects, errors = render_manifests(docs)
     if errors:
         raise SystemExit("the operator refused the run's manifests:\n" + "\n".join(errors))
@@ -59,6 +61,9 @@ def run(args: argparse.Namespace) -> None:
     from dataplane.run import Run
 
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.state and not (args.work / "bucket").exists():
+        with tarfile.open(args.state) as archive:
+            archive.extractall(args.work, filter="data")
     if RENDERED.exists():
         shutil.copy(RENDERED, args.work / "rendered.json")
     sites = dict(item.split("=", 1) for item in args.sites.split(","))
@@ -74,6 +79,12 @@ def run(args: argparse.Namespace) -> None:
         bench.close()
         with tarfile.open(args.out / "logs.tar.xz", "w:xz") as archive:
             archive.add(bench.logs, arcname="logs")
+        # What a later call needs if the machine was given back in between (carry it as --state).
+        with tarfile.open(args.out / "state.tar.xz", "w:xz") as archive:
+            for name in ("bucket", "data", "dataplane.json"):
+                if (args.work / name).exists():  # not the checkpoints: the adapter is published beside them
+                    archive.add(args.work / name, arcname=name,
+                                filter=lambda info: None if "/llmops-checkpoints" in info.name else info)
         shutil.rmtree(bench.logs, ignore_errors=True)
     summary(bench.results)
 
@@ -114,6 +125,11 @@ def summary(results: dict) -> None:
           f"{serve.get('adapter_replies_equal_to_batch')}/{serve.get('adapter_replies_checked')}, "
           f"{serve.get('output_tokens_per_s')} tok/s vs vllm serve {serve.get('bare_vllm_output_tokens_per_s')} "
           f"({serve.get('ratio_vs_bare_vllm')})")
+    zero = results.get("serve_cold_start") or {}
+    print(f"serve_cold_start: first request {zero.get('first_request_s')} s, warm {zero.get('warm_request_s')} s, "
+          f"to zero {zero.get('to_zero_after_last_request_s')} s after the last request (delay "
+          f"{zero.get('scale_to_zero_delay_s')} s), cold start with the model on disk "
+          f"{zero.get('cold_start_request_s')} s")
 
 
 def main() -> None:
@@ -125,6 +141,8 @@ def main() -> None:
     runner.add_argument("--work", type=Path, default=Path("/tmp/dp/run"))
     runner.add_argument("--out", type=Path, required=True)
     runner.add_argument("--sites", default="serve=/tmp/dp/serve,finetune=/tmp/dp/finetune")
+    runner.add_argument("--state", type=Path, help="a previous call's <out>/state.tar.xz: the bucket, the data and "
+                        "the results so far, restored into an empty --work")
     runner.add_argument("--declare-resources", help="JSON of Ray resources to declare (a CPU dry run of the plumbing: "
                         "'{\"accelerator_type:H200\": 1}'); on the GPU machine Ray detects them")
     args = parser.parse_args()

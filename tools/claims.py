@@ -63,7 +63,12 @@ SETTINGS = {
         "40%": "a sizing rule", "64 MiB": "a container's default /dev/shm", "30%": "Ray's default object store share",
         "20 GiB": "a disk request", "1.2 x": "a sizing rule", "100 GB": "a disk request", "20 GB": "a disk request",
     },
-    "docs/llmservice.md": {"2.60": "a Ray version"},
+    "docs/llmservice.md": {
+        "2.60": "a Ray version", "600 s": "Ray Serve's default downscale_delay_s",
+        "60 s": "KubeRay's default idleTimeoutSeconds, and the bench's scaleToZeroDelaySeconds",
+        "600s": "an example status message (the default scaleToZeroDelaySeconds)",
+        "10 minutes": "the Unschedulable grace setting (SCALE_UP_GRACE_SECONDS)",
+    },
     "docs/payloads.md": {"0.5 s": "the retry back-off setting"},
     "docs/reliability.md": {"8 x": "simulated node count", "6 s": "the quiet window setting"},
     "docs/training-recipe.md": {

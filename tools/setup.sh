@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 step "installing the operator and its test tools into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,dev]'
 
 # The payload suites run where their code runs: Ray 2.60 (batch and serve payloads, plus peft for the adapter
 # check) and LLaMA-Factory 0.9.4's own stack (the training payload against the real CLI on CPU). pip's cache makes
@@ -42,6 +42,8 @@ make_venv() {  # name, check, packages...
 if [ "${LLMOPS_SKIP_RAY_VENV:-0}" != 1 ]; then
   make_venv .venv-ray 'import ray.data.llm, ray.serve, transformers, peft, pytest, yaml' \
     'ray[data,serve]==2.60.0' transformers peft pytest pyyaml
+  # The model cache's download is tested against a local S3 server.
+  .venv-ray/bin/python -c 'import moto.server' 2>/dev/null || .venv-ray/bin/python -m pip install -q 'moto[server]==5.2.6'
   # The FineTune image's pins (Settings.finetune_pip): transformers 4.52.4 is what lets 0.9.4 use neat packing.
   make_venv .venv-lf 'import importlib.metadata as m, ray.train, pytest
 assert (m.version("llamafactory"), m.version("transformers")) == ("0.9.4", "4.52.4")' \
@@ -49,5 +51,6 @@ assert (m.version("llamafactory"), m.version("transformers")) == ("0.9.4", "4.52
     'torchvision==0.26.0' pytest pyyaml
 fi
 
-step "building the local control plane from source (cold: ~10 min on 2 cores; warm: seconds)"
+# Kueue is the largest cold build after Kubernetes: its manager links every job integration it ships.
+step "building the local control plane from source (cold: ~15 min on 2 cores; warm: seconds)"
 .venv/bin/python tools/controlplane/build.py

@@ -15,7 +15,8 @@ from llmops.builders import finetune as finetune_builder
 from llmops.builders.common import BuildContext, is_shared
 from llmops.dev import nodes
 from llmops.dev.install import install_crds
-from llmops.dev.plane import LocalPlane, _terminate
+from llmops.dev.plane import LocalPlane
+from llmops.dev.processes import terminate
 from llmops.handlers.main import load_payloads
 from llmops.kube import ApiError, Credentials, Kube, with_retries
 from llmops.settings import Settings
@@ -25,35 +26,23 @@ from .measure import CREATE_CONCURRENCY
 
 
 # ---- the plane and the client --------------------------------------------------------------------------
-def bench_pools(n: int) -> list[dict]:
-    """Simulated nodes with room for every Ray pod of two bursts of n: no pod waits for space."""
+def bench_pools(n: int) -> tuple[nodes.Pool, ...]:
+    """Simulated nodes with room for every Ray pod of two bursts of n: no pod waits for space (the workers ask
+    for local disk too). Finished RayJobs' clusters are deleted, so one burst's pods are gone before the next's."""
     per_cpu_node, per_gpu_node = 1000, 500
     cpu_nodes = math.ceil(2 * 2 * n / per_cpu_node)     # heads + submitter pods
     gpu_nodes = math.ceil(2 * 2 * n / per_gpu_node)     # 2 L4 workers per RayJob
-    items = []
-    for i in range(cpu_nodes):
-        node = nodes.node(nodes.Pool("bench-cpu", 1, cpu="4000", memory="16000Gi"), i)
-        node["status"]["allocatable"] = node["status"]["capacity"] = {
-            "cpu": "4000", "memory": "16000Gi", "pods": str(per_cpu_node + 50)}
-        items.append(node)
-    for i in range(gpu_nodes):
-        node = nodes.node(nodes.Pool("bench-l4", 1, cpu="4000", memory="16000Gi", gpus=per_gpu_node,
-                                     gpu_product="NVIDIA-L4"), i)
-        node["status"]["allocatable"] = node["status"]["capacity"] = {
-            "cpu": "4000", "memory": "16000Gi", "pods": str(per_gpu_node + 50), "nvidia.com/gpu": str(per_gpu_node)}
-        items.append(node)
-    return items
+    room = {"cpu": "4000", "memory": "16000Gi", "disk": "100Ti"}
+    return (nodes.Pool("bench-cpu", cpu_nodes, **room, pods=per_cpu_node + 50),
+            nodes.Pool("bench-l4", gpu_nodes, **room, gpus=per_gpu_node, gpu_product="NVIDIA-L4",
+                       pods=per_gpu_node + 50))
 
 
 def start_plane(n: int, root: Path) -> LocalPlane:
     plane = LocalPlane(root)
     plane.start(with_kuberay=True)
     install_crds(plane)
-    items = bench_pools(n)
-    plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-                  quiet=True)
-    plane.kubectl("wait", "--for=condition=Ready", "--timeout=120s",
-                  *(f"node/{i['metadata']['name']}" for i in items), quiet=True)
+    nodes.register_pools(plane, bench_pools(n))
     return plane
 
 
@@ -64,14 +53,45 @@ def client_for(plane: LocalPlane) -> tuple[Kube, Credentials]:
     return Kube(credentials, "llmops-bench", user_agent="llmops-bench"), credentials
 
 
+# The operator runs as its own ServiceAccount: the audit log then attributes every request it makes to it
+# (a user agent only names the requests of the clients we know about).
+OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "llmops-bench-system", "llmops-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+
+
+def operator_kubeconfig(plane: LocalPlane) -> Path:
+    """A kubeconfig for OPERATOR_USER (cluster-admin: the bench measures traffic, not least rights)."""
+    plane.kubectl("create", "namespace", OPERATOR_NAMESPACE, quiet=True)
+    plane.kubectl("create", "serviceaccount", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE, quiet=True)
+    plane.kubectl("create", "clusterrolebinding", "llmops-bench-operator", "--clusterrole=cluster-admin",
+                  f"--serviceaccount={OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}", quiet=True)
+    token = plane.kubectl("create", "token", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE, "--duration=48h",
+                          quiet=True).stdout.strip()
+    config = json.loads(plane.kubeconfig.read_text())
+    config["users"] = [{"name": "admin", "user": {"token": token}}]
+    path = plane.root / "operator.kubeconfig"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def pid_of(plane: LocalPlane, name: str) -> int:
     return next(p.pid for p in reversed(plane.processes) if p.name == name)
 
 
+def kuberay_running(plane: LocalPlane) -> bool:
+    return any(p.name == "kuberay-operator" for p in plane.processes)
+
+
 def stop_kuberay(plane: LocalPlane) -> None:
-    proc = next(p for p in reversed(plane.processes) if p.name == "kuberay-operator")
-    _terminate(proc.pid)
-    plane.processes.remove(proc)
+    """Stop the KubeRay operator if it runs."""
+    for proc in [p for p in plane.processes if p.name == "kuberay-operator"]:
+        terminate(proc.pid)
+        plane.processes.remove(proc)
+
+
+def start_kuberay(plane: LocalPlane, flags: tuple[str, ...] = ()) -> None:
+    plane.start_kuberay(*flags)
+    plane.save_state()
 
 
 async def create_all(kube: Kube, objects: list[dict], path: Callable[[dict], str]) -> dict[str, tuple]:
@@ -154,7 +174,7 @@ def kuberay_inputs(n: int, namespace: str) -> tuple[list[dict], list[dict]]:
     others, jobs, seen = [], [], set()
     for body in fine_tunes(n, namespace):
         body["metadata"]["uid"] = str(uuid.uuid4())
-        for child in finetune_builder.build(body, ctx):
+        for child in finetune_builder.build_manifest(body, ctx):
             if is_shared(child):   # the payload sources: one per namespace
                 if child["metadata"]["name"] in seen:
                     continue
@@ -164,11 +184,31 @@ def kuberay_inputs(n: int, namespace: str) -> tuple[list[dict], list[dict]]:
     return others, jobs
 
 
+def expected_children(bodies: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """FineTune name -> the (kind, name) of every child the operator creates for it, from the builder itself
+    (the shared payload ConfigMap included: a job's pods mount it)."""
+    ctx = BuildContext(settings=Settings.load(), payloads=load_payloads())
+    out = {}
+    for body in bodies:
+        body = {**body, "metadata": {**body["metadata"], "uid": "bench"}}
+        out[body["metadata"]["name"]] = [(c["kind"], c["metadata"]["name"]) for c in finetune_builder.build_manifest(body, ctx)]
+    return out
+
+
+def child_collections(namespace: str) -> dict[str, str]:
+    """Kind -> the collection path of every kind of child a FineTune has, in `namespace`."""
+    from llmops.kube import path_of
+    body = fine_tunes(1, namespace)[0]
+    body["metadata"]["uid"] = "bench"
+    children = finetune_builder.build_manifest(body, BuildContext(settings=Settings.load(), payloads=load_payloads()))
+    return {c["kind"]: path_of(c["apiVersion"], c["kind"], namespace) for c in children}
+
+
 def expected_child_writes(n: int) -> int:
     """One write per child: each FineTune's own children, plus the shared payload ConfigMap once."""
     body = fine_tunes(1, "x")[0]
     body["metadata"]["uid"] = "u"
-    children = finetune_builder.build(body, BuildContext(settings=Settings.load(), payloads=load_payloads()))
+    children = finetune_builder.build_manifest(body, BuildContext(settings=Settings.load(), payloads=load_payloads()))
     return n * sum(1 for c in children if not is_shared(c)) + sum(1 for c in children if is_shared(c))
 
 

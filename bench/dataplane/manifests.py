@@ -15,6 +15,9 @@ TRAIN_URI, VALIDATION_URI, TEST_URI = (f"s3://{BUCKET}/viggo/{name}.jsonl" for n
 ADAPTERS = f"s3://{BUCKET}/adapters"
 ADAPTER_NAME = "viggo"
 MODEL_ID = "tiny-qwen"
+SERVICE = "viggo-serve"
+ZERO_SERVICE = "viggo-zero"   # the LLMService that scales to zero (bench/dataplane/coldstart.py)
+ZERO_DELAY_S = 60   # its scaleToZeroDelaySeconds: short, so that the run waits little for the replica to stop
 ACCELERATOR = "H200"
 STORAGE_SECRET = "s3-credentials"
 # vLLM engine arguments the run adds to every engine (batch, serve and bare vLLM alike).
@@ -66,13 +69,25 @@ def batch_inference(name: str, with_adapter: bool) -> dict[str, Any]:
 
 
 def llm_service(rank: int) -> dict[str, Any]:
-    return _resource("LLMService", "viggo-serve", {
+    return _resource("LLMService", SERVICE, {
         "modelId": MODEL_ID,
         "model": {"source": MODEL_URI},
         "adapters": [{"name": ADAPTER_NAME, "fineTuneRef": {"name": ADAPTER_NAME}}],
         "lora": {"maxAdaptersPerReplica": 2, "maxRank": rank},
         "engine": {"maxModelLen": MAX_MODEL_LEN, "extraEngineArgs": ENGINE_ARGS},
         "autoscaling": {"minReplicas": 1, "maxReplicas": 1, "targetOngoingRequests": 64},
+        "resources": _resources(),
+        "secrets": {"storage": {"name": STORAGE_SECRET}},
+    })
+
+
+def llm_service_zero() -> dict[str, Any]:
+    """The base model alone, with minReplicas 0: Serve starts no replica until a request comes."""
+    return _resource("LLMService", ZERO_SERVICE, {
+        "modelId": MODEL_ID,
+        "model": {"source": MODEL_URI},
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "extraEngineArgs": ENGINE_ARGS},
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroDelaySeconds": ZERO_DELAY_S},
         "resources": _resources(),
         "secrets": {"storage": {"name": STORAGE_SECRET}},
     })

@@ -51,6 +51,8 @@ def materialize_pod(objects: list[dict], ray_object: dict) -> None:
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
         volume, path = volumes[mount["name"]], Path(mount["mountPath"])
+        if volume.get("emptyDir", {}).get("medium") == "Memory" and path.is_dir():
+            continue  # a tmpfs the machine already has (/dev/shm)
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         if "configMap" in volume:

@@ -60,7 +60,7 @@ def rendered_config(training: dict, extra_args: dict | None) -> tuple[dict, dict
     doc["spec"]["training"].update(training)
     if extra_args:
         doc["spec"]["extraArgs"] = extra_args
-    children = finetune.build(doc, BuildContext(settings=Settings(), payloads={}))
+    children = finetune.build_manifest(doc, BuildContext(settings=Settings(), payloads={}))
     files = next(o for o in children if o["metadata"]["name"].endswith("-config"))["data"]
     return yaml.safe_load(files["train.yaml"]), json.loads(files["dataset_info.json"])
 

@@ -73,7 +73,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             if (root / "state.json").exists() and all(LocalPlane.load(root).status().values()):
                 print(f"already up; export KUBECONFIG={root / 'kubeconfig'}")
                 return 0
-            plane = LocalPlane(root)
+            plane = LocalPlane(root, with_kueue=args.with_kueue)
             plane.start()
             from .dev.install import install_crds
             install_crds(plane)
@@ -103,7 +103,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .dev.demo import main as demo
+    try:
+        from .dev.demo import main as demo
+    except ModuleNotFoundError as e:
+        if e.name != "kubernetes":
+            raise
+        print("error: llmops demo needs the dev extra: pip install 'llmops[dev]'", file=sys.stderr)
+        return 1
     return demo(keep=args.keep)
 
 
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("dev", help="the local control plane (real kube-apiserver, etcd, KubeRay, kwok)")
     p.add_argument("action", choices=("up", "down", "status", "env"))
+    p.add_argument("--with-kueue", action="store_true",
+                   help="up: also run Kueue (RayJob integration), so a FineTune's spec.queueName is honoured")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("demo", help="local demo: plane + operator + the ViGGO example workflow")

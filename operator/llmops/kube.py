@@ -22,11 +22,16 @@ PLURALS = {
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "Event"): "events",
     ("v1", "Pod"): "pods",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("batch/v1", "Job"): "jobs",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("ray.io/v1", "RayJob"): "rayjobs",
     ("ray.io/v1", "RayService"): "rayservices",
     ("ray.io/v1", "RayCluster"): "rayclusters",
+    ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("gateway.envoyproxy.io/v1alpha1", "SecurityPolicy"): "securitypolicies",
     **{(f"{GROUP}/{VERSION}", k.kind): k.plural for k in KINDS.values()},
 }
 
@@ -148,6 +153,11 @@ class Kube:
                                     params={"fieldSelector": f"metadata.name={name}"})
         items = listed.get("items") or []
         return items[0] if items else None
+
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        listed = await self.request("GET", path_of(api_version, kind, namespace),
+                                    params={"labelSelector": label_selector})
+        return listed.get("items") or []
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -17,10 +17,12 @@ from .api import API_VERSION, KINDS
 from .api.batchinference import BatchInferenceSpec
 from .api.finetune import FineTuneSpec
 from .api.llmservice import LLMServiceSpec
-from .builders import batchinference, finetune, llmservice
-from .builders.common import BuildContext
+from .api.validation import spec_errors
+from .builders import batchinference, finetune, llmservice, modelcache
+from .builders.common import BuildContext, Owner
 from .builders.serving import EVALUATED_ADAPTER_KEY, resolve_adapters
-from .handlers.jobs import spec_errors
+from .dependencies import finetune_output
+from .handlers.kinds import RECONCILERS
 from .settings import Settings
 
 
@@ -28,7 +30,8 @@ def _with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     meta = dict(doc.get("metadata") or {})
     meta.setdefault("namespace", "default")
     # A stable uid per name keeps the output reproducible (golden files diff it).
-    meta.setdefault("uid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{doc.get('kind')}/{meta['namespace']}/{meta.get('name')}")))
+    key = f"{doc.get('kind')}/{meta['namespace']}/{meta.get('name')}"
+    meta.setdefault("uid", str(uuid.uuid5(uuid.NAMESPACE_URL, key)))
     meta.setdefault("generation", 1)
     return {**doc, "metadata": meta}
 
@@ -62,7 +65,7 @@ def planned_gate_statuses(spec: LLMServiceSpec, finetunes: dict[str, dict]) -> d
 def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None, *, assume_ready: bool = False
                      ) -> tuple[list[dict], list[str]]:
     if ctx is None:
-        from .handlers.main import load_payloads
+        from .builders.common import load_payloads
         ctx = BuildContext(settings=Settings.load(), payloads=load_payloads())
     docs = [_with_defaults(d) for d in docs if d.get("apiVersion") == API_VERSION and d.get("kind") in KINDS]
     finetunes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "FineTune"}
@@ -84,24 +87,42 @@ def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None
     return objects, errors
 
 
+def _with_cache(owner: Owner, cached: modelcache.CachedModel | None, spec: Any, image: str, ctx: BuildContext,
+                children: list[dict]) -> list[dict]:
+    """A model cache's children first (the operator applies them, and the rest once the model is cached)."""
+    return [*modelcache.build(owner, cached, spec, image, ctx), *children] if cached is not None else children
+
+
 def _render_one(doc: dict[str, Any], finetunes: dict[str, dict], ctx: BuildContext, assume_ready: bool
                 ) -> list[dict]:
-    kind = doc["kind"]
-    if kind == "FineTune":
-        return finetune.build(doc, ctx)
-    if kind == "BatchInference":
-        spec = BatchInferenceSpec.model_validate(doc["spec"])
+    reconciler = RECONCILERS[doc["kind"]]
+    spec = reconciler.api.spec_model.model_validate(doc["spec"])
+    owner = Owner.of(doc)
+    references = _references(spec, finetunes, assume_ready)
+    children = reconciler.build(owner, spec, ctx, *references)
+    if isinstance(spec, FineTuneSpec):
+        return _with_cache(owner, finetune.cached_model(owner, spec), spec, finetune.image(spec, ctx), ctx, children)
+    if isinstance(spec, BatchInferenceSpec):
+        return _with_cache(owner, batchinference.cached_model(owner, spec, *references), spec,
+                           batchinference.image(spec, ctx), ctx, children)
+    return _with_cache(owner, llmservice.cached_model(owner, spec), spec, llmservice.image(spec, ctx), ctx, children)
+
+
+def _references(spec: Any, finetunes: dict[str, dict], assume_ready: bool) -> tuple[Any, ...]:
+    """What the builder takes besides (owner, spec, ctx): the resources the spec names, resolved within the input
+    as they will be once they succeeded."""
+    if isinstance(spec, BatchInferenceSpec):
         model = batchinference.resolved_from_spec(spec)
         if model is None:
             ref = spec.model.fine_tune_ref.name
             if ref not in finetunes:
                 raise KeyError(f"spec.model.fineTuneRef names FineTune {ref}, which is not in the input")
+            # As the operator will once the FineTune succeeded: its planned status, read the operator's way.
+            output = finetune_output(ref, planned_finetune_status(finetunes[ref]))
             ft = FineTuneSpec.model_validate(finetunes[ref]["spec"])
-            uri = ft.output.uri
-            model = batchinference.ResolvedModel(ft.base_model.source, uri, uri.rstrip("/").rsplit("/", 1)[-1],
-                                                 ft.method.rank)
-        return batchinference.build(doc, ctx, model)
-    spec = LLMServiceSpec.model_validate(doc["spec"])
-    statuses = {name: planned_finetune_status(d) for name, d in finetunes.items()}
-    plan = resolve_adapters(spec, statuses, planned_gate_statuses(spec, finetunes) if assume_ready else {})
-    return llmservice.build(doc, ctx, plan)
+            model = batchinference.ResolvedModel.of_finetune(ft.base_model.source, output.uri, output.rank)
+        return (model,)
+    if isinstance(spec, LLMServiceSpec):
+        statuses = {name: planned_finetune_status(d) for name, d in finetunes.items()}
+        return (resolve_adapters(spec, statuses, planned_gate_statuses(spec, finetunes) if assume_ready else {}),)
+    return ()

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from payloads import metrics, storage
-from payloads.report import ReportError, ResultReporter, rfc3339_now
+from payloads.report import ReportError, ResultReporter, interval_from, rfc3339_now
+from payloads.row_progress import RowProgress
 
 logger = logging.getLogger("llmops.payloads.batch_inference")
 
@@ -361,7 +362,9 @@ def score_output(spec: BatchInferenceSpec, target: storage.StorageURI) -> Dict[s
     return dict(accumulator.result(spec.metrics))
 
 
-def run(spec: BatchInferenceSpec, reporter: ResultReporter, processor_factory: ProcessorFactory) -> Dict[str, Any]:
+def run(spec: BatchInferenceSpec, reporter: ResultReporter, processor_factory: ProcessorFactory
+        ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Generate, write and score; returns the metrics and the final progress."""
     import ray
 
     source, target = check_locations(spec)
@@ -370,7 +373,8 @@ def run(spec: BatchInferenceSpec, reporter: ResultReporter, processor_factory: P
         ray.init()
 
     ds, columns, total = read_input(spec, source)
-    _report_progress(reporter, f"Generating for {total} input rows with {spec.model_source}.", 0, total)
+    generating = f"Generating for {total} input rows with {spec.model_source}."
+    _report_progress(reporter, generating, 0, total)
 
     out_fs, out_path = storage.resolve(target)
     marker = f"{out_path}/{SUCCESS_MARKER}"
@@ -378,12 +382,16 @@ def run(spec: BatchInferenceSpec, reporter: ResultReporter, processor_factory: P
 
     ds = ds.rename_columns({name: carried(name, columns) for name in columns})
     processor = processor_factory(config, BuildRequest(spec, columns), CollectOutput(columns))
-    storage.write_dataset(processor(ds), target, spec.output_format)
+    with RowProgress(total, lambda progress: reporter.running(generating, progress),
+                     interval_from()) as progress:
+        storage.write_dataset(progress.counted(processor(ds)), target, spec.output_format)
+    done = progress.final()
 
     result = score_output(spec, target)
     marker_doc = {"rows": result["rows"], "metrics": result, "inputURI": source.uri, "completedAt": rfc3339_now()}
     storage.write_bytes(out_fs, marker, json.dumps(marker_doc, sort_keys=True).encode("utf-8"))
-    return result
+    # The scorer counts the rows written; the rate is the generation's, without the engine's start.
+    return result, {**done, "rowsDone": result["rows"], "rowsTotal": result["rows"]}
 
 
 def _report_progress(reporter: ResultReporter, message: str, done: int, total: int) -> None:
@@ -442,7 +450,7 @@ def main(
     try:
         with open(args.config, encoding="utf-8") as handle:
             spec = parse_spec(json.load(handle))
-        result = run(spec, reporter, processor_factory)
+        result, progress = run(spec, reporter, processor_factory)
     except Exception as exc:  # every failure must reach the operator as a Failed report
         message = failure_message(exc)
         logger.exception("%s", message)
@@ -457,7 +465,7 @@ def main(
     try:
         reporter.succeeded(
             f"Generated {rows} rows into {spec.output_uri}" + (f"; {scored}." if scored else "."),
-            progress={"rowsDone": rows, "rowsTotal": rows},
+            progress=progress,
             metrics=result,
             outputURI=spec.output_uri,
         )

@@ -8,11 +8,14 @@ config, ``llmops/builders/llamafactory.py``) and ``dataset_info.json``. The driv
 2. stages the inputs on every node that can host a training worker: each dataset URI into its folder under
    ``dataset_dir`` (with ``dataset_info.json``), an s3:// or gs:// base model into ``model_name_or_path``;
    LLaMA-Factory's workers read local files only;
-3. clears ``<ray_storage_path>/<ray_run_name>`` and runs ``USE_RAY=1 llamafactory-cli train``, streaming its
-   output and reporting ``progress`` (epoch, loss, step) at most every 30 s;
-4. takes the latest Ray Train checkpoint (or, without one, the rank-0 worker's ``output_dir``), checks that it is
+3. with ``resume: auto`` (``spec.training.resume``), looks in ``<ray_storage_path>/<ray_run_name>`` for the
+   latest complete checkpoint an earlier run of this resource left (a RayJob retry, a lost node) and stages it on
+   every node for LLaMA-Factory's ``resume_from_checkpoint``; otherwise (or with ``never``) clears that folder;
+4. runs ``USE_RAY=1 llamafactory-cli train``, streaming its output and reporting ``progress`` (epoch, loss, step,
+   ``resumedFromStep``) at most every 30 s;
+5. takes the latest Ray Train checkpoint (or, without one, the rank-0 worker's ``output_dir``), checks that it is
    complete and, for LoRA, that peft reads the rank, alpha, target modules and base model the spec asked for;
-5. publishes the adapter files and ``all_results.json`` to ``spec.output`` (the config file last) and reports
+6. publishes the adapter files and ``all_results.json`` to ``spec.output`` (the config file last) and reports
    ``Succeeded`` with ``adapter`` and ``metrics``. Any failure reports ``Failed`` with what to do; exit 1.
 
 Outside a Ray cluster (no ``RAY_ADDRESS``) this machine is the only node: staging and collection are local.
@@ -27,6 +30,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -36,15 +40,15 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from payloads import storage
 from payloads.finetune_job import ALL_RESULTS, LLAMAFACTORY_VERSION, FineTuneError, Job, Terminated
 from payloads.finetune_log import Progress, report_running, run_training
-from payloads.finetune_model import (check_adapter, check_complete, clear_experiment, download, latest_checkpoint,
-                                     metrics_from, publish)
-from payloads.finetune_nodes import Nodes, collect_node_outputs, stage_inputs
-from payloads.report import ReportError, ResultReporter
+from payloads.finetune_model import (ResumePoint, check_adapter, check_complete, download, latest_checkpoint,
+                                     metrics_from, owns_experiment, publish, resume_point, start_experiment,
+                                     storage_uri)
+from payloads.finetune_nodes import Nodes, StageItem, collect_node_outputs, stage_inputs
+from payloads.report import ReportError, ResultReporter, interval_from
 
 logger = logging.getLogger("llmops.payloads.finetune")
 
 _SUPPORTED_VERSION = re.compile(r"^0\.9\.4(\.post\d+)?(\+.*)?$")
-PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL_S = "LLMOPS_PROGRESS_INTERVAL_S", 30.0
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -72,7 +76,8 @@ def load_job(job_path: str, train_path: str, dataset_info_path: str) -> Job:
     job = Job(name=spec["name"], output_uri=spec["output"]["uri"], base_model=spec.get("baseModel") or {},
               method=spec.get("method") or {}, train_uri=dataset["train"]["uri"],
               validation_uri=validation.get("uri"), config=config,
-              dataset_info=_read_json(dataset_info_path, "dataset_info.json"))
+              dataset_info=_read_json(dataset_info_path, "dataset_info.json"), uid=spec.get("uid") or "",
+              resume=spec.get("resume") or "auto")
     missing = [k for k in ("ray_run_name", "ray_storage_path", "ray_num_workers", "dataset", "dataset_dir",
                            "output_dir", "model_name_or_path") if not config.get(k)]
     if missing:
@@ -119,6 +124,21 @@ def localize_pvc_paths(value: Any, env: Optional[Mapping[str, str]] = None) -> A
     return value
 
 
+def start_point(job: Job) -> Optional[ResumePoint]:
+    """Where training starts: the latest complete checkpoint of an earlier run of this resource when resuming
+    is allowed, else None after emptying the checkpoint storage (Ray Train V2 would restore what it finds)."""
+    config = job.config
+    point = resume_point(config) if job.resume == "auto" and owns_experiment(config, job.uid) else None
+    if point is None:
+        start_experiment(config, job.uid)
+    return point
+
+
+def resume_dir(config: Mapping[str, Any]) -> str:
+    """Node-local folder (beside output_dir, on the same scratch on every node) for the staged checkpoint."""
+    return posixpath.join(posixpath.dirname(str(config["output_dir"]).rstrip("/")), "resume")
+
+
 def gather_model(job: Job, nodes: Nodes, model_dir: str) -> Optional[str]:
     """Copy the final model into model_dir: the newest Ray Train checkpoint, else the rank-0 worker's output_dir.
     Returns all_results.json's text (None when no node has it)."""
@@ -143,22 +163,30 @@ def gather_model(job: Job, nodes: Nodes, model_dir: str) -> Optional[str]:
 
 def run(job: Job, reporter: ResultReporter, workdir: str, env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     env = os.environ if env is None else env
-    interval = float(env.get(PROGRESS_INTERVAL_ENV) or DEFAULT_PROGRESS_INTERVAL_S)
+    interval = interval_from(env)
     report_running(reporter, "Checking the training environment", None)
     version = check_llamafactory_version()
     check_packing_attention(job.config)
     job.config = config = localize_pvc_paths(job.config, env)
     nodes = Nodes(config, env)
     try:
-        report_running(reporter, "Staging the dataset on the training nodes", None)
-        stage_inputs(job, nodes)
-        clear_experiment(config)
+        progress = Progress()
+        point = start_point(job)
+        extra = []
+        if point is not None:
+            config["resume_from_checkpoint"] = resume_dir(config)
+            extra.append(StageItem(storage_uri(config, point.folder, env), config["resume_from_checkpoint"], False))
+            progress.state["resumedFromStep"] = point.step
+            logger.info("resuming from the step-%d checkpoint %s", point.step, point.folder)
+        report_running(reporter, "Staging the dataset" + (f" and the step-{point.step} checkpoint" if point else "")
+                       + " on the training nodes", progress.state or None)
+        stage_inputs(job, nodes, extra)
         config_path = os.path.join(workdir, "train.json")  # JSON: exact numbers, read by LLaMA-Factory's driver
         with open(config_path, "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
         report_running(reporter, f"Training with LLaMA-Factory {version} on {config['ray_num_workers']} GPU "
-                                  "worker(s)", None)
-        progress = Progress()
+                                  "worker(s)" + (f", resuming at step {point.step}" if point else ""),
+                       progress.state or None)
         run_training(config_path, reporter, progress, interval)
 
         model_dir = os.path.join(workdir, "model")

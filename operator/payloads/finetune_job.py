@@ -31,6 +31,8 @@ class Job:
     validation_uri: Optional[str]
     config: Dict[str, Any]
     dataset_info: Dict[str, Any]
+    uid: str = ""
+    resume: str = "auto"  # spec.training.resume: auto | never
 
     @property
     def method_type(self) -> str:

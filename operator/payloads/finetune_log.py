@@ -86,7 +86,8 @@ class Progress:
         state = self.state
         parts = [f"step {state['step']}/{state['totalSteps']}" if "step" in state and "totalSteps" in state else "",
                  f"epoch {state['epoch']:.2f}" if isinstance(state.get("epoch"), (int, float)) else "",
-                 f"loss {state['loss']:.4f}" if isinstance(state.get("loss"), (int, float)) else ""]
+                 f"loss {state['loss']:.4f}" if isinstance(state.get("loss"), (int, float)) else "",
+                 f"resumed at step {state['resumedFromStep']}" if "resumedFromStep" in state else ""]
         return "Training: " + ", ".join(p for p in parts if p) if any(parts) else "Training"
 
     def failure(self, returncode: int) -> str:

@@ -4,17 +4,33 @@ published to spec.output."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
 import shutil
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from payloads import storage
 from payloads.finetune_job import CONFIG_FILES, TRAINING_STATE, FineTuneError, Job
 from payloads.finetune_log import eval_loss
 
+logger = logging.getLogger("llmops.payloads.finetune")
+
+RUN_MARKER = "llmops-run.json"  # which resource's run the folder holds
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of the checkpoints it registered
+# What Hugging Face's Trainer reads to resume: besides these, the weights (and rng_state*.pth, optional).
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+_WEIGHTS = re.compile(r"^(adapter_model|model|pytorch_model)([.-].*)?\.(safetensors|bin|json)$")
 _CHECKPOINT_FILE = re.compile(r"^(?:(?P<trial>[^/]+)/)?(?P<ckpt>checkpoint_[^/]+)/checkpoint/(?P<file>[^/]+)$")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    fs: Any
+    folder: str  # the Hugging Face checkpoint folder inside the Ray Train checkpoint
+    step: int  # trainer_state.json's global_step
 
 
 def checkpoint_experiment(config: Mapping[str, Any]) -> Tuple[Any, str]:
@@ -31,17 +47,40 @@ def checkpoint_experiment(config: Mapping[str, Any]) -> Tuple[Any, str]:
 
 
 def clear_experiment(config: Mapping[str, Any]) -> None:
-    """Ray Train V2 restores a run from what it finds there; every FineTune run starts afresh."""
+    """Delete the run folder: Ray Train V2 restores a run from what it finds there."""
     fs, path = checkpoint_experiment(config)
     if storage.file_exists(fs, path):
         fs.delete_dir(path)
 
 
-def latest_checkpoint(config: Mapping[str, Any]) -> Optional[Tuple[Any, str, List[str]]]:
-    """(filesystem, folder, file names) of the newest Ray Train checkpoint's Hugging Face folder.
+def owns_experiment(config: Mapping[str, Any], uid: str) -> bool:
+    """True when the run folder holds an earlier run of this very resource (its marker names the uid).
 
-    Ray 2.x V1 writes <run>/<trial>/checkpoint_000NNN/checkpoint, V2 <run>/checkpoint_<timestamp>/checkpoint;
-    both sort by name, and the run folder holds only this run (clear_experiment).
+    A FineTune deleted and created again under the same name has a new uid: the old run's checkpoints trained
+    another spec, so they are never resumed.
+    """
+    fs, path = checkpoint_experiment(config)
+    marker = posixpath.join(path, RUN_MARKER)
+    if not storage.file_exists(fs, marker):
+        return False
+    try:
+        with fs.open_input_stream(marker) as stream:
+            return json.loads(stream.read().decode("utf-8")).get("uid") == uid
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def start_experiment(config: Mapping[str, Any], uid: str) -> None:
+    """An empty run folder marked as this resource's."""
+    clear_experiment(config)
+    fs, path = checkpoint_experiment(config)
+    storage.write_bytes(fs, posixpath.join(path, RUN_MARKER), json.dumps({"uid": uid}).encode("utf-8"))
+
+
+def _checkpoints(config: Mapping[str, Any]) -> Tuple[Any, str, Dict[Tuple[str, str], List[str]]]:
+    """(filesystem, run folder, {(trial, checkpoint dir): file names}) of the Ray Train checkpoints there.
+
+    Ray 2.x V1 writes <run>/<trial>/checkpoint_000NNN/checkpoint, V2 <run>/checkpoint_<timestamp>/checkpoint.
     """
     import pyarrow.fs as pafs
 
@@ -51,11 +90,75 @@ def latest_checkpoint(config: Mapping[str, Any]) -> Optional[Tuple[Any, str, Lis
         match = _CHECKPOINT_FILE.match(info.path[len(root) + 1:]) if info.type == pafs.FileType.File else None
         if match:
             found.setdefault((match["trial"] or "", match["ckpt"]), []).append(match["file"])
+    return fs, root, found
+
+
+def _folder(root: str, trial: str, ckpt: str) -> str:
+    return posixpath.join(root, *([trial] if trial else []), ckpt, "checkpoint")
+
+
+def latest_checkpoint(config: Mapping[str, Any]) -> Optional[Tuple[Any, str, List[str]]]:
+    """(filesystem, folder, file names) of the newest Ray Train checkpoint's Hugging Face folder.
+
+    Names sort by time (V1 by number within a trial, V2 by timestamp): a resumed run's checkpoints come after
+    those of the run it resumed.
+    """
+    fs, root, found = _checkpoints(config)
     if not found:
         return None
     trial, ckpt = max(found)
-    folder = posixpath.join(root, *([trial] if trial else []), ckpt, "checkpoint")
-    return fs, folder, found[(trial, ckpt)]
+    return fs, _folder(root, trial, ckpt), found[(trial, ckpt)]
+
+
+def _registered(fs: Any, root: str) -> Optional[set]:
+    """The checkpoint dirs Ray Train V2's snapshot lists: it registers a checkpoint once every worker has
+    uploaded its part. None without a readable snapshot."""
+    path = posixpath.join(root, RAY_SNAPSHOT)
+    if not storage.file_exists(fs, path):
+        return None
+    try:
+        with fs.open_input_stream(path) as stream:
+            snapshot = json.loads(stream.read().decode("utf-8"))
+        results = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result") or {}]
+        return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        logger.warning("cannot read Ray Train's checkpoint snapshot %s (%s); judging checkpoints by their files",
+                       path, exc)
+        return None
+
+
+def resume_point(config: Mapping[str, Any]) -> Optional[ResumePoint]:
+    """The latest complete checkpoint of an earlier run of this job: registered by Ray Train (when it keeps a
+    snapshot), holding the trainer state, optimizer, scheduler and weights; the highest global step wins."""
+    fs, root, found = _checkpoints(config)
+    registered = _registered(fs, root)
+    best: Optional[ResumePoint] = None
+    for (trial, ckpt), names in found.items():
+        if registered is not None and ckpt not in registered:
+            continue
+        if not set(RESUME_FILES) <= set(names) or not any(_WEIGHTS.match(n) for n in names):
+            continue
+        folder = _folder(root, trial, ckpt)
+        try:
+            with fs.open_input_stream(posixpath.join(folder, "trainer_state.json")) as stream:
+                step = int(json.loads(stream.read().decode("utf-8"))["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("skipping checkpoint %s: unreadable trainer_state.json (%s)", folder, exc)
+            continue
+        if best is None or (step, folder) > (best.step, best.folder):
+            best = ResumePoint(fs, folder, step)
+    return best
+
+
+def storage_uri(config: Mapping[str, Any], path: str, env: Optional[Mapping[str, str]] = None) -> str:
+    """The storage URI of a path inside the checkpoint storage, as the nodes' staging reads it."""
+    if config.get("ray_storage_filesystem"):
+        return f"{'s3' if config['ray_storage_filesystem'] == 's3' else 'gs'}://{path.lstrip('/')}"
+    root = storage.pvc_mount_root(env).rstrip("/") + "/"
+    if not path.startswith(root):
+        raise FineTuneError(f"the checkpoint storage {path} lies outside the claims' mount {root}: re-render the "
+                            "job with this operator")
+    return "pvc://" + path[len(root):]
 
 
 def download(fs: Any, folder: str, names: Sequence[str], local_dir: str) -> None:

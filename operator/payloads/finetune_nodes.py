@@ -176,9 +176,9 @@ class Nodes:
                 self._ray = None
 
 
-def stage_inputs(job: Job, nodes: Nodes) -> None:
+def stage_inputs(job: Job, nodes: Nodes, extra: Sequence[StageItem] = ()) -> None:
     config = job.config
-    staged = nodes.run(prepare_node, staging_plan(job), os.path.join(config["dataset_dir"], "dataset_info.json"),
+    staged = nodes.run(prepare_node, [*staging_plan(job), *extra], os.path.join(config["dataset_dir"], "dataset_info.json"),
                        json.dumps(job.dataset_info, indent=2), config["output_dir"])
     errors = sorted({s["error"] for s in staged if "error" in s})
     if errors:

@@ -52,6 +52,15 @@ _BEARER = re.compile(r"(\bbearer\s+)[A-Za-z0-9._~+/=-]+", re.I)
 REDACTED = "[REDACTED]"
 
 
+PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL_S = "LLMOPS_PROGRESS_INTERVAL_S", 30.0
+
+
+def interval_from(env: Optional[Mapping[str, str]] = None) -> float:
+    """Seconds between a long job's progress reports."""
+    env = os.environ if env is None else env
+    return float(env.get(PROGRESS_INTERVAL_ENV) or DEFAULT_PROGRESS_INTERVAL_S)
+
+
 class ReportError(RuntimeError):
     """The report could not be delivered (after retries, for transient errors)."""
 

@@ -14,7 +14,7 @@ import pytest
 
 from llmops import yamlio
 from llmops.builders.common import BuildContext, is_shared
-from llmops.handlers.main import load_payloads
+from llmops.builders.common import load_payloads
 from llmops.render import render_manifests
 from llmops.settings import CLOUDS, Settings
 

@@ -46,6 +46,14 @@ def operator(plane, tmp_path_factory):
 
 
 @pytest.fixture()
+def alone(operator):
+    """The shared operator watches every namespace: paused for a test whose own operators must act alone."""
+    operator.stop()
+    yield
+    operator.start()
+
+
+@pytest.fixture()
 def ns(cluster):
     """A fresh namespace; deleted afterwards so the simulated GPU pool is free for the next test."""
     name = cluster.namespace()

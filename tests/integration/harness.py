@@ -135,8 +135,10 @@ def _unless_absent(read: Callable[[], Any]) -> Any | None:
         raise
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> Any:
-    """Poll until `check()` returns something truthy; fail with the last value seen."""
+def wait_for(check: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition",
+             show: Callable[[], Any] | None = None) -> Any:
+    """Poll until `check()` returns something truthy; fail with the last value seen (and what `show()` returns
+    then: say, the resource's status, when the check's value alone would not tell why it waited)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -144,7 +146,8 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, interval: float = 0.
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+    shown = f"; {show()!r}" if show is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}{shown}")
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def test_crds_established(plane):
         assert f"{name}=True" in out
 
 
-@pytest.mark.parametrize("path", ["viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml"])
+@pytest.mark.parametrize("path", ["viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml",
+                                  "gateway/llmservice.yaml"])
 def test_examples_accepted(cluster, ns, path):
     doc = example(path)
     doc["metadata"]["namespace"] = ns

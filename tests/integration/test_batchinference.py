@@ -46,7 +46,8 @@ def test_chain_waits_for_finetune_then_runs_with_its_adapter(plane, cluster, ope
     assert config["engineKwargs"]["enable_prefix_caching"] is True
     assert config["engineKwargs"]["enable_chunked_prefill"] is True
 
-    wait_for(lambda: phase(cluster.get("BatchInference", ns, "eval")) == "Running", timeout=90, what="Running")
+    wait_for(lambda: phase(cluster.get("BatchInference", ns, "eval")) == "Running", timeout=90, what="Running",
+             show=lambda: (cluster.get("BatchInference", ns, "eval") or {}).get("status"))
     _finish(simulator, cluster, ns, "BatchInference", "eval", "eval-bi")
     bi = cluster.get("BatchInference", ns, "eval")
     assert phase(bi) == "Succeeded" and condition(bi, "Ready")["status"] == "True"

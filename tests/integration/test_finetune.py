@@ -263,3 +263,84 @@ def test_pods_run_as_the_specs_own_account_with_only_the_result_channel_added(cl
     _finish(simulator, cluster, ns, "own")
     assert phase(cluster.get("FineTune", ns, "own")) == "Succeeded"
     assert cluster.core.read_namespaced_service_account("ml-identity", ns).metadata.annotations == annotations
+
+
+def test_a_worker_lost_with_its_node_is_preempted_then_resumes(plane, cluster, operator, ns):
+    """A spot node reclaimed mid-run: its worker pod is evicted (Kubernetes marks it DisruptionTarget) and its
+    Node deleted, the Ray job fails as Ray Train does on a lost worker (the simulator plays that part and
+    KubeRay's retry step, which KubeRay cannot take here without a Ray dashboard), KubeRay replaces the cluster
+    and the second attempt finishes. The status reads Preempted, then Resuming, never Failed, and shows the
+    retry budget."""
+    from llmops.dev.nodes import register_pools
+
+    doc = finetune("spot")
+    doc["spec"]["backoffLimit"] = 1
+    cluster.create(doc, ns)
+    sim = Simulator(plane.kubeconfig, run_seconds=3600, namespace=ns)   # runs until a worker is lost
+    seen: list[tuple[str, str]] = []
+
+    def watch(until):
+        def check():
+            sim.step()
+            ft = cluster.get("FineTune", ns, "spot") or {}
+            ready = condition(ft, "Ready") if ft.get("status", {}).get("conditions") else {}
+            entry = (phase(ft), ready.get("reason"))
+            if entry[1] and (not seen or seen[-1] != entry):
+                seen.append(entry)
+            return ft if until(ft) else None
+        return check
+
+    ft = wait_for(watch(lambda o: condition(o, "Ready").get("reason") == "JobRunning"), timeout=120, what="Running")
+    assert ft["status"]["retries"] == {"used": 0, "limit": 1}
+    cluster_name = ft["status"]["rayClusterName"]
+    wait_for(lambda: sim.step() is not None and len([p for p in cluster.pods(
+        ns, f"ray.io/cluster={cluster_name},ray.io/node-type=worker") if p.status.phase == "Running"]) == 2,
+        timeout=60, what="2 Running workers")
+    sim.step()   # the simulator learns the attempt's workers
+    worker = cluster.pods(ns, f"ray.io/cluster={cluster_name},ray.io/node-type=worker")[0]
+    node = worker.spec.node_name
+    try:
+        # A spot interruption as the interruption handlers (Karpenter, AWS Node Termination Handler) play it:
+        # the node's pods are evicted through the Eviction API, then the cloud deletes the reclaimed VM's Node.
+        cluster.core.create_namespaced_pod_eviction(worker.metadata.name, ns, {
+            "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": worker.metadata.name,
+                                                                        "namespace": ns}})
+        cluster.core.delete_node(node)
+        # The pool has no capacity left for now (spot capacity often goes with the interruption): the retry's
+        # new workers wait, and the status says so, until the pool is opened again below.
+        _cordon(cluster, "l4", True)
+        preempted = wait_for(watch(lambda o: condition(o, "Ready").get("reason") == "Preempted"), timeout=150,
+                             what="Preempted")
+        assert phase(preempted) == "Running" and condition(preempted, "Reconciling")["status"] == "True"
+        assert condition(preempted, "Stalled")["status"] == "False"
+        message = condition(preempted, "Ready")["message"]
+        assert worker.metadata.name in message and "0 of 1 retries used" in message, (message, seen)
+        resuming = wait_for(watch(lambda o: condition(o, "Ready").get("reason") == "Resuming"
+                                  and "waits for a node" in condition(o, "Ready")["message"]), timeout=90,
+                            what="Resuming while the pool has no free node")
+        assert resuming["status"]["retries"] == {"used": 1, "limit": 1}
+        assert "resumes from the last complete checkpoint" in condition(resuming, "Ready")["message"]
+        # What the retried driver reads: resume from the run folder this very resource marked as its own.
+        job = json.loads(cluster.config_map(ns, "spot-ft-config").data["job.json"])
+        assert (job["resume"], job["uid"]) == ("auto", resuming["metadata"]["uid"])
+        # KubeRay's own retry: a new Ray cluster for the second attempt, which the simulator then finishes.
+        _cordon(cluster, "l4", False)
+        again = wait_for(watch(lambda o: o["status"].get("rayClusterName") not in (None, cluster_name)
+                               and condition(o, "Ready").get("reason") == "JobRunning"), timeout=120,
+                         what="the second attempt running")
+        assert "attempt 2, 1 of 1 retries used" in condition(again, "Ready")["message"]
+        sim.run_seconds = 0
+        done = wait_for(watch(lambda o: phase(o) in ("Succeeded", "Failed")), timeout=90, what="the end")
+        assert phase(done) == "Succeeded", done["status"]
+        assert done["status"]["retries"] == {"used": 1, "limit": 1}
+        reasons = [reason for _, reason in seen]
+        assert "Failed" not in [p for p, _ in seen] and "PayloadFailed" not in reasons, seen
+        assert reasons.index("Preempted") < reasons.index("Resuming") < len(reasons) - 1, seen
+    finally:
+        _cordon(cluster, "l4", False)
+        register_pools(plane, plane.pools)   # the pool gets its node back for the tests that follow
+
+
+def _cordon(cluster, pool: str, unschedulable: bool) -> None:
+    for node in cluster.core.list_node(label_selector=f"llmops.dev/pool={pool}").items:
+        cluster.core.patch_node(node.metadata.name, {"spec": {"unschedulable": unschedulable}})

@@ -21,7 +21,7 @@ from integration.harness import REPO, OperatorProcess, phase, wait_for
 from integration.rbac import ServiceAccount, allowed, audit_records, kubeconfig_for
 from llmops.dev.plane import BUILD_HINT, bin_dir
 from llmops.dev.simulator import Simulator
-from manifests import finetune
+from manifests import finetune, llmservice
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +142,36 @@ def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release
     assert diff.returncode == 0, diff.stdout + diff.stderr
 
 
+def test_operator_exposes_a_service_with_the_charts_rights(chart_operator, release, plane, cluster, ns):
+    """spec.expose with an API key: the route and its policy are written with the chart's account (which reads
+    API discovery, never the Secret)."""
+    cluster.core.create_namespaced_secret(ns, {"metadata": {"name": "keys"}, "stringData": {"a": "sk-test"}})
+    doc = llmservice("pub")
+    doc["metadata"]["namespace"] = ns
+    doc["spec"]["expose"] = {"gateway": {"name": "gw"}, "apiKey": {"secretRef": {"name": "keys"}}}
+    plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc), quiet=True)
+
+    def written():
+        try:
+            return all(cluster.custom.get_namespaced_custom_object(group, version, ns, plural, "pub-llm")
+                       for group, version, plural in (("gateway.networking.k8s.io", "v1", "httproutes"),
+                                                      ("gateway.envoyproxy.io", "v1alpha1", "securitypolicies")))
+        except client.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+    try:
+        wait_for(written, timeout=90, what="the HTTPRoute and SecurityPolicy")
+    except AssertionError as e:
+        status = (cluster.get("LLMService", ns, "pub") or {}).get("status")
+        raise AssertionError(f"{e}\nstatus: {status}\noperator log:\n{chart_operator.log()[-4000:]}") from None
+    records = [r for r in audit_records(plane, release.account)
+               if (r.get("objectRef") or {}).get("namespace") == ns or "/apis/gateway" in r.get("requestURI", "")]
+    assert not [r["requestURI"] for r in records if r["responseStatus"]["code"] == 403]
+    assert any(r["requestURI"] == "/apis/gateway.networking.k8s.io/v1" for r in records)   # discovery, allowed
+    assert not [r for r in records if (r.get("objectRef") or {}).get("resource") == "secrets"]
+
+
 def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, ns):
     account = release.account
 
@@ -153,7 +183,14 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
               ("delete", "rayservices", "ray.io"),
               ("patch", "configmaps", ""), ("get", "configmaps", ""), ("create", "serviceaccounts", ""),
               ("create", "roles", "rbac.authorization.k8s.io"), ("patch", "rolebindings", "rbac.authorization.k8s.io"),
-              ("watch", "pods", ""), ("create", "events", "")]
+              ("watch", "pods", ""), ("create", "events", ""),
+              ("watch", "jobs", "batch"), ("create", "jobs", "batch"), ("patch", "jobs", "batch"),
+              ("create", "persistentvolumeclaims", ""), ("patch", "persistentvolumeclaims", ""),
+              ("create", "httproutes", "gateway.networking.k8s.io"), ("patch", "httproutes", "gateway.networking.k8s.io"),
+              ("delete", "httproutes", "gateway.networking.k8s.io"),
+              ("create", "securitypolicies", "gateway.envoyproxy.io"),
+              ("patch", "securitypolicies", "gateway.envoyproxy.io"),
+              ("delete", "securitypolicies", "gateway.envoyproxy.io")]
     for verb, resource, group in needed:
         assert can(verb, resource, group), (verb, resource)
         assert can(verb, resource, group, namespace=None), (verb, resource, "all namespaces")
@@ -167,9 +204,12 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         assert not can(verb, "secrets", namespace=None), verb
     refused = [("patch", "finetunes", "llmops.dev"), ("delete", "finetunes", "llmops.dev"),
                ("delete", "rayjobs", "ray.io"), ("get", "rayjobs", "ray.io"), ("create", "pods", ""), ("get", "pods", ""),
+               ("delete", "jobs", "batch"), ("delete", "persistentvolumeclaims", ""),
                ("delete", "configmaps", ""), ("update", "roles", "rbac.authorization.k8s.io"),
                ("escalate", "roles", "rbac.authorization.k8s.io"), ("bind", "roles", "rbac.authorization.k8s.io"),
-               ("list", "namespaces", ""), ("create", "rayclusters", "ray.io")]
+               ("list", "namespaces", ""), ("create", "rayclusters", "ray.io"),
+               ("get", "httproutes", "gateway.networking.k8s.io"), ("create", "gateways", "gateway.networking.k8s.io"),
+               ("patch", "gateways", "gateway.networking.k8s.io")]
     for verb, resource, group in refused:
         assert not can(verb, resource, group), (verb, resource)
 

@@ -1,4 +1,5 @@
-"""LLMService on the real plane: RayService and its cluster, adapters from FineTunes, gates, in-place changes."""
+"""LLMService on the real plane: RayService and its cluster, adapters from FineTunes, gates, in-place changes,
+scaling to zero and back."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import yaml
 
 from integration.harness import condition, phase, wait_for
-from llmops.dev.simulator import Plan, Simulator
+from llmops.dev.simulator import Plan, ServeApp, Simulator
 from manifests import batchinference, finetune, llmservice
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,8 @@ def _adapter(obj, name):
 def _finish(simulator, cluster, ns, kind, name, job, plan=None):
     if plan:
         simulator.plans[(ns, job)] = plan
-    wait_for(lambda: phase(cluster.get(kind, ns, name)) == "Running", timeout=150, what=f"{kind} {name} Running")
+    wait_for(lambda: (lambda o: o if phase(o) == "Running" else None)(cluster.get(kind, ns, name)), timeout=150,
+             what=f"{kind} {name} Running", show=lambda: (cluster.get(kind, ns, name) or {}).get("status"))
     wait_for(lambda: (simulator.step() or True) and phase(cluster.get(kind, ns, name)) in ("Succeeded", "Failed"),
              timeout=90, what=f"{kind} {name} to finish")
 
@@ -144,3 +146,65 @@ def test_suspend_removes_the_rayservice_and_a_deleted_one_comes_back(cluster, op
                    what="Suspended")
     assert condition(svc, "Suspended")["status"] == "True" and not condition(svc, "Ready")
     wait_for(lambda: _service(cluster, ns, "keep") is None, timeout=60, what="the RayService to go")
+
+
+def _reason(obj):
+    return condition(obj, "Ready").get("reason")
+
+
+def test_scale_to_zero_and_back(cluster, operator, ns, simulator):
+    """minReplicas 0 on the real KubeRay: the RayService is accepted and its cluster starts with a head (and the
+    autoscaler beside it) and no GPU worker. With the Serve application RUNNING and no replica, the service
+    reads Ready=True ScaledToZero; a request makes Serve scale up and the autoscaler ask for a worker, which
+    KubeRay creates on the GPU pool (ScalingUpFromZero until the replica is up); once idle, the autoscaler has
+    KubeRay remove the worker and the service reads ScaledToZero again. SIMULATED: what the Ray dashboard reports
+    (Serve's statuses) and the Ray autoscaler's requests; everything else is the real plane."""
+    doc = llmservice("zero")
+    doc["spec"]["autoscaling"] = {"minReplicas": 0, "maxReplicas": 2, "scaleToZeroDelaySeconds": 120}
+    cluster.create(doc, ns)
+    service = wait_for(lambda: _service(cluster, ns, "zero"), what="the RayService")
+    scaling = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"][0][
+        "deployment_config"]["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["downscale_to_zero_delay_s"]) == (0, 120)
+
+    ray_cluster = wait_for(lambda: next(iter(cluster.ray_list("rayclusters", ns)), None), what="its RayCluster")
+    [group] = ray_cluster["spec"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (0, 0, 2)
+    assert ray_cluster["spec"]["enableInTreeAutoscaling"] is True
+    heads = wait_for(lambda: [p for p in cluster.pods(ns, "ray.io/node-type=head") if p.status.phase == "Running"],
+                     timeout=90, what="the head pod to run")
+    assert "autoscaler" in [c.name for c in heads[0].spec.containers]   # KubeRay took in-tree autoscaling
+
+    def workers():
+        return [p for p in cluster.pods(ns, "ray.io/node-type=worker") if not p.metadata.deletion_timestamp]
+
+    def reads(reason):
+        simulator.step()
+        obj = cluster.get("LLMService", ns, "zero")
+        return obj if _reason(obj) == reason else None
+
+    model, ingress = "LLMServer:ft-model", "OpenAiIngress"
+    simulator.services[(ns, "zero-llm")] = ServeApp({model: "HEALTHY", ingress: "HEALTHY"})
+    svc = wait_for(lambda: reads("ScaledToZero"), timeout=90, what="ScaledToZero")
+    assert condition(svc, "Ready")["status"] == "True" and condition(svc, "Reconciling")["status"] == "False"
+    assert "the first request starts one and waits for it" in condition(svc, "Ready")["message"]
+    assert "after 120s without a request" in condition(svc, "Ready")["message"]
+    assert svc["status"]["phase"] == "Ready" and workers() == []
+
+    # A request arrives: Serve scales the ingress and the model up from zero and the autoscaler asks for a worker.
+    simulator.services[(ns, "zero-llm")] = ServeApp({model: "UPSCALING", ingress: "UPSCALING"})
+    svc = wait_for(lambda: reads("ScalingUpFromZero"), timeout=60, what="ScalingUpFromZero")
+    assert condition(svc, "Ready")["status"] == "True" and condition(svc, "Reconciling")["status"] == "False"
+    simulator.autoscale(ns, ray_cluster["metadata"]["name"], replicas=1)
+    worker = wait_for(lambda: [p for p in workers() if p.status.phase == "Running"], timeout=90,
+                      what="KubeRay to start a GPU worker")[0]
+    assert worker.spec.node_name.startswith("l4-")
+    wait_for(lambda: (lambda o: o if o and "the model replica is starting" in condition(o, "Ready")["message"]
+                            else None)(reads("ScalingUpFromZero")), timeout=60, what="the model replica starting")
+    simulator.services[(ns, "zero-llm")] = ServeApp({model: "HEALTHY", ingress: "HEALTHY"})
+    wait_for(lambda: reads("Serving"), timeout=60, what="Serving once the replica is up")
+
+    # Idle: Serve stops the replica, and the autoscaler has KubeRay remove the idle worker.
+    simulator.autoscale(ns, ray_cluster["metadata"]["name"], replicas=0, delete=[worker.metadata.name])
+    wait_for(lambda: workers() == [], timeout=90, what="KubeRay to remove the worker")
+    wait_for(lambda: reads("ScaledToZero"), timeout=60, what="ScaledToZero again")

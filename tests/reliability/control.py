@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from integration.harness import OperatorProcess
-from llmops.dev.plane import LocalPlane, Process, _alive
+from llmops.dev.plane import LocalPlane, Process
+from llmops.dev.processes import alive
 from llmops.dev.simulator import Simulator
 
 
@@ -82,13 +83,13 @@ def restart_apiserver(plane: LocalPlane, down_seconds: float, sig: int = signal.
     os.killpg(old.pid, sig)
     # After SIGTERM it stops listening at once, then may linger ~30 s draining; past 10 s it is killed.
     deadline = time.monotonic() + 10
-    while _alive(old.pid) and time.monotonic() < deadline:
+    while alive(old.pid) and time.monotonic() < deadline:
         try:
             os.waitpid(old.pid, os.WNOHANG)
         except ChildProcessError:
             pass
         time.sleep(0.1)
-    if _alive(old.pid):
+    if alive(old.pid):
         os.killpg(old.pid, signal.SIGKILL)
     plane.processes = [p for p in plane.processes if p.pid != old.pid]
     time.sleep(max(0.0, down_seconds - (time.monotonic() - went)))

@@ -107,8 +107,23 @@ def start_pair(cluster, ns: str, operators, priorities: tuple[int, int]):
                         env={"POD_ID": "replica-b"})
     ok, _ = wait_until(lambda: {"replica-a", "replica-b"} <= set(peers(cluster, ns)), timeout=60)
     assert ok, f"replica-b never joined the peering: {peers(cluster, ns)}"
-    time.sleep(3)  # let both react to each other's keep-alive
+    # once each has seen the other: the lower priority paused, the higher active; equal priorities both paused
+    wanted = ["paused" if p == min(priorities) else "active" for p in priorities]
+    ok, _ = wait_until(lambda: [peering_state(a), peering_state(b)] == wanted, timeout=60)
+    assert ok, f"want replica-a, replica-b {wanted}, have {[peering_state(a), peering_state(b)]}: {kopf_says(a, b)}"
     return a, b
+
+
+def peering_state(op) -> str:
+    """'paused' or 'active' as kopf's log tells it ('' before any verdict): a replica with mandatory peering starts
+    paused and logs each resume and pause; a conflict with an equal peer keeps it paused."""
+    state = ""
+    for line in op.log().splitlines():
+        if "Resuming operations" in line:
+            state = "active"
+        elif "Pausing" in line or "Possibly conflicting operators" in line:
+            state = "paused"
+    return state
 
 
 def with_both_alive(cluster, ns: str, a, b, name: str, timeout: float) -> tuple[bool, list[str], dict[str, float]]:

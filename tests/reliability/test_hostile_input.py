@@ -346,8 +346,8 @@ def _delete_child(cluster, ns: str, kind_name: str) -> None:
 # ---- huge specs ---------------------------------------------------------------------------------------------------
 def test_huge_specs_refused_cleanly_or_stalled_without_retry_loop(cluster, ns, operators, record):
     """A system prompt at maxLength in 4-byte characters, 64 pip entries and 64 environment variables of 16 KB, an
-    extraArgs blob of 1.4 MB (admitted, but its job ConfigMap would pass the 1 MiB limit), and specs past etcd's and
-    the API server's request limits."""
+    extraArgs blob of 1.4 MB (admitted, but its job ConfigMap would pass the 1 MiB limit: the FineTune stalls), and
+    specs past etcd's and the API server's request limits (refused whole)."""
     op = operators.start(ns, name="operator")
     accepted, refused = [], []
 
@@ -387,6 +387,17 @@ def test_huge_specs_refused_cleanly_or_stalled_without_retry_loop(cluster, ns, o
     states = {k[1]: settled(objs[k]) for k in accepted}
     record(huge_manifests=len(accepted) + len(refused), accepted=len(accepted), refused=len(refused), states=states,
            retries_in_quiet_window=quiet["retries_in_window"])
+    assert sorted(name for name, _ in refused) == ["extra-2m", "extra-4m"], refused
     assert ("FineTune", "extra-1400k") in accepted
     assert quiet["retries_in_window"] == 0 and not quiet["rewritten"], quiet
+    # The 1.4 MB blob as docs/reliability.md tells it: the API server refuses the job ConfigMap, the FineTune
+    # stalls (Failed, ApplyFailed, naming the ConfigMap and the limit) in one reconcile and is not retried.
+    big = cluster.get("FineTune", ns, "extra-1400k")
+    stalled = condition(big, "Stalled")
+    assert (phase(big), settled(big)) == ("Failed", "Stalled:ApplyFailed"), big.get("status")
+    assert 'ConfigMap "extra-1400k-ft-config"' in stalled["message"] and "1048576 bytes" in stalled["message"], \
+        stalled
+    assert cluster.config_map(ns, "extra-1400k-ft-config") is None
+    assert metric(op.metrics(), "llmops_reconciles_total", kind="FineTune", result="stalled") == 1, \
+        "the refused child was tried more than once"
     assert not unhandled_errors(op.log()), unhandled_errors(op.log())[:10]

@@ -12,6 +12,7 @@ import json
 import uuid
 
 import pytest
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from integration.harness import phase
@@ -54,6 +55,7 @@ def test_planted_secret_values_never_leak(plane, cluster, ns, operators, record)
             llmservice("served", adapters=[{"name": "tuned", "fineTuneRef": {"name": "tuned"},
                                             "gate": {"batchInferenceRef": {"name": "judged"}, "minimum": 0.5}}]),
             finetune("broken")]
+    docs[2]["spec"]["model"]["cache"] = {"size": "20Gi"}   # its download Job gets the credentials too
     for doc in docs:
         doc["spec"]["secrets"] = refs
         cluster.create(doc, ns)
@@ -66,7 +68,10 @@ def test_planted_secret_values_never_leak(plane, cluster, ns, operators, record)
             return (phase(cluster.get("FineTune", ns, "tuned")) == "Succeeded"
                     and phase(cluster.get("BatchInference", ns, "judged")) == "Succeeded"
                     and phase(cluster.get("FineTune", ns, "broken")) == "Failed"
-                    and adapters and adapters[0]["state"] == "Serving")
+                    and adapters and adapters[0]["state"] == "Serving"
+                    # The service's own pods: its model is cached first, so they come after its adapters resolve.
+                    and any(p.metadata.name.startswith("served-")
+                            for p in cluster.pods(ns, "ray.io/is-ray-node=yes")))
         ok, _ = wait_until(workflow_done, timeout=240, interval=2)
     assert ok, "the workflow did not complete"
     # The Ray pods that still run (the service's) get the credentials by reference only.
@@ -77,6 +82,11 @@ def test_planted_secret_values_never_leak(plane, cluster, ns, operators, record)
         hf = next((e for e in container.get("env") or [] if e["name"] == "HF_TOKEN"), {})
         assert hf.get("valueFrom", {}).get("secretKeyRef") == {"name": "hf-token", "key": "token"}, container
         assert {"secretRef": {"name": "storage-creds"}} in (container.get("envFrom") or []), container
+    download = cluster.api_client.sanitize_for_serialization(
+        client.BatchV1Api(cluster.api_client).read_namespaced_job("served-llm-cache", ns))
+    container = download["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in container["env"]
+    assert {"secretRef": {"name": "storage-creds"}} in container["envFrom"]
 
     kinds = namespaced_kinds(plane)
     listing = json.loads(plane.kubectl("get", ",".join(kinds), "-n", ns, "-o", "json", quiet=True).stdout)
@@ -107,7 +117,7 @@ def test_planted_secret_values_never_leak(plane, cluster, ns, operators, record)
            ray_pods_with_secret_refs=len(pods), leaks=len(leaks), operator_secret_requests=len(reads))
     print("kinds scanned:", ", ".join(kinds_seen))
     assert {"RayJob", "RayService", "ConfigMap", "ServiceAccount", "Role", "Event", "Pod", "FineTune",
-            "BatchInference", "LLMService"} <= set(kinds_seen), kinds_seen
+            "BatchInference", "LLMService", "Job", "PersistentVolumeClaim"} <= set(kinds_seen), kinds_seen
     assert not leaks, leaks
     assert not reads, reads
     assert not unhandled_errors(log)

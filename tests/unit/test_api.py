@@ -7,10 +7,11 @@ from pydantic import ValidationError
 
 from llmops.api import KINDS
 from llmops.api.crd import all_crds, structural
-from llmops.handlers.jobs import spec_errors
+from llmops.api.validation import spec_errors
 from manifests import INVALID, example
 
-EXAMPLES = ["viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml"]
+EXAMPLES = ["viggo/finetune.yaml", "viggo/batchinference.yaml", "viggo/llmservice.yaml",
+            "gateway/llmservice.yaml"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES)
@@ -80,3 +81,23 @@ def test_crd_names_and_category():
         assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
     short = sorted(c["spec"]["names"]["shortNames"][0] for c in all_crds().values())
     assert short == ["bi", "ft", "llms"]
+
+
+def test_the_api_server_fills_nothing_into_a_status_but_observed_generation():
+    """A default inside status (an all-defaulted nested object gets `default: {}`) would show on a resource the
+    operator has not written yet, and kstatus and Argo CD read the status from its first apply on."""
+    from llmops.api.crd import all_crds
+
+    def defaults(node, path):
+        if not isinstance(node, dict):
+            return []
+        found = [path] if "default" in node and path != "status" else []
+        for key, sub in (node.get("properties") or {}).items():
+            found += defaults(sub, f"{path}.{key}")
+        return found + defaults(node.get("items"), f"{path}[]")
+
+    for crd in all_crds().values():
+        status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["default"] == {"observedGeneration": 0}
+        found = [p for p in defaults(status, "status") if p != "status.conditions[].message"]
+        assert found == [], crd["metadata"]["name"]

@@ -9,7 +9,7 @@ import pytest
 from llmops.builders.common import (DNS1035_LABEL, RAY_NAME_MAX, Owner, child_name, is_shared, payloads_name,
                                     ray_name)
 from llmops.builders.sizing import ephemeral_storage, model_params_b, quantity_bytes, shm_size
-from llmops.handlers.main import load_payloads
+from llmops.builders.common import load_payloads
 from llmops.render import render_manifests
 from llmops.builders.common import BuildContext
 from llmops.settings import Settings
@@ -160,7 +160,7 @@ def test_attention_follows_what_the_training_image_has():
     doc["apiVersion"] = "llmops.dev/v1alpha1"
 
     def train_yaml(settings):
-        cm = next(o for o in ft_builder.build(doc, BuildContext(settings=settings, payloads={}))
+        cm = next(o for o in ft_builder.build_manifest(doc, BuildContext(settings=settings, payloads={}))
                   if o["metadata"]["name"].endswith("-config"))
         return yaml.safe_load(cm["data"]["train.yaml"])
     stock = train_yaml(Settings())
@@ -198,6 +198,20 @@ def test_the_service_replica_asks_for_what_the_worker_group_declares():
     llm_config = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"][0]
     group = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert f"accelerator_type:{llm_config['accelerator_type']}" in _declared_resources(group)
+
+
+def test_scale_to_zero_renders_an_empty_autoscaling_worker_group():
+    """minReplicas 0: no worker pod at the start, in-tree autoscaling that may add them up to what maxReplicas
+    needs, and the accelerator declared so that the autoscaler can bring a worker back for a replica."""
+    doc = llmservice("s")
+    doc["spec"].update(autoscaling={"minReplicas": 0, "maxReplicas": 3}, engine={"tensorParallelSize": 2})
+    service = _render(doc)[0]
+    cluster = service["spec"]["rayClusterConfig"]
+    [group] = cluster["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (0, 0, 6)   # 2 GPUs a replica
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert _declared_resources(group) == {"accelerator_type:L4": 1}
+    assert "excludeHeadPodFromServeSvc" not in service["spec"]   # the head's proxy answers while no worker runs
 
 
 def test_example_evaluation_prompts_with_the_text_the_adapter_was_trained_on():

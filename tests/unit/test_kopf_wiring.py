@@ -32,7 +32,23 @@ def test_startup_installs_it(monkeypatch):
     monkeypatch.setattr(main.kopf, "login_with_service_account", lambda **_: None)
     monkeypatch.setattr(main.kopf, "login_with_kubeconfig", lambda **_: None)
     try:   # no credentials here: startup stops after the settings, before it builds the engine
-        asyncio.run(main.startup(settings=settings, logger=None))
+        asyncio.run(main.startup(settings=settings, logger=None, memo=kopf.Memo()))
     except kopf.PermanentError:
         pass
     assert isinstance(settings.persistence.diffbase_storage, main.NoDiffBase)
+
+
+def test_render_registers_no_handlers():
+    """`llmops render` builds objects offline: importing the kopf wiring would register every handler as a side
+    effect (and needs kopf where only the builders are wanted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "viggo" / "finetune.yaml"
+    code = ("import contextlib, io, sys\nfrom llmops import cli\nsys.argv = ['llmops', 'render', '-f', sys.argv[1]]\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    cli.main()\n"
+            "print(sorted(m for m in sys.modules if m == 'kopf' or m.startswith('llmops.handlers.main')))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(example)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -23,6 +23,7 @@ from llmops.builders.serving import (
     resolve_adapters,
     serve_config,
 )
+from llmops.builders.serving import routing as serving_routing
 
 BASE = "Qwen/Qwen2.5-7B-Instruct"
 BUCKET = "s3://ml-artifacts/viggo/adapters"
@@ -370,7 +371,9 @@ def test_serve_config_exact_output():
                               "max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.9,
                               "enable_lora": True, "max_lora_rank": 16, "max_loras": 8},
             "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
-                                                         "target_ongoing_requests": 32}},
+                                                         "target_ongoing_requests": 32},
+                                  "request_router_config": {
+                                      "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter"}},
             "lora_config": {"dynamic_lora_loading_path": BUCKET, "max_num_adapters_per_replica": 8},
             "runtime_env": {"env_vars": {"AWS_REGION": "us-west-2"}},
         }]},
@@ -409,13 +412,68 @@ def test_max_lora_rank_is_rounded_up_to_a_rank_vllm_accepts(max_rank, rendered):
     assert engine_kwargs(spec)["max_lora_rank"] == rendered
 
 
-@pytest.mark.parametrize("scaling", [{"minReplicas": 0, "maxReplicas": 3, "targetOngoingRequests": 8},
-                                     {"minReplicas": 2, "maxReplicas": 2, "targetOngoingRequests": 64}])
-def test_autoscaling_maps_to_ray_serve_fields(scaling):
+@pytest.mark.parametrize("scaling, to_zero", [
+    ({"minReplicas": 0, "maxReplicas": 3, "targetOngoingRequests": 8}, {"downscale_to_zero_delay_s": 600}),
+    ({"minReplicas": 0, "maxReplicas": 1, "targetOngoingRequests": 8, "scaleToZeroDelaySeconds": 120},
+     {"downscale_to_zero_delay_s": 120}),
+    ({"minReplicas": 2, "maxReplicas": 2, "targetOngoingRequests": 64}, {}),   # never idles to zero: no delay
+])
+def test_autoscaling_maps_to_ray_serve_fields(scaling, to_zero):
     config = _llm_config(make_spec(autoscaling=scaling), resolve_adapters(make_spec(), {}, {}))
-    assert config["deployment_config"] == {"autoscaling_config": {
+    assert config["deployment_config"]["autoscaling_config"] == {
         "min_replicas": scaling["minReplicas"], "max_replicas": scaling["maxReplicas"],
-        "target_ongoing_requests": scaling["targetOngoingRequests"]}}
+        "target_ongoing_requests": scaling["targetOngoingRequests"], **to_zero}
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"minReplicas": 1, "scaleToZeroDelaySeconds": 60}, "scaleToZeroDelaySeconds applies only with"),
+    ({"minReplicas": 0, "scaleToZeroDelaySeconds": -1}, "scaleToZeroDelaySeconds"),
+])
+def test_scale_to_zero_delay_needs_min_replicas_zero(scaling, message):
+    with pytest.raises(ValueError, match=message):
+        make_spec(autoscaling={"maxReplicas": 2, **scaling})
+
+
+
+PREFIX_ROUTER = {"request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter"}
+
+
+@pytest.mark.parametrize("routing, scaling, effective", [
+    (None, {"minReplicas": 1, "maxReplicas": 1}, "default"),         # one replica: nothing to choose between
+    (None, {"minReplicas": 1, "maxReplicas": 2}, "prefixAffinity"),  # maxReplicas counts, not minReplicas
+    (None, {"minReplicas": 0, "maxReplicas": 4}, "prefixAffinity"),
+    (None, {"minReplicas": 3, "maxReplicas": 3}, "prefixAffinity"),
+    ("default", {"minReplicas": 1, "maxReplicas": 4}, "default"),
+    ("prefixAffinity", {"minReplicas": 1, "maxReplicas": 1}, "prefixAffinity"),
+])
+def test_routing_defaults_to_prefix_affinity_with_more_than_one_replica(routing, scaling, effective):
+    spec = make_spec(autoscaling=scaling, **({"routing": routing} if routing else {}))
+    assert serving_routing(spec) == effective
+    deployment = _llm_config(spec, resolve_adapters(spec, {}, {}))["deployment_config"]
+    if effective == "prefixAffinity":
+        assert deployment["request_router_config"] == PREFIX_ROUTER
+    else:   # Ray Serve's own router: nothing rendered, so Ray's default applies
+        assert "request_router_config" not in deployment
+
+
+def test_switching_scale_to_zero_makes_a_new_cluster_other_autoscaling_changes_do_not():
+    """KubeRay keeps a running cluster's worker-group bounds, which the Ray autoscaler reads: a switch to or from
+    minReplicas 0 must reach them through a new cluster. Fingerprints without scale to zero stay as they were."""
+    def fingerprint(**scaling):
+        return cluster_fingerprint(make_spec(autoscaling={"maxReplicas": 4, **scaling}))
+    assert fingerprint(minReplicas=0) != fingerprint(minReplicas=1)
+    assert fingerprint(minReplicas=0) == fingerprint(minReplicas=0, scaleToZeroDelaySeconds=60)
+    assert fingerprint(minReplicas=1) == fingerprint(minReplicas=2) == cluster_fingerprint(make_spec())
+
+
+def test_routing_change_keeps_the_ray_cluster():
+    """The router lives in serveConfigV2 only: switching it rolls out in place, like an adapter change."""
+    assert cluster_fingerprint(make_spec(routing="default")) == cluster_fingerprint(make_spec(routing="prefixAffinity"))
+
+
+def test_routing_rejects_unknown_values():
+    with pytest.raises(ValueError, match="routing"):
+        make_spec(routing="roundRobin")
 
 
 def test_autoscaling_defaults():
@@ -467,7 +525,7 @@ ADAPTERS = [{"name": "viggo", "uri": f"{BUCKET}/viggo"}]
     {"adapters": [{"name": "viggo", "uri": f"{BUCKET}/viggo"}, {"name": "e2e", "fineTuneRef": {"name": "e2e-ft"}}]},
     {"adapters": [gated("nlg", uri="gs://other/nlg")]},
     {"lora": {"dynamicLoadingPath": BUCKET}},
-    {"autoscaling": {"minReplicas": 0, "maxReplicas": 8, "targetOngoingRequests": 4}},
+    {"autoscaling": {"minReplicas": 2, "maxReplicas": 8, "targetOngoingRequests": 4}},   # (minReplicas 0: below)
     {"modelId": "viggo-model"},
     {"upgradeStrategy": "None"},
     {"suspend": True},

@@ -6,7 +6,7 @@ from llmops.api import BATCHINFERENCE, FINETUNE
 from llmops.api.batchinference import BatchMetrics
 from llmops.api.finetune import TrainMetrics
 from llmops.dev.simulator import SIMULATED_EVAL_METRICS, SIMULATED_TRAIN_METRICS
-from llmops.handlers import batchinference, finetune
+from llmops.decide import batchinference, finetune
 
 
 @pytest.mark.parametrize("handler, metrics", [(finetune, SIMULATED_TRAIN_METRICS),

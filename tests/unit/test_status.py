@@ -13,6 +13,7 @@ from llmops.status import (
     SCALE_UP_GRACE_SECONDS,
     WRITTEN,
     PodProblem,
+    Retries,
     Verdict,
     conditions_for,
     job_verdict,
@@ -38,6 +39,9 @@ def rayjob(deployment="", job="", reason="", message="", **extra):
     (rayjob("Initializing"), {}, [], False, ("Pending", "progressing", "RayClusterStarting")),
     (rayjob("Running", "RUNNING"), {"progress": {"epoch": 1.5}}, [], False, ("Running", "progressing", "JobRunning")),
     (rayjob("Suspended"), {}, [], True, ("Suspended", "suspended", "Suspended")),
+    # Resumed, KubeRay not there yet: in progress, never Suspended (kstatus would read that as settled).
+    (rayjob("Suspended"), {}, [], False, ("Pending", "progressing", "RayClusterStarting")),
+    (rayjob("Suspending"), {}, [], False, ("Pending", "progressing", "RayClusterStarting")),
     (rayjob("Retrying", failed=1), {}, [], False, ("Running", "progressing", "Retrying")),
     (rayjob("Failed", "FAILED", "DeadlineExceeded"), {}, [], False, ("Failed", "stalled", "DeadlineExceeded")),
     (rayjob("Failed", "FAILED", "AppFailed", "exit 1"), {}, [], False, ("Failed", "stalled", "AppFailed")),
@@ -226,3 +230,79 @@ def test_grace_periods_are_what_the_docs_say():
     doc = (OPERATOR.parents[1] / "docs" / "gitops.md").read_text()
     assert f"`Unschedulable` (for up to {int(SCALE_UP_GRACE_SECONDS // 60)} minutes)" in doc
     assert f"`FineTuneNotFound` (for up to {int(DEPENDENCY_GRACE_SECONDS // 60)} minutes" in doc
+
+
+def test_a_whole_float_read_back_as_an_integer_is_the_same_status():
+    from llmops.status import same_status
+
+    assert same_status({"metrics": {"exactMatch": 1, "rows": 10}}, {"metrics": {"exactMatch": 1.0, "rows": 10}})
+    assert not same_status({"metrics": {"exactMatch": 1}}, {"metrics": {"exactMatch": 0.5}})
+
+
+LOST = PodProblem("Preempted", "Pod was terminated in response to imminent node shutdown.", "ft-w-1", SINCE)
+BUDGET = Retries(limit=2, used=0, resumes=True)
+
+
+def test_a_pod_that_goes_away_with_its_node_is_a_preemption():
+    def pod(name, **status):
+        return {"metadata": {"name": name}, "status": status}
+
+    gone = pod("a", conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+                                 "message": "PodGC: node no longer exists", "lastTransitionTime": SINCE}])
+    shutdown = pod("b", phase="Failed", reason="Terminated", message="Pod was terminated in response to imminent "
+                                                                    "node shutdown.")
+    drained = pod("c", conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}])
+    stopping = pod("d", conditions=[{"type": "DisruptionTarget", "status": "False", "reason": "DeletionByPodGC"}])
+    assert pod_problems([gone, shutdown, drained, stopping]) == [
+        PodProblem("Preempted", "PodGC: node no longer exists", "a", SINCE),
+        PodProblem("Preempted", "Pod was terminated in response to imminent node shutdown.", "b"),
+        PodProblem("Preempted", "it was evicted, as a node drain does (a spot interruption handler, a scale-in)",
+                   "c")]
+
+
+def test_preempted_then_resuming_while_retries_remain():
+    running = rayjob("Running", "RUNNING")
+    preempted = job_verdict("FineTune", False, running, {}, [LOST], T0, retries=BUDGET)
+    assert (preempted.phase, preempted.state, preempted.reason) == ("Running", "progressing", "Preempted")
+    assert "ft-w-1" in preempted.message and "0 of 2 retries used" in preempted.message
+    assert "resumes from the last complete checkpoint" in preempted.message
+    # The lost pod is soon deleted; until the Ray job notices, the status stays Preempted.
+    still = job_verdict("FineTune", False, running, {}, [], T0, retries=BUDGET, previous_reason="Preempted",
+                        previous_used=0)
+    assert still.reason == "Preempted"
+    # The attempt's driver reports Failed when its worker dies: with a retry left, that is no failure.
+    reported = job_verdict("FineTune", False, running, {"state": "Failed", "message": "ActorDiedError"}, [], T0,
+                           retries=BUDGET, previous_reason="Preempted", previous_used=0)
+    assert reported.reason == "Preempted"
+    after = Retries(limit=2, used=1, resumes=True)
+    for ray in (rayjob("Retrying", "FAILED", "AppFailed", failed=1), rayjob("New", failed=1),
+                rayjob("Initializing", failed=1)):
+        resuming = job_verdict("FineTune", False, ray, {"state": "Failed"}, [], T0, retries=after,
+                               previous_reason="Preempted", previous_used=0)
+        assert (resuming.phase, resuming.state, resuming.reason) == ("Running", "progressing", "Resuming"), ray
+        assert "1 of 2 retries used" in resuming.message
+    again = job_verdict("FineTune", False, rayjob("Running", "RUNNING", failed=1), {"progress": {"step": 4}}, [],
+                        T0, retries=after, previous_reason="Resuming", previous_used=1)
+    assert again.reason == "JobRunning" and "attempt 2, 1 of 2 retries used" in again.message
+    batch = job_verdict("BatchInference", False, rayjob("Retrying", failed=1), {}, [], T0,
+                        retries=Retries(limit=1, used=1))
+    assert batch.reason == "Retrying" and "runs the job again" in batch.message
+
+
+def test_without_retries_left_a_preemption_says_so_and_the_failure_is_final():
+    spent = Retries(limit=1, used=1, resumes=True)
+    preempted = job_verdict("FineTune", False, rayjob("Running", "RUNNING", failed=1), {}, [LOST], T0,
+                            retries=spent)
+    assert preempted.reason == "Preempted" and "spec.backoffLimit" in preempted.message
+    failed = job_verdict("FineTune", False, rayjob("Failed", "FAILED", "AppFailed", failed=2),
+                         {"state": "Failed", "message": "a worker died"}, [], T0, retries=Retries(1, 2, True))
+    assert (failed.phase, failed.reason, failed.message) == ("Failed", "PayloadFailed", "a worker died")
+    none = job_verdict("FineTune", False, rayjob("Running", "RUNNING"), {}, [LOST], T0)
+    assert none.reason == "Preempted" and "0 of 0 retries used" in none.message
+
+
+def test_a_failed_attempt_with_a_retry_left_reads_as_the_retry_to_come():
+    verdict = job_verdict("FineTune", False, rayjob("Running", "RUNNING"), {"state": "Failed", "message": "OOM."},
+                          [], T0, retries=BUDGET)
+    assert (verdict.phase, verdict.state, verdict.reason) == ("Running", "progressing", "Resuming")
+    assert "attempt 1 failed (OOM)" in verdict.message and "0 of 2 retries used" in verdict.message

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Build the local control plane from Go source into a cache folder outside the repository.
 
-Produces kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, actionlint and the
-KubeRay operator, plus KubeRay's CRDs and kwok's stage configs, under ``$LLMOPS_CACHE`` (default
+Produces kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm, actionlint, the
+KubeRay operator and Kueue, plus KubeRay's and Kueue's CRDs, the Gateway API's standard CRDs, Envoy Gateway's
+SecurityPolicy CRD and kwok's stage configs, under ``$LLMOPS_CACHE`` (default
 ``~/.cache/llmops``); and gitops-health (``tools/gitops-health``), which reads our resources with kstatus and
-with Argo CD's Lua runtime for the tests. Every version comes from ``versions.env`` beside this file. A binary already built
-for the pinned version is never rebuilt, so a warm run takes seconds.
+with Argo CD's Lua runtime for the tests. Every version comes from ``versions.env`` beside this file. A binary
+already built for the pinned version is never rebuilt, so a warm run takes seconds.
 
     python tools/controlplane/build.py            # build what is missing
     python tools/controlplane/build.py --print-bin  # print the bin folder and exit
@@ -27,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 KUBERAY_CRD_DIR = "config/crd/bases"
+KUEUE_CRD_DIR = "config/components/crd/bases"
 KWOK_STAGES = ("node-initialize", "pod-ready", "pod-complete", "pod-delete")
 
 
@@ -140,15 +142,47 @@ def go_install(bin_dir: Path, name: str, package: str, version: str, work: Path)
     mark_built(bin_dir, name, version)
 
 
-def build_kuberay(cache: Path, bin_dir: Path, version: str) -> None:
-    go_install(bin_dir, "ray-operator", "github.com/ray-project/kuberay/ray-operator", version, cache)
-    crds = cache / "share" / "kuberay-crds"
+def build_controller(cache: Path, bin_dir: Path, name: str, module: str, package: str, version: str,
+                     crd_dir: str, share: str) -> None:
+    """A controller's binary and the CRDs its module ships (into share/<share>)."""
+    go_install(bin_dir, name, package, version, cache)
+    crds = cache / "share" / share
     if not crds.exists():
-        source = module_dir("github.com/ray-project/kuberay/ray-operator", version, cache) / KUBERAY_CRD_DIR
-        shutil.copytree(source, crds)
+        shutil.copytree(module_dir(module, version, cache) / crd_dir, crds)
         for f in crds.iterdir():
             f.chmod(0o644)
     crds.chmod(0o755)
+
+
+def build_kuberay(cache: Path, bin_dir: Path, version: str) -> None:
+    module = "github.com/ray-project/kuberay/ray-operator"
+    build_controller(cache, bin_dir, "ray-operator", module, module, version, KUBERAY_CRD_DIR, "kuberay-crds")
+
+
+def build_kueue(cache: Path, bin_dir: Path, version: str) -> None:
+    """Kueue's manager (``cmd/kueue``) and its CRDs; the plane starts it only when asked (``--with-kueue``)."""
+    build_controller(cache, bin_dir, "kueue", "sigs.k8s.io/kueue", "sigs.k8s.io/kueue/cmd/kueue", version,
+                     KUEUE_CRD_DIR, "kueue-crds")
+
+
+def copy_crds(cache: Path, name: str, module: str, version: str, folder: str, pattern: str) -> None:
+    """CustomResourceDefinitions from a Go module's folder into share/<name> (nothing else: no admission policies)."""
+    crds = cache / "share" / name
+    stamp = crds / ".version"
+    if stamp.exists() and stamp.read_text().strip() == version:
+        log(f"{name} {version}: present")
+        return
+    log(f"{name} {version}: fetching")
+    source = module_dir(module, version, cache) / folder
+    files = sorted(f for f in source.glob(pattern) if "kind: CustomResourceDefinition" in f.read_text())
+    if not files:
+        raise SystemExit(f"{module} {version} has no CRDs matching {pattern} under {source}")
+    shutil.rmtree(crds, ignore_errors=True)
+    crds.mkdir(parents=True)
+    for f in files:
+        shutil.copyfile(f, crds / f.name)
+        (crds / f.name).chmod(0o644)
+    stamp.write_text(version + "\n")
 
 
 def build_kwok(cache: Path, bin_dir: Path, version: str) -> None:
@@ -207,6 +241,12 @@ def main() -> int:
     build_kubernetes(cache, bin_dir, v["KUBERNETES_VERSION"])
     build_kuberay(cache, bin_dir, v["KUBERAY_VERSION"])
     build_kwok(cache, bin_dir, v["KWOK_VERSION"])
+    build_kueue(cache, bin_dir, v["KUEUE_VERSION"])
+    # LLMService spec.expose: the Gateway API's standard channel, and the one Envoy Gateway CRD apiKey writes.
+    copy_crds(cache, "gateway-api-crds", "sigs.k8s.io/gateway-api", v["GATEWAY_API_VERSION"], "config/crd/standard",
+              "gateway.networking.k8s.io_*.yaml")
+    copy_crds(cache, "envoy-gateway-crds", "github.com/envoyproxy/gateway", v["ENVOY_GATEWAY_VERSION"],
+              "charts/gateway-helm/crds/generated", "gateway.envoyproxy.io_securitypolicies.yaml")
     go_install(bin_dir, "helm", "helm.sh/helm/v3/cmd/helm", v["HELM_VERSION"], cache)
     go_install(bin_dir, "actionlint", "github.com/rhysd/actionlint/cmd/actionlint", v["ACTIONLINT_VERSION"], cache)
     build_gitops_health(cache, bin_dir, v)

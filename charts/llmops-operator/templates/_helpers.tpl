@@ -52,6 +52,11 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
   - the operator grants each job's Ray pods get/patch on one ConfigMap, and RBAC lets it grant only rights it
     holds: hence `get` on configmaps;
   - RayServices are deleted while an LLMService is suspended; RayJobs are never deleted (suspend is a field);
+  - Kueue Workloads are listed (by their job-uid label) only for a job waiting in a queue (spec.queueName), to
+    show Kueue's reason; a cluster without Kueue answers 404 and nothing else needs them;
+  - an LLMService's spec.expose: its HTTPRoute (Gateway API) and, with apiKey, Envoy Gateway's SecurityPolicy,
+    written like the other children and deleted when the spec stops asking for them (whether those APIs exist is
+    read from the discovery documents every account may read). Neither object carries a secret value;
   - core/v1 Events: one per phase change. No Secrets, no cluster-scoped reads.
 */}}
 {{- define "llmops.rules" -}}
@@ -70,6 +75,9 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
 - apiGroups: [ray.io]
   resources: [rayservices]
   verbs: [list, watch, create, patch, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch]
@@ -83,8 +91,20 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
   resources: [pods]
   verbs: [list, watch]
 - apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [create, patch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, patch]
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [create, patch, delete]
+- apiGroups: [gateway.envoyproxy.io]
+  resources: [securitypolicies]
+  verbs: [create, patch, delete]
 {{- end -}}
 
 {{/* kopf peering: list/watch the peering objects, PATCH its keep-alive into the status of its own one. */}}

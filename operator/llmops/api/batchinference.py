@@ -15,9 +15,13 @@ from .common import (
     ApiModel,
     JobControls,
     LocalRef,
+    PVC_CACHE_RULE,
+    ModelCache,
     Resources,
+    RetryBudget,
     StatusBase,
     cel,
+    no_cache_for_pvc,
     exactly_one,
     validations,
 )
@@ -35,6 +39,7 @@ class ModelChoice(ApiModel):
         exactly_one(["source", "fineTuneRef"], "model"),
         cel("!has(self.adapter) || has(self.source)", "model.adapter needs model.source; a fineTuneRef brings "
             "its own adapter", field_path=".adapter"),
+        cel(PVC_CACHE_RULE, "a pvc:// source is read in place from its claim; unset cache", field_path=".cache"),
     )
 
     source: str | None = Field(default=None, pattern=MODEL_SOURCE_PATTERN, max_length=MAX_STRING)
@@ -43,6 +48,9 @@ class ModelChoice(ApiModel):
     """Use this FineTune's base model and adapter; waits until the FineTune is Ready."""
     adapter: AdapterRef | None = None
     """A LoRA adapter to apply on `source`."""
+    cache: ModelCache | None = None
+    """Download the base model (`source`, or the FineTune's) once into a claim the workers mount read-only. Unset:
+    every worker downloads it."""
 
     @model_validator(mode="after")
     def _one_model(self) -> ModelChoice:
@@ -50,6 +58,7 @@ class ModelChoice(ApiModel):
             raise ValueError("set exactly one of spec.model.source, spec.model.fineTuneRef")
         if self.adapter is not None and self.source is None:
             raise ValueError("spec.model.adapter needs spec.model.source; a fineTuneRef brings its own adapter")
+        no_cache_for_pvc(self.source, self.cache, "spec.model")
         return self
 
 
@@ -183,6 +192,8 @@ class BatchMetrics(ApiModel):
 class BatchInferenceStatus(StatusBase):
     ray_job_name: str | None = None
     """The RayJob that runs it."""
+    retries: RetryBudget | None = None
+    """How many of its retries (spec.backoffLimit) the Ray job has used: a failed or preempted attempt uses one."""
     ray_cluster_name: str | None = None
     """The Ray cluster KubeRay made for the RayJob."""
     dashboard_url: str | None = Field(default=None, alias="dashboardURL")

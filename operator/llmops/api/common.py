@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "llmops.dev"
@@ -126,6 +126,29 @@ class Storage(ApiModel):
     """Location: s3://bucket/prefix, gs://bucket/prefix or pvc://<claim>/<path>."""
 
 
+class ModelCache(ApiModel):
+    """Download the model once into a PersistentVolumeClaim that every Ray pod mounts read-only, instead of
+    every worker and replica downloading it (docs/model-cache.md)."""
+
+    size: str = Field(pattern=QUANTITY_PATTERN, max_length=32)
+    """Size of the claim: the model's files and a margin (a 7B model in bf16 takes about 15Gi; ask 20Gi)."""
+    storage_class_name: str | None = Field(default=None, pattern=K8S_NAME_PATTERN, max_length=253)
+    """StorageClass of the claim. Unset: the cluster's default class."""
+    access_mode: Literal["ReadWriteMany", "ReadOnlyMany"] = "ReadWriteMany"
+    """ReadWriteMany: a shared file system (EFS, Filestore, CephFS). ReadOnlyMany: a disk that attaches read-only
+    to many nodes once written (e.g. a GCE persistent disk); the claim then also asks ReadWriteOnce, for the one
+    download pod that writes it before any reader starts."""
+
+
+PVC_CACHE_RULE = "!has(self.cache) || !has(self.source) || !self.source.startsWith('pvc://')"
+
+
+def no_cache_for_pvc(source: str | None, cache: ModelCache | None, where: str) -> None:
+    """A pvc:// model is read in place: a cache of it would only copy one claim into another."""
+    if cache is not None and source is not None and source.startswith("pvc://"):
+        raise ValueError(f"{where}.cache: a pvc:// source is read in place from its claim; unset {where}.cache")
+
+
 class WorkloadControls(ApiModel):
     """What every Ray workload takes: image, runtime environment, credentials, suspension."""
 
@@ -153,6 +176,22 @@ class JobControls(WorkloadControls):
     """Fail the job if it runs longer than this."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the finished RayJob (not this resource) after this many seconds."""
+    queue_name: str | None = Field(default=None, pattern=K8S_NAME_PATTERN, max_length=63)
+    """Kueue LocalQueue (in this namespace) the job waits in: the RayJob gets the kueue.x-k8s.io/queue-name label
+    and Kueue decides when it runs (it suspends the RayJob until the queue admits it; status says Queued with
+    Kueue's reason meanwhile). The operator then never writes the RayJob's spec.suspend, so spec.suspend cannot
+    be set as well. Needs Kueue with its ray.io/rayjob integration."""
+    priority_class_name: str | None = Field(default=None, pattern=K8S_NAME_PATTERN, max_length=253)
+    """PriorityClass of the Ray pods (it must exist). With a queue, Kueue also orders and preempts the queue's
+    jobs by it, unless the RayJob names a WorkloadPriorityClass."""
+
+    @model_validator(mode="after")
+    def _queue_owns_suspend(self) -> JobControls:
+        if self.queue_name and self.suspend:
+            raise ValueError("spec.suspend cannot be true together with spec.queueName: Kueue suspends and resumes "
+                             "a queued job; unset spec.queueName to suspend it yourself, or stop the queue "
+                             "(ClusterQueue spec.stopPolicy)")
+        return self
 
 
 class Condition(ApiModel):
@@ -174,6 +213,31 @@ class Condition(ApiModel):
     """When status last changed between True and False (RFC 3339)."""
 
 
+class RetryBudget(ApiModel):
+    # No field defaults: a default would make the API server fill status.retries in before the operator writes.
+    used: int
+    """Attempts of the Ray job that failed so far (KubeRay's RayJob status.failed); each one used a retry."""
+    limit: int
+    """Retries allowed: spec.backoffLimit."""
+
+
+class ModelCacheStatus(ApiModel):
+    state: Literal["Downloading", "Cached", "Failed"]
+    """Downloading (the download Job runs), Cached (the Ray pods load the model from the claim) or Failed."""
+    claim_name: str
+    """The PersistentVolumeClaim that holds the model."""
+    source: str
+    """The model it holds (spec's source)."""
+    job_name: str
+    """The Job that downloads it."""
+    bytes_done: int | None = None
+    """Bytes downloaded so far (all of them once Cached)."""
+    bytes_total: int | None = None
+    """Bytes the model's files take, once the download has listed them."""
+    files: int | None = None
+    """Files the model has."""
+
+
 class StatusBase(ApiModel):
     phase: str | None = None
     """One-word summary: Pending, Waiting, Running, Succeeded, Ready, Failed, Suspended."""
@@ -185,6 +249,8 @@ class StatusBase(ApiModel):
     """What is happening and, when stuck, what to do."""
     progress: dict[str, Any] | None = None
     """Latest progress the job reported (epoch and loss, rows done, ...)."""
+    model_cache: ModelCacheStatus | None = None
+    """Where the model's download into its cache claim stands, with spec's model cache set."""
 
 
 def exactly_one(fields: list[str], where: str) -> dict[str, str]:

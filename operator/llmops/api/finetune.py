@@ -12,10 +12,14 @@ from .common import (
     MODEL_SOURCE_PATTERN,
     ApiModel,
     JobControls,
+    PVC_CACHE_RULE,
+    ModelCache,
     Resources,
+    RetryBudget,
     StatusBase,
     Storage,
     cel,
+    no_cache_for_pvc,
     validations,
 )
 
@@ -26,19 +30,31 @@ MANAGED_KEYS = frozenset({
     "dataset_dir", "template", "cutoff_len", "max_samples", "output_dir", "num_train_epochs", "learning_rate",
     "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "bf16",
     "fp16", "packing", "neat_packing", "logging_steps", "save_steps", "eval_steps", "eval_strategy",
-    "ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_num_workers", "resources_per_worker", "placement_strategy",
+    "ray_run_name", "ray_storage_path", "ray_storage_filesystem", "ray_num_workers", "resources_per_worker",
+    "placement_strategy",
     "ray_init_kwargs", "disable_gradient_checkpointing", "flash_attn", "report_to", "overwrite_output_dir",
-    "hf_hub_token",
+    "hf_hub_token", "resume_from_checkpoint",
 })
 
 
 class BaseModelSource(ApiModel):
+    model_config = validations(cel(PVC_CACHE_RULE, "a pvc:// source is read in place from its claim; unset cache",
+                                   field_path=".cache"))
+
     source: str = Field(pattern=MODEL_SOURCE_PATTERN, max_length=MAX_STRING)
     """Base model: a Hugging Face id (Qwen/Qwen2.5-7B-Instruct), s3://..., gs://... or pvc://<claim>/<path>."""
     revision: str | None = Field(default=None, max_length=255)
     """Hugging Face revision (branch, tag or commit)."""
     trust_remote_code: bool = False
     """Allow the model's own code from the hub to run."""
+    cache: ModelCache | None = None
+    """Download the model once into a claim the workers mount read-only (for a Hugging Face id, s3:// or gs://
+    source; a pvc:// source is read in place already). Unset: every worker downloads it."""
+
+    @model_validator(mode="after")
+    def _cache_not_for_pvc(self) -> BaseModelSource:
+        no_cache_for_pvc(self.source, self.cache, "spec.baseModel")
+        return self
 
 
 class Method(ApiModel):
@@ -108,14 +124,14 @@ class Training(ApiModel):
     shared_prefix: bool | None = None
     """Carry the prompt tokens all samples start with (template, system prompt, a fixed instruction) once per packed
     row instead of once per sample; each sample still sees only itself, at its own positions: the same loss and
-    gradients from fewer tokens (less than half the GPU work for ViGGO). Needs packing with attention sdpa or eager
-    (unset attention then means sdpa). Unset: on wherever packing uses a mask (the stock image's SDPA), off with
-    FA2; data without such a prefix trains as plain packed rows."""
+    gradients from fewer tokens (docs/training-recipe.md has the measured saving). Needs packing with attention
+    sdpa or eager (unset attention then means sdpa). Unset: on wherever packing uses a mask (the stock image's
+    SDPA), off with FA2; data without such a prefix trains as plain packed rows."""
     compile: bool | None = None
-    """Compile each decoder layer with torch.compile (about a minute before the first step, then 1.5 to 2 times the
-    samples/s on an H100; Liger kernels are turned off, they do not compile). Unset: with the shared prefix where
-    no gradient checkpointing is needed, for jobs of at least 1000 optimizer steps per GPU (shorter ones would
-    finish later); see docs/training-recipe.md."""
+    """Compile each decoder layer with torch.compile: a compile before the first step, then faster steps (Liger
+    kernels are turned off, they do not compile). Unset: with the shared prefix where no gradient checkpointing is
+    needed, for jobs long enough to win back the compile time; docs/training-recipe.md has the threshold and the
+    measurements it comes from."""
     gradient_checkpointing: bool | None = None
     """Recompute activations to save memory. Unset: only when the accelerator's memory needs it."""
     attention: Literal["auto", "sdpa", "fa2", "eager"] | None = None
@@ -126,6 +142,11 @@ class Training(ApiModel):
     """Checkpoint every this many optimizer steps."""
     eval_steps: int | None = Field(default=None, ge=1)
     """Evaluate on `dataset.validation` every this many steps (default: saveSteps)."""
+    resume: Literal["auto", "never"] = "auto"
+    """What a rerun of the job does with the checkpoints an earlier run left (a RayJob retry after a failure or
+    a lost node, a restarted driver): `auto` continues from the latest complete checkpoint, with the optimizer,
+    schedule and data position it saved, so the run ends after the same optimizer steps as an uninterrupted one;
+    `never` deletes them and trains from step 0."""
 
     @model_validator(mode="after")
     def _shared_prefix_needs_the_mask(self) -> Training:   # the CEL rule above, for specs read without the API
@@ -194,6 +215,8 @@ class TrainMetrics(ApiModel):
 class FineTuneStatus(StatusBase):
     ray_job_name: str | None = None
     """The RayJob that runs it."""
+    retries: RetryBudget | None = None
+    """How many of its retries (spec.backoffLimit) the Ray job has used: a failed or preempted attempt uses one."""
     ray_cluster_name: str | None = None
     """The Ray cluster KubeRay made for the RayJob."""
     dashboard_url: str | None = Field(default=None, alias="dashboardURL")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..api.batchinference import BatchInferenceSpec, Engine
 from .common import (
@@ -20,6 +20,7 @@ from .common import (
     result_channel,
     runtime_env,
 )
+from . import modelcache
 from .serving import lora_rank
 
 TAG = "bi"
@@ -37,6 +38,11 @@ class ResolvedModel:
     adapter_name: str | None = None
     adapter_rank: int | None = None
     """The adapter's LoRA rank when known (a FineTune's); it sizes vLLM's max_lora_rank."""
+
+    @classmethod
+    def of_finetune(cls, base_source: str, adapter_uri: str, rank: int | None) -> ResolvedModel:
+        """A FineTune's base model and the adapter it produced (named after the adapter's folder)."""
+        return cls(base_source, adapter_uri, adapter_uri.rstrip("/").rsplit("/", 1)[-1], rank)
 
 
 def names(owner: Owner) -> Names:
@@ -94,17 +100,26 @@ def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel, accel
     }
 
 
-def build(body: Mapping[str, Any], ctx: BuildContext, model: ResolvedModel) -> list[dict[str, Any]]:
-    """Every child of a BatchInference (the engine decides the order they are applied in)."""
-    owner = Owner.of(body)
-    spec = BatchInferenceSpec.model_validate(body["spec"])
+def cached_model(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel) -> modelcache.CachedModel | None:
+    return modelcache.cached_model(owner, TAG, model.source, None, spec.model.cache)
+
+
+def image(spec: BatchInferenceSpec, ctx: BuildContext) -> str:
+    return spec.image or ctx.settings.inference_image
+
+
+def build(owner: Owner, spec: BatchInferenceSpec, ctx: BuildContext, model: ResolvedModel) -> list[dict[str, Any]]:
+    """Every child of a BatchInference (the engine decides the order they are applied in). With a model cache,
+    these are the children once the model is cached: the workers load it from the claim."""
     n = names(owner)
+    cached = cached_model(owner, spec, model)
+    model = replace(model, source=modelcache.cached_source(cached, model.source))
     profile = profile_for(spec.resources, ctx.settings)
     files = {"job.json": json.dumps(job_json(owner, spec, model, profile.ray_accelerator_type), indent=2,
                                     sort_keys=True)}
     claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
-    image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image, ctx, claims, model_source=model.source)
+    cluster = ray_cluster_spec(owner, n, spec, spec.resources, image(spec, ctx), ctx, claims,
+                               model_source=model.source, read_only_claims=modelcache.read_only(cached))
     entrypoint = "python -m payloads.batch_inference --config /etc/llmops/job/job.json"
     return [
         *result_channel(owner, n, ctx.settings, spec),

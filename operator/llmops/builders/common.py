@@ -5,10 +5,12 @@ All functions are pure: (custom resource, settings, inputs) -> plain dicts.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import re
+from importlib import resources
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -24,9 +26,15 @@ RAY_NAME_MAX = 40  # KubeRay derives longer names (cluster, head service) from t
 LABEL_PREFIX = "llmops.dev"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"            # RESULT_ROLE, "config", PAYLOADS_ROLE
 RESULT_ROLE = "result"       # the ConfigMap a job's payload reports into
+CACHE_ROLE = "cache-report"  # the ConfigMap a model download reports into
+DOWNLOAD_ROLE = "model-download"   # the pod of a model download Job (not a Ray pod)
 PAYLOADS_ROLE = "payloads"   # the namespace's shared ConfigMap of payload sources
 OWNER_KIND_LABEL = f"{LABEL_PREFIX}/owner-kind"
 OWNER_UID_LABEL = f"{LABEL_PREFIX}/owner-uid"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "llmops"}   # on every child; the watches select by it
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"   # a RayJob's Kueue LocalQueue: Kueue manages the jobs that carry it
+WORKLOAD_API = "kueue.x-k8s.io/v1beta2"      # Kueue's Workload: one per queued job, it holds why the job waits
+WORKLOAD_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"   # on a Workload: the uid of the job it was made for
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ class Names:
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    return {"app.kubernetes.io/managed-by": "llmops", OWNER_KIND_LABEL: owner.kind, OWNER_UID_LABEL: owner.uid}
+    return {**MANAGED_BY, OWNER_KIND_LABEL: owner.kind, OWNER_UID_LABEL: owner.uid}
 
 
 def owned(obj: dict[str, Any], owner: Owner, settings: Settings, extra_labels: Mapping[str, str] | None = None
@@ -122,8 +130,9 @@ def ray_account(names: Names, spec: WorkloadControls) -> str:
     return spec.service_account_name or names.account
 
 
-def result_channel(owner: Owner, names: Names, settings: Settings, spec: WorkloadControls) -> list[dict[str, Any]]:
-    """Result ConfigMap and a Role that may get/patch only that ConfigMap, bound to the Ray pods' ServiceAccount:
+def result_channel(owner: Owner, names: Names, settings: Settings, spec: WorkloadControls,
+                   role: str = RESULT_ROLE) -> list[dict[str, Any]]:
+    """Result ConfigMap and a Role that may get/patch only that ConfigMap, bound to the pods' ServiceAccount:
     one the operator creates, or the spec's own (which gains nothing else)."""
     account = ray_account(names, spec)
     created = []
@@ -135,7 +144,7 @@ def result_channel(owner: Owner, names: Names, settings: Settings, spec: Workloa
                               "automountServiceAccountToken": True}, owner, settings))
     return [
         owned({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": names.result}, "data": {}},
-              owner, settings, {ROLE_LABEL: RESULT_ROLE}),
+              owner, settings, {ROLE_LABEL: role}),
         *created,
         owned({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": names.account},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.result],
@@ -166,13 +175,19 @@ def _payloads_name(items: tuple[tuple[str, str], ...]) -> str:
     return f"llmops-payloads-{short_hash(dict(items))}"   # the data exactly as written (keys are file names)
 
 
+def load_payloads() -> dict[str, str]:
+    """The payload modules shipped to Ray pods, read from the installed `payloads` package."""
+    package = resources.files("payloads")
+    return {f.name: f.read_text() for f in sorted(package.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".py")}
+
+
 def payload_config_map(namespace: str, payloads: Mapping[str, str], settings: Settings) -> dict[str, Any]:
     """Every payload module in one immutable ConfigMap per namespace, shared by all jobs there (each job used to
     carry its own ~80 KB copy). It has no owner: it is written once and stays until the namespace goes."""
     return {"apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
             "metadata": {"name": payloads_name(payloads), "namespace": namespace,
-                         "labels": {"app.kubernetes.io/managed-by": "llmops",
-                                    ROLE_LABEL: PAYLOADS_ROLE}},
+                         "labels": {**MANAGED_BY, ROLE_LABEL: PAYLOADS_ROLE}},
             "data": dict(sorted(payloads.items()))}   # keyed by file name: mounted whole as the package
 
 
@@ -192,10 +207,11 @@ def pvc_claims(*uris: str | None) -> list[str]:
     return claims
 
 
-def volumes(names: Names, payload_config: str, claims: list[str], scratch: str | None = None
-            ) -> tuple[list[dict], list[dict]]:
+def volumes(names: Names, payload_config: str, claims: list[str], scratch: str | None = None,
+            read_only: frozenset[str] = frozenset()) -> tuple[list[dict], list[dict]]:
     """The job's files and the payload package, each ConfigMap mounted whole (listing its keys would make the Ray
-    object larger, and every write of it dearer to the API server)."""
+    object larger, and every write of it dearer to the API server); claims in `read_only` (a model cache) are
+    mounted read-only."""
     vols = [
         {"name": "llmops-job", "configMap": {"name": names.config}},
         {"name": "llmops-payloads", "configMap": {"name": payload_config}},
@@ -203,6 +219,10 @@ def volumes(names: Names, payload_config: str, claims: list[str], scratch: str |
     mounts = [{"name": "llmops-job", "mountPath": JOB_MOUNT, "readOnly": True},
               {"name": "llmops-payloads", "mountPath": f"{PAYLOAD_ROOT}/payloads", "readOnly": True}]
     for i, claim in enumerate(claims):
+        if claim in read_only:
+            vols.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+            mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+            continue
         vols.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
     if scratch:
@@ -271,12 +291,13 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
 
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
                      ctx: BuildContext, claims: list[str], *, model_source: str,
-                     autoscale_to: int | None = None, scratch: str | None = None) -> dict[str, Any]:
+                     autoscale_to: int | None = None, scratch: str | None = None,
+                     read_only_claims: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
     settings = ctx.settings
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
-    vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch)
+    vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch, read_only_claims)
     pod_labels = labels(owner)
     head = settings.head
     head_shm, shm_mount = shm_volume(head.memory)
@@ -350,12 +371,31 @@ def ray_job(owner: Owner, names: Names, spec: JobControls, cluster: dict[str, An
         "suspend": spec.suspend,
         "submissionMode": "K8sJobMode",
     }
+    if spec.queue_name is not None:
+        # spec.suspend belongs to Kueue: it suspends the job until admitted and unsuspends it with an update,
+        # which takes the field's ownership from every other manager. Applied with force, the field would suspend
+        # an admitted job again; applied once and then dropped, server-side apply would remove it (a field only
+        # the applier owned goes when its applied configuration drops it) and start a job Kueue holds back.
+        # Never applied, it is never ours, and what Kueue wrote stands.
+        del job_spec["suspend"]
     if runtime:
         job_spec["runtimeEnvYAML"] = yamlio.dump(runtime)
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    if spec.priority_class_name:
+        cluster = with_priority_class(cluster, spec.priority_class_name)
     job_spec["rayClusterSpec"] = cluster
+    queue = {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
     return owned({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": names.ray}, "spec": job_spec},
-                 owner, settings)
+                 owner, settings, queue)
+
+
+def with_priority_class(cluster: dict[str, Any], name: str) -> dict[str, Any]:
+    """Every Ray pod at this PriorityClass; Kueue takes a queued job's priority from the head's (its first pod
+    set) when no WorkloadPriorityClass label names one."""
+    cluster = copy.deepcopy(cluster)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        group["template"]["spec"]["priorityClassName"] = name
+    return cluster

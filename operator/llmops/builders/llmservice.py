@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 from .. import yamlio
 from ..api.llmservice import LLMServiceSpec
 from ..settings import Settings
+from . import exposure, modelcache
 from .common import BuildContext, Names, Owner, owned, profile_for, pvc_claims, ray_cluster_spec, runtime_env
 from .serving import AdapterPlan, cluster_fingerprint, serve_config
 
@@ -22,7 +23,8 @@ def names(owner: Owner) -> Names:
 
 def endpoint(owner: Owner, settings: Settings) -> str:
     """In-cluster OpenAI base URL: KubeRay's serve Service for the RayService."""
-    return (f"http://{names(owner).ray}-serve-svc.{owner.namespace}.svc.{settings.cluster_domain}:{SERVE_PORT}/v1")
+    service = exposure.serve_service(names(owner).ray)
+    return f"http://{service}.{owner.namespace}.svc.{settings.cluster_domain}:{SERVE_PORT}/v1"
 
 
 def workers_per_replica(spec: LLMServiceSpec) -> int:
@@ -30,19 +32,31 @@ def workers_per_replica(spec: LLMServiceSpec) -> int:
     return max(1, math.ceil(gpus / spec.resources.gpus_per_worker))
 
 
-def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list[dict[str, Any]]:
-    """The RayService (the only child: Serve needs no result channel)."""
-    owner = Owner.of(body)
-    spec = LLMServiceSpec.model_validate(body["spec"])
+def cached_model(owner: Owner, spec: LLMServiceSpec) -> modelcache.CachedModel | None:
+    return modelcache.cached_model(owner, TAG, spec.model.source, None, spec.model.cache)
+
+
+def image(spec: LLMServiceSpec, ctx: BuildContext) -> str:
+    return spec.image or ctx.settings.inference_image
+
+
+def build(owner: Owner, spec: LLMServiceSpec, ctx: BuildContext, plan: AdapterPlan, expose: bool = True
+          ) -> list[dict[str, Any]]:
+    """The RayService (Serve needs no result channel) and, with spec.expose and `expose`, the HTTPRoute to it and
+    its API-key policy (`expose` is False while the APIs they need are missing). With a model cache, these are
+    the children once the model is cached: the replicas load it from the claim."""
     n = names(owner)
+    cached = cached_model(owner, spec)
+    if cached is not None:
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": cached.uri})})
     profile = profile_for(spec.resources, ctx.settings)
     fingerprint = cluster_fingerprint(spec)
     per_replica = workers_per_replica(spec)
     max_workers = spec.autoscaling.max_replicas * per_replica
     resources = spec.resources.model_copy(update={"workers": spec.autoscaling.min_replicas * per_replica})
-    image = spec.image or ctx.settings.inference_image
-    cluster = ray_cluster_spec(owner, n, spec, resources, image, ctx, pvc_claims(spec.model.source),
-                               model_source=spec.model.source, autoscale_to=max_workers)
+    cluster = ray_cluster_spec(owner, n, spec, resources, image(spec, ctx), ctx, pvc_claims(spec.model.source),
+                               model_source=spec.model.source, autoscale_to=max_workers,
+                               read_only_claims=modelcache.read_only(cached))
     # No job files or payloads for serving: drop the ConfigMap volumes the job kinds mount.
     for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
         pod = group["template"]["spec"]
@@ -70,4 +84,5 @@ def build(body: Mapping[str, Any], ctx: BuildContext, plan: AdapterPlan) -> list
             "rayClusterConfig": cluster,
         },
     }
-    return [owned(service, owner, ctx.settings)]
+    route = exposure.build(owner, n.ray, n.ray, SERVE_PORT, spec.expose, ctx.settings) if expose else []
+    return [*route, owned(service, owner, ctx.settings)]

@@ -27,10 +27,15 @@ from typing import Any, Mapping
 
 from ..api.batchinference import BatchInferenceStatus
 from ..api.llmservice import SERVE_LORA_SCHEMES, Adapter, LLMServiceSpec
+from .. import dependencies as deps
 from .common import PVC_ROOT
 
 SERVE_APP_NAME = "llm"
 SERVE_IMPORT_PATH = "ray.serve.llm:build_openai_app"
+
+# Ray Serve LLM's prefix-aware router (the same path in Ray 2.57 and 2.60). Ray imports it when the deployment
+# starts; its module needs vLLM, so the operator only names it.
+PREFIX_AFFINITY_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
 
 # vLLM's LoRAConfig accepts only these max_lora_rank values; spec.lora.maxRank is rounded up to one of them.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
@@ -76,45 +81,6 @@ def _split(uri: str) -> tuple[str, str]:
     return (f"{scheme}://{head}", folder) if head else (f"{scheme}://{rest}", "")
 
 
-def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
-
-
-def _is_ready(status: Mapping[str, Any]) -> bool:
-    ready = _condition(status, "Ready")
-    if ready is not None:
-        return ready.get("status") == "True"
-    return status.get("phase") in ("Ready", "Succeeded")
-
-
-def _is_failed(status: Mapping[str, Any]) -> bool:
-    # Not Stalled alone: a job whose pods cannot be scheduled is Stalled yet still Pending.
-    return status.get("phase") == "Failed"
-
-
-def _is_stalled(status: Mapping[str, Any]) -> bool:
-    stalled = _condition(status, "Stalled")
-    return stalled is not None and stalled.get("status") == "True"
-
-
-def _why(status: Mapping[str, Any]) -> str:
-    for type_ in ("Stalled", "Ready"):
-        cond = _condition(status, type_)
-        if cond and cond.get("message"):
-            return cond["message"]
-    return status.get("message") or ""
-
-
-def _with_why(text: str, status: Mapping[str, Any]) -> str:
-    why = _why(status)
-    return f"{text}: {why}" if why else text
-
-
-def _not_ready(kind: str, name: str, status: Mapping[str, Any]) -> str:
-    text = f"{kind} {name} is {status.get('phase') or 'Pending'}"
-    return _with_why(f"{text} and stuck", status) if _is_stalled(status) else text
-
-
 def _state(adapter: Adapter, uri: str | None, state: str, message: str) -> dict[str, Any]:
     return {"name": adapter.name, "uri": uri, "state": state, "message": message}
 
@@ -127,20 +93,15 @@ def _source(adapter: Adapter, finetunes: Mapping[str, Mapping[str, Any]], max_ra
     name = adapter.fine_tune_ref.name
     if name not in finetunes:
         return None, _state(adapter, None, FAILED, f"FineTune {name} does not exist in this namespace")
-    status = finetunes[name] or {}
-    if _is_failed(status):
-        return None, _state(adapter, None, FAILED, _with_why(f"FineTune {name} failed", status))
-    if not _is_ready(status):
-        return None, _state(adapter, None, WAITING_FOR_FINETUNE, _not_ready("FineTune", name, status))
-    produced = status.get("adapter") or {}
-    if not produced.get("uri"):
-        return None, _state(adapter, None, FAILED, f"FineTune {name} is Ready but reports no status.adapter.uri")
-    rank = produced.get("rank")
-    if isinstance(rank, int) and rank > max_rank:
-        return produced["uri"], _state(adapter, produced["uri"], UNSUPPORTED,
-                                       f"its LoRA rank {rank} exceeds spec.lora.maxRank {max_rank}: raise "
-                                       "lora.maxRank (a new Ray cluster) or retrain with a smaller rank")
-    return produced["uri"], None
+    output = deps.finetune_output(name, finetunes[name] or {})
+    if output.state != deps.READY:
+        return None, _state(adapter, None, WAITING_FOR_FINETUNE if output.state == deps.WAITING else FAILED,
+                            output.message)
+    if output.rank is not None and output.rank > max_rank:
+        return output.uri, _state(adapter, output.uri, UNSUPPORTED,
+                                  f"its LoRA rank {output.rank} exceeds spec.lora.maxRank {max_rank}: raise "
+                                  "lora.maxRank (a new Ray cluster) or retrain with a smaller rank")
+    return output.uri, None
 
 
 def _location_problem(uri: str, fixed_path: str | None) -> str | None:
@@ -175,11 +136,11 @@ def _gate_problem(adapter: Adapter, uri: str, batchinferences: Mapping[str, Mapp
     if name not in batchinferences:
         return WAITING_FOR_EVALUATION, f"BatchInference {name} (the gate's evaluation) does not exist yet"
     status = batchinferences[name] or {}
-    if _is_failed(status):
-        return WAITING_FOR_EVALUATION, _with_why(f"BatchInference {name} (the gate's evaluation) failed; run it "
+    if deps.is_failed(status):
+        return WAITING_FOR_EVALUATION, deps.with_why(f"BatchInference {name} (the gate's evaluation) failed; run it "
                                                  "again", status)
-    if not _is_ready(status):
-        return WAITING_FOR_EVALUATION, _not_ready("BatchInference", name, status) + " (the gate waits for it)"
+    if not deps.is_ready(status):
+        return WAITING_FOR_EVALUATION, deps.not_ready("BatchInference", name, status) + " (the gate waits for it)"
     evaluated = status.get(EVALUATED_ADAPTER_KEY)
     if evaluated and evaluated.rstrip("/") != uri.rstrip("/"):
         return WAITING_FOR_EVALUATION, (f"BatchInference {name} evaluated {evaluated}, not this adapter ({uri}); "
@@ -310,6 +271,13 @@ def engine_kwargs(spec: LLMServiceSpec) -> dict[str, Any]:
     return kwargs
 
 
+def routing(spec: LLMServiceSpec) -> str:
+    """spec.routing, or its default: prefix affinity once there can be more than one replica to choose from."""
+    if spec.routing is not None:
+        return spec.routing
+    return "prefixAffinity" if spec.autoscaling.max_replicas > 1 else "default"
+
+
 def llm_config(spec: LLMServiceSpec, plan: AdapterPlan, *, accelerator_type: str, runtime_env: Mapping[str, Any]
                ) -> dict[str, Any]:
     """One entry of build_openai_app's `llm_configs` (fields of ray.serve.llm.LLMConfig)."""
@@ -324,6 +292,12 @@ def llm_config(spec: LLMServiceSpec, plan: AdapterPlan, *, accelerator_type: str
             "target_ongoing_requests": scaling.target_ongoing_requests,
         }},
     }
+    if scaling.scales_to_zero:
+        # Only the 1 -> 0 step waits this long; Ray Serve starts a replica at once for a request that finds none
+        # (and, with every model at min_replicas 0, scales its OpenAI ingress to zero too).
+        config["deployment_config"]["autoscaling_config"]["downscale_to_zero_delay_s"] = scaling.scale_to_zero_delay
+    if routing(spec) == "prefixAffinity":
+        config["deployment_config"]["request_router_config"] = {"request_router_class": PREFIX_AFFINITY_ROUTER}
     if plan.dynamic_lora_loading_path is not None:
         config["lora_config"] = {"dynamic_lora_loading_path": plan.dynamic_lora_loading_path,
                                  "max_num_adapters_per_replica": spec.lora.max_adapters_per_replica}
@@ -357,8 +331,13 @@ def cluster_fingerprint(spec: LLMServiceSpec) -> str:
     - while spec.adapters is non-empty, the engine's LoRA limits (the rendered max_lora_rank, and
       lora.maxAdaptersPerReplica as max_loras); and adapters going empty <-> non-empty (enable_lora).
 
-    Left out, as they only rewrite serveConfigV2 (or status): the adapters themselves, their FineTunes and
-    gates, lora.dynamicLoadingPath, autoscaling, modelId; and upgradeStrategy, suspend, resources.workers.
+    - whether autoscaling.minReplicas is 0: KubeRay 1.5 leaves a running cluster's worker-group bounds as they
+      were (its cluster hash leaves them out), and the Ray autoscaler reads them there, so a service switched to
+      scale to zero would keep its GPU worker, and one switched back would not keep one.
+
+    Left out, as they only rewrite serveConfigV2 (or status) or other children: the adapters themselves, their
+    FineTunes and gates, lora.dynamicLoadingPath, the rest of autoscaling, routing, modelId, expose; and
+    upgradeStrategy, suspend, resources.workers.
     """
     lora = ({"maxRank": lora_rank(spec.lora.max_rank),
              "maxAdaptersPerReplica": spec.lora.max_adapters_per_replica} if spec.adapters else None)
@@ -373,5 +352,7 @@ def cluster_fingerprint(spec: LLMServiceSpec) -> str:
     }
     if spec.service_account_name:   # only when set, so that fingerprints from before the field stay as they were
         material["serviceAccountName"] = spec.service_account_name
+    if spec.autoscaling.scales_to_zero:   # likewise
+        material["scalesToZero"] = True
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]

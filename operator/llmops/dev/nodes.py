@@ -22,6 +22,7 @@ class Pool:
     gpus: int = 0
     gpu_product: str | None = None
     disk: str = "500Gi"   # a cloud GPU node's boot disk
+    pods: int = 250
 
 
 DEFAULT_POOLS = (
@@ -36,7 +37,7 @@ def node(pool: Pool, index: int) -> dict:
               "type": "kwok", "llmops.dev/pool": pool.name}
     # Local disk too: Ray workers request ephemeral-storage for the model's weights, and the scheduler refuses a
     # pod that asks for more than a node reports.
-    resources = {"cpu": pool.cpu, "memory": pool.memory, "ephemeral-storage": pool.disk, "pods": "250"}
+    resources = {"cpu": pool.cpu, "memory": pool.memory, "ephemeral-storage": pool.disk, "pods": str(pool.pods)}
     taints = []
     if pool.gpus:
         labels.update({"nvidia.com/gpu.product": pool.gpu_product, "nvidia.com/gpu.count": str(pool.gpus),

@@ -1,4 +1,5 @@
-"""A real local control plane: etcd, kube-apiserver, controller-manager, scheduler, kwok and KubeRay.
+"""A real local control plane: etcd, kube-apiserver, controller-manager, scheduler, kwok, KubeRay and, when
+asked, Kueue.
 
 Everything listens on loopback with free ports; data, credentials and logs live in one folder. Binaries come
 from ``tools/controlplane/build.py`` (``$LLMOPS_CACHE/bin``). The same class serves ``llmops dev up`` and the
@@ -10,54 +11,30 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import nodes
+from .processes import PlaneError, Process, alive, bin_dir, cache_dir, free_port, http_ok, log, terminate
+
+__all__ = ["BUILD_HINT", "LocalPlane", "PlaneError", "Process", "bin_dir", "cache_dir", "free_port", "log"]
 
 REPO = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO / "tools" / "controlplane" / "build.py"
 BUILD_HINT = f"{sys.executable} {BUILD_SCRIPT.relative_to(REPO) if BUILD_SCRIPT.exists() else BUILD_SCRIPT}"
 SERVICE_CIDR = "10.96.0.0/16"
+GATEWAY_API_CRDS = ("gatewayclasses.gateway.networking.k8s.io", "gateways.gateway.networking.k8s.io",
+                    "httproutes.gateway.networking.k8s.io")
+ENVOY_GATEWAY_CRDS = ("securitypolicies.gateway.envoyproxy.io",)
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok",
             "ray-operator")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMOPS_CACHE", Path.home() / ".cache" / "llmops")).expanduser()
-
-
-def bin_dir() -> Path:
-    return cache_dir() / "bin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log(message: str) -> None:
-    print(f"[llmops dev {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class PlaneError(RuntimeError):
-    pass
-
-
-@dataclass
-class Process:
-    name: str
-    pid: int
-    log: str
+KUEUE_NAMESPACE = "kueue-system"
+# Kueue's manager reads its metrics certificate from this fixed path whenever its own certificate management is
+# off (it is: that needs in-cluster Services, which a plane without kube-proxy cannot reach).
+KUEUE_METRICS_CERTS = Path("/etc/kueue/metrics/certs")
 
 
 @dataclass
@@ -66,6 +43,7 @@ class LocalPlane:
 
     root: Path
     pools: tuple[nodes.Pool, ...] = nodes.DEFAULT_POOLS
+    with_kueue: bool = False   # also run Kueue, managing RayJobs that name a queue
     processes: list[Process] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -109,8 +87,11 @@ class LocalPlane:
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(cache_dir() / "share" / "kuberay-crds"),
                          quiet=True)
             self.wait_crds_established(["rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io"])
+            self.install_gateway_api()
             if with_kuberay:
                 self.start_kuberay()
+            if self.with_kueue:
+                self.start_kueue()
             self._wait_default_service_account()
         except Exception:
             self.print_logs_hint()
@@ -121,7 +102,7 @@ class LocalPlane:
     def stop(self) -> None:
         """End only the processes this plane started, newest first."""
         for proc in reversed(self.processes):
-            _terminate(proc.pid)
+            terminate(proc.pid)
         self.processes = []
         if self.state_file.exists():
             self.state_file.unlink()
@@ -139,7 +120,7 @@ class LocalPlane:
         return plane
 
     def status(self) -> dict[str, bool]:
-        return {p.name: _alive(p.pid) for p in self.processes}
+        return {p.name: alive(p.pid) for p in self.processes}
 
     def print_logs_hint(self) -> None:
         log(f"component logs are in {self.logs}:")
@@ -183,7 +164,7 @@ class LocalPlane:
             "--initial-cluster", f"default=http://127.0.0.1:{peer}", "--unsafe-no-fsync", "--log-level", "warn",
             "--quota-backend-bytes", str(4 * 1024**3),
         ])
-        self._wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{client}/health"))
+        self._wait("etcd", lambda: http_ok(f"http://127.0.0.1:{client}/health"))
 
     def _start_apiserver(self) -> None:
         port = free_port()
@@ -215,7 +196,7 @@ class LocalPlane:
         }, indent=2))
 
     def _api_ready(self, url: str) -> bool:
-        return _http_ok(f"{url}/readyz", token=self.admin_token, verify=False)
+        return http_ok(f"{url}/readyz", token=self.admin_token, verify=False)
 
     def _start_controllers(self) -> None:
         pki = self.root / "pki"
@@ -242,15 +223,62 @@ class LocalPlane:
             *(f"--config={s}" for s in stages),
         ])
 
-    def start_kuberay(self) -> None:
+    def start_kuberay(self, *flags: str) -> None:
+        """The KubeRay operator at its defaults, plus `flags` (`--reconcile-concurrency=32`)."""
         self.ports["kuberay-metrics"] = free_port()
         self.ports["kuberay-probe"] = free_port()
         self.spawn("kuberay-operator", [
             self.binary("ray-operator"), "--enable-leader-election=false",
             f"--metrics-addr=127.0.0.1:{self.ports['kuberay-metrics']}",
-            f"--health-probe-bind-address=127.0.0.1:{self.ports['kuberay-probe']}",
+            f"--health-probe-bind-address=127.0.0.1:{self.ports['kuberay-probe']}", *flags,
         ])
-        self._wait("kuberay-operator", lambda: _http_ok(f"http://127.0.0.1:{self.ports['kuberay-probe']}/readyz"))
+        self._wait("kuberay-operator", lambda: http_ok(f"http://127.0.0.1:{self.ports['kuberay-probe']}/readyz"))
+
+    def start_kueue(self) -> None:
+        """Kueue with only its RayJob integration. Its admission webhooks are not registered: Kueue's job
+        reconciler suspends a RayJob that names a queue and has no admitted Workload, and unsuspends it once
+        admitted, which is all queueing needs. The manager still serves its webhook port, so it gets a
+        self-signed certificate."""
+        if any(p.name == "kueue" and alive(p.pid) for p in self.processes):
+            return
+        if not (bin_dir() / "kueue").exists():
+            raise PlaneError(f"{bin_dir() / 'kueue'} is missing: run `{BUILD_HINT}`")
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(cache_dir() / "share" / "kueue-crds"),
+                     quiet=True)
+        self.wait_crds_established(["clusterqueues.kueue.x-k8s.io", "localqueues.kueue.x-k8s.io",
+                                    "resourceflavors.kueue.x-k8s.io", "workloads.kueue.x-k8s.io"])
+        self.kubectl("create", "namespace", KUEUE_NAMESPACE, check=False, quiet=True)
+        webhook_certs = self.root / "kueue-certs"
+        _self_signed(webhook_certs)
+        try:
+            _self_signed(KUEUE_METRICS_CERTS)
+        except OSError as e:
+            raise PlaneError(f"Kueue needs a certificate in {KUEUE_METRICS_CERTS} and it cannot be written ({e}); "
+                             "run as a user who may create it, or create tls.crt and tls.key there") from e
+        self.ports["kueue-probe"] = free_port()
+        config = self.root / "kueue-config.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": KUEUE_NAMESPACE,
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['kueue-probe']}"},
+            "metrics": {"bindAddress": "0"},
+            "webhook": {"host": "127.0.0.1", "port": free_port(), "certDir": str(webhook_certs)},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": ["ray.io/rayjob"]},
+            "featureGates": {"VisibilityOnDemand": False},
+        }, indent=2))
+        self.spawn("kueue", [self.binary("kueue"), f"--config={config}"])
+        self._wait("kueue", lambda: http_ok(f"http://127.0.0.1:{self.ports['kueue-probe']}/readyz"), timeout=90)
+
+    def install_gateway_api(self) -> None:
+        """The CRDs LLMService spec.expose writes: the Gateway API's (standard channel) and Envoy Gateway's
+        SecurityPolicy (apiKey). No Gateway implementation runs here: routes are stored, not served."""
+        for folder, names in (("gateway-api-crds", GATEWAY_API_CRDS), ("envoy-gateway-crds", ENVOY_GATEWAY_CRDS)):
+            crds = cache_dir() / "share" / folder
+            if not crds.is_dir():
+                raise PlaneError(f"missing CRDs in {crds}: run `{BUILD_HINT}`")
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds), quiet=True)
+            self.wait_crds_established(list(names))
 
     def _wait_default_service_account(self) -> None:
         self._wait("kube-controller-manager", lambda: self.kubectl(
@@ -283,7 +311,7 @@ class LocalPlane:
         deadline = time.monotonic() + timeout
         proc = next(p for p in reversed(self.processes) if p.name == name)
         while time.monotonic() < deadline:
-            if not _alive(proc.pid):
+            if not alive(proc.pid):
                 raise PlaneError(f"{name} exited during start-up; see {proc.log}")
             try:
                 if ready():
@@ -295,41 +323,11 @@ class LocalPlane:
         raise PlaneError(f"{name} not ready after {timeout:.0f}s; see {proc.log}")
 
 
-def _http_ok(url: str, token: str | None = None, verify: bool = True) -> bool:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    context = None if verify else ssl._create_unverified_context()
-    try:
-        with urllib.request.urlopen(request, timeout=2, context=context) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie child of ours is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _terminate(pid: int, grace: float = 10) -> None:
-    if not _alive(pid):
+def _self_signed(folder: Path) -> None:
+    """tls.crt and tls.key for 127.0.0.1 in `folder`, unless there already."""
+    if (folder / "tls.crt").exists() and (folder / "tls.key").exists():
         return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(folder / "tls.key"),
+                    "-out", str(folder / "tls.crt")], check=True, capture_output=True)

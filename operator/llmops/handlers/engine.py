@@ -2,71 +2,39 @@
 
 Every trigger (our resource changed, a child's status changed, a dependency became Ready) schedules one
 reconcile of the owning resource. Triggers that arrive while it runs fold into one more run afterwards, so a
-burst of events costs at most two reconciles. Reconciles read only the caches and write only what changed.
+burst of events costs at most two reconciles. Reconciles read only the caches and write only what changed: each
+observes (handlers/observe.py), decides (llmops.decide, pure) and applies here, the kind's steps found in one
+place (handlers/kinds.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Mapping
 
-from ..builders.common import BuildContext, is_shared, short_hash
+from ..builders.common import WORKLOAD_API, WORKLOAD_JOB_UID_LABEL, BuildContext, is_shared, short_hash
+from ..decide.common import Outcome
+from ..decide.jobs import TERMINAL
 from ..kube import ApiError, Kube, with_retries
-from ..status import Verdict, conditions_for, same_status
+from ..status import Verdict, same_status
 from .caches import Caches, plain
+from .discovery import Discovery
+from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
+from .kinds import RECONCILERS, Reconciler
+from .writes import event_for, status_for
 from .metrics import Metrics
 from .ordering import HASH_ANNOTATION, Plan, apply_rounds, holds, stateful
 from .slots import Slots
 
 log = logging.getLogger("llmops")
 
-Key = tuple[str, str, str]  # (kind, namespace, name)
-APPLIED_MEMORY_SECONDS = 30.0   # long enough for the watch to bring back what was just applied
-ECHO_MEMORY_LIMIT = 100_000     # resourceVersions of our writes not yet seen again (bounded, in case one never is)
 RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
 STATUS_DEFER_SECONDS = 2.0      # what is not the Ray object waits at most this long for Ray objects being created
 CREATION_QUIET_SECONDS = 0.1    # ... and for none to have started for this long (a burst's events come closer)
 CACHE_LAG_RECHECK_SECONDS = 2.0  # a child the watch lost but the API server still has: look again this soon
-
-
-def without_none(value: Any) -> Any:
-    """A copy without null values: the API server rejects null where the schema says string."""
-    if isinstance(value, dict):
-        return {k: without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_none(v) for v in value if v is not None]
-    return value
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-@dataclass
-class Outcome:
-    """What a kind's reconcile decided: children to have, and where the resource stands."""
-
-    children: list[dict[str, Any]]   # empty: nothing to have, or (with memo_key) already applied as they are
-    verdict: Verdict
-    ray_kind: str = "RayJob"
-    memo_key: Any = None   # what the children are a function of, besides the process (None: not memoized)
-    delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove
-    requeue_after: float | None = None   # look again after this many seconds even if nothing changes
-    confirm_absent: tuple[str, str, str] | None = None   # (apiVersion, kind, name): the verdict holds only if
-    # the API server has no such child of this owner either (the watch may lag behind it)
-
-
-class Applied(NamedTuple):
-    """What this process applied for a resource last, remembered until the watches show it."""
-
-    children_hash: str
-    at: float                          # time.monotonic() of the write
-    ray_object: dict[str, Any] | None  # the Ray object as the API server returned it; None once the watch has it
 
 
 class PreviousRunPresent(Exception):
@@ -75,21 +43,20 @@ class PreviousRunPresent(Exception):
 
 
 class Engine:
-    def __init__(self, kube: Kube, ctx: BuildContext, caches: Caches | None = None):
+    def __init__(self, kube: Kube, ctx: BuildContext, caches: Caches | None = None,
+                 kinds: Mapping[str, Reconciler] = RECONCILERS):
         self.kube = kube
         self.ctx = ctx
         self.caches = caches or Caches()
         self.metrics = Metrics()
-        self.kinds: dict[str, Callable[[Engine, dict[str, Any]], Outcome]] = {}
+        self.workloads: dict[str, dict[str, Any] | None] = {}   # a queued RayJob's uid -> its Kueue Workload
+        self.kinds = dict(kinds)
+        self.discovery = Discovery(kube)
         self._running: dict[Key, asyncio.Task] = {}
         self._again: set[Key] = set()
         self._backoff: dict[Key, float] = {}
-        self._refused: dict[Key, str] = {}   # what the API server refused for good, until the inputs change
-        self._applied: dict[str, Applied] = {}  # uid -> what this process applied last
-        self._hashes: dict[str, tuple[Any, str]] = {}    # uid -> (memo key, children hash): skip rebuilding
-        self._written: dict[str, tuple[str, dict]] = {}  # uid -> (resourceVersion before, status) we wrote
+        self.expected = Expectations()
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
-        self._echoes: dict[tuple[str, str, str], str] = {}   # (kind, ns, name) -> resourceVersion we wrote
         self._slots = Slots(RECONCILE_SLOTS)
         self._later: set[Key] = set()       # scheduled only because a (re)start listed them: served after the rest
         self._creating = 0                  # applies creating a Ray object right now
@@ -114,72 +81,33 @@ class Engine:
     def forget(self, key: Key, uid: str | None) -> None:
         """Drop what this process remembers about a deleted resource."""
         self._backoff.pop(key, None)
-        self._refused.pop(key, None)
+        self.expected.forget(key, uid)
         if uid:
-            for memory in (self._applied, self._hashes, self._written):
-                memory.pop(uid, None)
+            self.caches.lost_pods.pop(uid, None)
 
-    # ---- what the caches do not show yet ---------------------------------------------------------------------
+    # ---- what the caches do not show yet -------------------------------------------------------------------
     def ray_object(self, uid: str) -> dict[str, Any] | None:
         """The owner's Ray object: from the watch, or the one this process created moments ago."""
-        current = self.caches.ray_objects.get(uid)
-        applied = self._recently_applied(uid)
-        if current is not None:
-            if applied and applied.ray_object is not None:   # the watch has caught up: keep the object once
-                self._applied[uid] = applied._replace(ray_object=None)
-            return current
-        return applied.ray_object if applied else None
-
-    def _recently_applied(self, uid: str) -> Applied | None:
-        """What this process applied for `uid` within APPLIED_MEMORY_SECONDS (the watch may not show it yet)."""
-        applied = self._applied.get(uid)
-        return applied if applied and time.monotonic() - applied.at < APPLIED_MEMORY_SECONDS else None
-
-    # ---- our own writes, coming back through the watches ------------------------------------------------------
-    def _remember_echo(self, obj: dict[str, Any] | None) -> None:
-        meta = (obj or {}).get("metadata") or {}
-        if meta.get("resourceVersion") and len(self._echoes) < ECHO_MEMORY_LIMIT:
-            self._echoes[(obj["kind"], meta.get("namespace", ""), meta["name"])] = meta["resourceVersion"]
+        return self.expected.ray_object(uid, self.caches.ray_objects.get(uid))
 
     def is_echo(self, body: Any) -> bool:
         """True for a watch event that only brings back what this process wrote (it decided on that already)."""
-        meta = body.get("metadata") or {}
-        key = (body.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
-        written = self._echoes.pop(key, None)
-        return written is not None and written == meta.get("resourceVersion")
+        return self.expected.is_echo(body)
 
-    def _with_written_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The body with the status this process wrote last, while the watch has not brought that write back
-        (same resourceVersion as before it): deciding on the older status would write the same change again."""
-        uid = body["metadata"]["uid"]
-        written = self._written.get(uid)
-        if written is None:
-            return body
-        if written[0] != body["metadata"].get("resourceVersion", ""):
-            del self._written[uid]   # the watch has caught up (or someone else wrote): the cache is the truth
-            return body
-        return {**body, "status": written[1]}
-
-    def children_current(self, uid: str, memo_key: Any) -> bool:
-        """True when the children for `memo_key` were built and applied already: no need to build them again."""
-        memo = self._hashes.get(uid)
-        return memo is not None and memo[0] == memo_key and self._applied_hash(uid) == memo[1]
+    def applied_memo_key(self, uid: str) -> Any:
+        """The memo key whose children were built and applied as they are: for it, no need to build them again."""
+        built = self.expected.last_built(uid)
+        return built[0] if built is not None and self._applied_hash(uid) == built[1] else None
 
     def _applied_hash(self, uid: str) -> str | None:
-        """The children hash on the last child applied (a job's result report, else the Ray object): there, it says
-        the whole set was written. This process's memory of a recent write first (the watch may still show the
-        set before it), else the watch."""
+        """The children hash of the last complete set: on the last child applied (a job's result report, else the
+        Ray object), as the watch shows it, unless this process wrote a newer one."""
         marked = self.caches.markers.get(uid)   # a job's result report ("" without the annotation)
         if marked is None:
             current = self.caches.ray_objects.get(uid)
             if current is not None:
                 marked = (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION, "")
-        applied = self._recently_applied(uid)
-        if applied is None:
-            return marked or None
-        if marked == applied.children_hash and applied.ray_object is None:
-            del self._applied[uid]   # the watch has caught up with all of it: keep nothing twice
-        return applied.children_hash
+        return self.expected.applied_hash(uid, marked)
 
     def schedule_dependents(self, key: Key, listed: bool = False) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
@@ -210,15 +138,18 @@ class Engine:
         body = self.caches.owners.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        body = self._with_written_status(body)
+        body = self.expected.with_written_status(body)
         started = time.monotonic()
-        outcome: Outcome | None = None
+        attempt = ""   # what this reconcile set out to write, fingerprinted before the plan annotates it
         try:
+            if self.kinds[kind].prepare is not None:
+                await self.kinds[kind].prepare(self, body)
             # Building and applying the Ray object: bounded, so a burst costs bounded memory.
             plan: Plan | None = None
             async with self._slots.slot(later=key in self._later):
-                outcome = self.kinds[kind](self, body)
-                if key in self._refused and self._refused[key] == _attempt(outcome, body):
+                outcome = self._decide(kind, body)
+                attempt = _attempt(outcome, body)
+                if self.expected.was_refused(key, attempt):
                     return None  # already reported as Stalled; retrying the same request cannot succeed
                 if outcome.children:
                     plan = self._plan(body, outcome)
@@ -228,10 +159,12 @@ class Engine:
                 await self._apply_rest(plan)
                 if plan.created:
                     # Created just now: decide again with the new object, so the first status write says so.
-                    outcome = self.kinds[kind](self, body)
+                    outcome = self._decide(kind, body)
             for api_version, child_kind, name in outcome.delete:
-                if self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
+                if child_kind != outcome.ray_kind or self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
+            if outcome.queued and await self._workload_changed(body, outcome.queued):
+                outcome = self._decide(kind, body)   # decide again, with Kueue's current reason
             if outcome.confirm_absent and await self._child_exists(body, *outcome.confirm_absent):
                 return CACHE_LAG_RECHECK_SECONDS
             await self._write_status(body, outcome)
@@ -242,8 +175,11 @@ class Engine:
                 e.reason or str(e.status), 0) + 1
             if e.transient:
                 return self._retry(key, kind, started, f"transient API error: {e}")
+            if e.status == 404 and self.discovery.invalidate():
+                # An optional API seen earlier may be gone (its CRDs deleted): decide again on a fresh reading.
+                return self._retry(key, kind, started, f"not found, reading API discovery again: {e}")
             log.warning("permanent API error on %s/%s %s: %s", key[1], key[2], kind, e)
-            self._refused[key] = _attempt(outcome, body) if outcome else ""
+            self.expected.refused(key, attempt)
             verdict = Verdict("Failed", "stalled", "ApplyFailed",
                               f"the API server refused a child object: {e.message}")
             try:
@@ -261,9 +197,17 @@ class Engine:
             log.exception("reconcile of %s %s/%s failed", kind, key[1], key[2])
             return self._retry(key, kind, started, repr(e))
         self._backoff.pop(key, None)
-        self._refused.pop(key, None)
+        self.expected.accepted(key)
         self.metrics.count(kind, "ok", time.monotonic() - started)
         return outcome.requeue_after
+
+    def _decide(self, kind: str, body: dict[str, Any]) -> Outcome:
+        """Observe, then decide: what to apply, and the status."""
+        reconciler = self.kinds[kind]
+        outcome = reconciler.decide(reconciler.observe(self, body), self.ctx)
+        if outcome.verdict.phase in TERMINAL:   # the run is over: a pod it lost is no longer news
+            self.caches.lost_pods.pop(body["metadata"]["uid"], None)
+        return outcome
 
     def _retry(self, key: Key, kind: str, started: float, why: str) -> float:
         delay = min(self._backoff.get(key, 0.5) * 2, 300.0)
@@ -277,7 +221,7 @@ class Engine:
         wanted = short_hash(outcome.children, 16)
         uid = body["metadata"]["uid"]
         if outcome.memo_key is not None:
-            self._hashes[uid] = (outcome.memo_key, wanted)
+            self.expected.built(uid, outcome.memo_key, wanted)
         if self._applied_hash(uid) == wanted and self.ray_object(uid) is not None:
             return None
         created = self.caches.ray_objects.get(uid) is None
@@ -298,7 +242,7 @@ class Engine:
             await self._after_creations()
         for children in plan.rounds[1:]:
             await self._apply_round(plan, children)
-        self._applied[plan.uid] = Applied(plan.wanted, time.monotonic(), plan.fresh)
+        self.expected.applied(plan.uid, plan.wanted, plan.fresh)
 
     async def _apply_round(self, plan: Plan, children: list[dict[str, Any]]) -> None:
         creating = plan.created and holds(children, plan.ray_kind)
@@ -335,7 +279,7 @@ class Engine:
         if not is_shared(child):
             self.metrics.child_writes += 1
             applied = await with_retries(lambda: self.kube.apply(child))
-            self._remember_echo(applied)
+            self.expected.wrote(applied)
             return applied
         key = (child["metadata"]["namespace"], child["metadata"]["name"])
         created = self._shared.get(key)
@@ -355,6 +299,21 @@ class Engine:
             self._shared.pop(key, None)
             raise
         self._shared[key] = time.monotonic()   # until the watch shows it
+
+    async def _workload_changed(self, body: dict[str, Any], ray_uid: str) -> bool:
+        """Read the Workload Kueue made for a queued RayJob (read on demand, not watched: only queued jobs need
+        it, and a cluster without Kueue has no such resource); True when its conditions changed."""
+        try:
+            found = await with_retries(lambda: self.kube.list(
+                WORKLOAD_API, "Workload", body["metadata"]["namespace"], f"{WORKLOAD_JOB_UID_LABEL}={ray_uid}"))
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            found = []   # no Kueue in this cluster: the status says the job waits for a Workload that never comes
+        workload = plain(found[0], spec=False) if found else None
+        before = self.workloads.get(ray_uid)
+        self.workloads[ray_uid] = workload
+        return ((before or {}).get("status") or {}) != ((workload or {}).get("status") or {})
 
     async def _child_exists(self, body: dict[str, Any], api_version: str, kind: str, name: str) -> bool:
         """True when the API server still has this owner's child, not being deleted (the cache lags)."""
@@ -381,44 +340,22 @@ class Engine:
     async def _write_status(self, body: dict[str, Any], outcome: Outcome) -> None:
         meta = body["metadata"]
         current = body.get("status") or {}
-        verdict = outcome.verdict
-        status: dict[str, Any] = without_none({
-            "phase": verdict.phase,
-            "observedGeneration": meta.get("generation", 1),
-            "message": verdict.message,
-            **verdict.fields,
-        })
-        status["conditions"] = conditions_for(verdict, meta.get("generation", 1), current.get("conditions"),
-                                              now_rfc3339())
+        status = status_for(body, outcome.verdict)
         comparable = {k: v for k, v in current.items() if k in status}
         if same_status(comparable, status) and set(current) <= set(status):
             return
         await self._after_creations()
         written = await with_retries(lambda: self.kube.apply_status(body["apiVersion"], body["kind"],
                                                                     meta["namespace"], meta["name"], status))
-        self._remember_echo(written)
-        self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)
+        self.expected.wrote(written)
+        self.expected.wrote_status(meta["uid"], meta.get("resourceVersion", ""), status)
         self.metrics.status_writes += 1
-        if current.get("phase") != verdict.phase:
-            await self._event(body, verdict)
-
-    async def _event(self, body: dict[str, Any], verdict: Verdict) -> None:
-        meta = body["metadata"]
-        event = {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta.get("uid")},
-            "reason": verdict.reason, "message": f"{verdict.phase}: {verdict.message}"[:1024],
-            "type": "Warning" if verdict.state == "stalled" else "Normal",
-            "source": {"component": "llmops-operator"},
-            "firstTimestamp": now_rfc3339(), "lastTimestamp": now_rfc3339(), "count": 1,
-        }
-        try:
-            await self.kube.create(event)
-        except ApiError as e:  # an event is best effort: status already says it
-            if not _namespace_ending(e):
-                log.info("could not post event for %s: %s", meta["name"], e)
+        if current.get("phase") != outcome.verdict.phase:
+            try:
+                await self.kube.create(event_for(body, outcome.verdict))
+            except ApiError as e:  # an event is best effort: status already says it
+                if not _namespace_ending(e):
+                    log.info("could not post event for %s: %s", meta["name"], e)
 
 
 def _namespace_ending(e: ApiError) -> bool:

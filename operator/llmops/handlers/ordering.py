@@ -8,6 +8,7 @@ from typing import Any
 from ..builders.common import LABEL_PREFIX, RESULT_ROLE, ROLE_LABEL
 
 HASH_ANNOTATION = f"{LABEL_PREFIX}/children-hash"   # on the marker: the hash of the whole set
+GUARDS = ("SecurityPolicy",)   # written before what they protect: an exposed route is never open without its policy
 
 
 def _is_result(child: dict[str, Any]) -> bool:
@@ -27,7 +28,8 @@ def apply_rounds(children: list[dict[str, Any]], ray_kind: str) -> list[list[dic
     """The order children are applied in, as rounds of concurrent applies. The Ray object goes first, with the
     ServiceAccount its pods are created under, so the work starts as early as it can; what the pods read later
     (ConfigMaps; the Role and RoleBinding they report through) follows, the RoleBinding after its Role (RBAC
-    checks a binding against the Role, which must exist by then). The marker goes last, alone: the child that
+    checks a binding against the Role, which must exist by then). An API-key policy precedes the route it guards.
+    The marker goes last, alone: the child that
     carries the hash of the whole set (a job's result report; for a service, its only child, the Ray object).
     Its hash says every child was written, so a crash part-way leaves the set to be applied again."""
     marker = next((c for c in children if _is_result(c)), None)
@@ -38,8 +40,9 @@ def apply_rounds(children: list[dict[str, Any]], ray_kind: str) -> list[list[dic
     if not holds(first, ray_kind):
         first = []   # the Ray object is the marker: everything else before it
     bindings = [c for c in children if c["kind"] == "RoleBinding" and c is not marker]
-    others = [c for c in children if c is not marker and not any(c is x for x in first + bindings)]
-    return [r for r in (first, others, bindings, [marker]) if r]
+    guards = [c for c in children if c["kind"] in GUARDS and c is not marker]
+    others = [c for c in children if c is not marker and not any(c is x for x in first + guards + bindings)]
+    return [r for r in (first, guards, others, bindings, [marker]) if r]
 
 
 @dataclass

@@ -9,6 +9,7 @@ the messages, the sampling params and the per-row `model` that selects the LoRA 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Type
@@ -26,8 +27,10 @@ class FakeEngineUDF(StatefulStageUDF):
         expect_model: str,
         expect_sampling: Dict[str, Any],
         expect_system: Optional[str],
+        delay_s: float = 0.0,
     ):
         super().__init__(data_column, expected_input_keys)
+        self.delay_s = delay_s
         self.answers = answers
         self.expect_model = expect_model
         self.expect_sampling = expect_sampling
@@ -52,6 +55,7 @@ class FakeEngineUDF(StatefulStageUDF):
         return user
 
     async def udf(self, batch: List[Dict[str, Any]]) -> AsyncIterator[Dict[str, Any]]:
+        await asyncio.sleep(self.delay_s)   # an engine's time per batch, for the progress reports
         for row in batch:
             user = self._check(row)
             answer = self.answers[user]
@@ -78,9 +82,9 @@ def load_answers(path: Path) -> Dict[str, str]:
 
 class FakeEngineFactory:
     def __init__(self, answers: Dict[str, str], expect_model: str, expect_sampling: Dict[str, Any],
-                 expect_system: Optional[str]):
+                 expect_system: Optional[str], delay_s: float = 0.0):
         self.kwargs = dict(answers=answers, expect_model=expect_model, expect_sampling=expect_sampling,
-                           expect_system=expect_system)
+                           expect_system=expect_system, delay_s=delay_s)
         self.configs: List[Any] = []
 
     def __call__(self, config, preprocess, postprocess) -> Processor:

@@ -25,6 +25,8 @@ from payload_testkit import OPERATOR_DIR, PAYLOAD_DATA, make_tiny_qwen
 
 from llmops.api.finetune import FineTuneSpec
 from llmops.builders import llamafactory
+from llmops.builders.common import Owner
+from llmops.builders.finetune import job_description
 from payloads import finetune, finetune_log, finetune_model, finetune_nodes
 
 HERE = Path(__file__).resolve().parent
@@ -84,6 +86,7 @@ class Run:
 
     def __init__(self, root: Path, api, adapter_template: Optional[Path]):
         self.root, self.api = root, api
+        self.uid = "0b9f6d7e-0000-4000-8000-000000000001"
         self.pvc = root / "pvc"
         self.staging = root / "scratch"
         self.job_dir = root / "job"
@@ -123,16 +126,16 @@ class Run:
         recipe = {"per_device_train_batch_size": 1} if recipe is None else recipe
         config = llamafactory.train_config(spec, name="viggo", recipe=recipe,
                                            accelerator_type="L4", staging_dir=str(self.staging))
-        job = {"kind": "FineTune", "name": "viggo", "namespace": "ml",
-               **{k: v for k, v in spec.wire().items() if k in ("baseModel", "method", "dataset", "output")}}
+        job = job_description(Owner("llmops.dev/v1alpha1", "FineTune", "viggo", "ml", self.uid), spec)
         (self.job_dir / "job.json").write_text(json.dumps(job))
         (self.job_dir / "train.yaml").write_text(yaml.safe_dump(config))
         (self.job_dir / "dataset_info.json").write_text(json.dumps(llamafactory.dataset_info(spec,
                                                                                            str(self.staging))))
 
     def __call__(self, **env: str) -> subprocess.CompletedProcess:
+        # Generous: torch.compile on a loaded 2-core CI machine took over 300 s once; a hang still ends the test.
         return subprocess.run([sys.executable, "-m", "payloads.finetune", "--config", str(self.job_dir / "job.json")],
-                              env={**os.environ, **self.env, **env}, capture_output=True, text=True, timeout=300)
+                              env={**os.environ, **self.env, **env}, capture_output=True, text=True, timeout=900)
 
     @property
     def output(self) -> Path:
@@ -375,6 +378,50 @@ def test_checkpoint_storage_is_read_where_llamafactory_hands_it_to_ray(tmp_path)
     assert finetune_model.latest_checkpoint({"ray_storage_path": str(tmp_path / "none"), "ray_run_name": "x"}) is None
 
 
+def write_checkpoint(run_dir: Path, name: str, step: int, files=("adapter_model.safetensors", "optimizer.pt",
+                                                                   "scheduler.pt", "trainer_state.json")) -> None:
+    folder = run_dir / name / "checkpoint"
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file).write_text(json.dumps({"global_step": step}) if file == "trainer_state.json" else "x")
+
+
+def resume_job(tmp_path: Path, uid: str = "uid-1", resume: str = "auto") -> finetune.Job:
+    config = {"ray_storage_path": str(tmp_path / "ckpt"), "ray_run_name": "viggo"}
+    return finetune.Job(name="viggo", output_uri=OUTPUT_URI, base_model={}, method={}, train_uri="", config=config,
+                        validation_uri=None, dataset_info={}, uid=uid, resume=resume)
+
+
+def test_a_rerun_resumes_from_the_newest_checkpoint_that_ray_train_registered_complete(tmp_path):
+    run_dir = tmp_path / "ckpt" / "viggo"
+    assert finetune.start_point(resume_job(tmp_path)) is None  # the first run marks the folder as its own
+    write_checkpoint(run_dir, "checkpoint_2026-12-04_10-00-00.000000", 2)
+    write_checkpoint(run_dir, "checkpoint_2026-12-04_10-01-00.000000", 4)
+    write_checkpoint(run_dir, "checkpoint_2026-12-04_10-02-00.000000", 6, files=("trainer_state.json",))
+    write_checkpoint(run_dir, "checkpoint_2026-12-04_10-03-00.000000", 8)  # uploaded, never registered
+    (run_dir / finetune_model.RAY_SNAPSHOT).write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": f"checkpoint_2026-12-04_10-0{i}-00.000000"} for i in (0, 1, 2)],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-04_10-02-00.000000"}}))
+    point = finetune.start_point(resume_job(tmp_path))
+    assert point.step == 4 and point.folder.endswith("checkpoint_2026-12-04_10-01-00.000000/checkpoint")
+    assert finetune_model.storage_uri({}, point.folder, {"LLMOPS_PVC_ROOT": str(tmp_path)}) == \
+        "pvc://ckpt/viggo/checkpoint_2026-12-04_10-01-00.000000/checkpoint"
+    assert finetune_model.storage_uri({"ray_storage_filesystem": "gs"}, "bucket/llmops-checkpoints/x") == \
+        "gs://bucket/llmops-checkpoints/x"
+    without_snapshot = resume_job(tmp_path)
+    (run_dir / finetune_model.RAY_SNAPSHOT).unlink()  # Ray Train V1 keeps none: judged by the files alone
+    assert finetune.start_point(without_snapshot).step == 8
+
+
+@pytest.mark.parametrize("uid, resume", [("uid-2", "auto"), ("uid-1", "never")], ids=["recreated", "never"])
+def test_checkpoints_of_another_resource_or_with_resume_never_are_deleted(tmp_path, uid, resume):
+    assert finetune.start_point(resume_job(tmp_path)) is None
+    write_checkpoint(tmp_path / "ckpt" / "viggo", "checkpoint_2026-12-04_10-00-00.000000", 2)
+    assert finetune.start_point(resume_job(tmp_path, uid=uid, resume=resume)) is None
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "viggo").iterdir()) == [finetune_model.RUN_MARKER]
+    assert finetune.start_point(resume_job(tmp_path, uid=uid)) is None  # nothing left to resume
+
+
 def test_failure_names_the_workers_exception_rather_than_rays_wrapper():
     progress = finetune_log.Progress()
     for line in ("\x1b[36m(RayTrainWorker pid=5251)\x1b[0m Error in training function:",
@@ -514,3 +561,75 @@ def test_real_llamafactory_094_trains_with_the_worker_setup_hook_on_cpu(ray_run,
     metrics = json.loads(run.final["metrics"])
     assert math.isfinite(metrics["trainLoss"]) and math.isfinite(metrics["evalLoss"]), metrics
     assert any(inductor.rglob("*.py")) is bool(compile_choice)  # inductor generated code only when compiling
+
+
+def registered_step(checkpoints: Path) -> Optional[int]:
+    """The global step of the newest checkpoint Ray Train V2 has registered (every worker's upload done)."""
+    snapshot = checkpoints / finetune_model.RAY_SNAPSHOT
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        return None
+    if not latest:
+        return None
+    state = checkpoints / latest["checkpoint_dir_name"] / "checkpoint" / "trainer_state.json"
+    return json.loads(state.read_text())["global_step"]
+
+
+def trained_steps(log: str) -> list:
+    """The trainer's per-step log dicts (loggingSteps: 1): one per step the run trained."""
+    return re.findall(r"\{'loss': [^}]*\}", log)
+
+
+@pytest.mark.llamafactory
+def test_real_llamafactory_094_resumes_a_killed_run_from_its_last_checkpoint(ray_run):
+    """A run killed after a checkpoint (as a lost node or a RayJob retry ends it) and the driver started again:
+    the second run stages the newest checkpoint Ray Train registered, LLaMA-Factory resumes there (Hugging Face's
+    trainer restores weights, optimizer, schedule and data position), trains only the steps that were left and
+    publishes a complete adapter whose trainer state ends at the same total as an uninterrupted run."""
+    import signal
+    import time
+
+    run = ray_run
+    spec = real_llamafactory_spec(run, cutoff_len=256, saveSteps=2)
+    recipe = {"per_device_train_batch_size": 2, "packing": False,
+              "ray_init_kwargs": {"runtime_env": {"worker_process_setup_hook": "slow_steps.install",
+                                                  "env_vars": {"LLMOPS_TEST_STEP_S": "1.5"}}}}
+    run.render(spec, recipe=recipe)
+    checkpoints = run.pvc / "models" / "llmops-checkpoints" / "adapters" / "viggo" / "viggo"
+    first_log = run.root / "first-run.log"
+    with open(first_log, "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "payloads.finetune", "--config", str(run.job_dir / "job.json")],
+                                 env={**os.environ, **run.env, "LLMOPS_GPU_WAIT_S": "60"}, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while registered_step(checkpoints) is None:
+            assert first.poll() is None, first_log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint was registered: " + first_log.read_text()[-4000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and LLaMA-Factory's CLI: no chance to clean up
+        first.wait()
+    killed_at = registered_step(checkpoints)
+    total = int(re.search(r"Total optimization steps = (\d+)", first_log.read_text())[1])
+    assert 0 < killed_at < total, (killed_at, total)
+    assert not run.output.exists()  # nothing is published before training ends
+
+    done = run(LLMOPS_GPU_WAIT_S="60", FAKE_LF_ADAPTER_TEMPLATE="")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    assert f"Continuing training from global step {killed_at}" in log, log[-6000:]
+    assert len(trained_steps(log)) == total - killed_at, log[-6000:]  # only the steps that were left
+    final = run.final
+    assert final["state"] == "Succeeded", final
+    progress = json.loads(final["progress"])
+    assert progress["resumedFromStep"] == killed_at and progress["step"] == progress["totalSteps"] == total
+    assert any("resuming at step" in p.get("message", "") for p in run.api.patches)
+    assert json.loads(final["adapter"]) == {"uri": OUTPUT_URI, "baseModel": "pvc://models/tiny-qwen", "rank": 4}
+    published = {p.name for p in run.output.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "all_results.json"} <= published
+    state = json.loads((run.output / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] == total
+    # The trainer state carries the first run's history: one loss per step, before and after the kill.
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, total + 1))

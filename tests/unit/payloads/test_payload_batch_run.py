@@ -63,8 +63,9 @@ def make_job(tmp_path: Path, **changes) -> str:
     return str(path)
 
 
-def fake_engine(expect_model="viggo-lora", expect_system=EXAMPLE["prompt"]["systemPrompt"]) -> FakeEngineFactory:
-    return FakeEngineFactory(ANSWERS, expect_model, SAMPLING, expect_system)
+def fake_engine(expect_model="viggo-lora", expect_system=EXAMPLE["prompt"]["systemPrompt"],
+                delay_s=0.0) -> FakeEngineFactory:
+    return FakeEngineFactory(ANSWERS, expect_model, SAMPLING, expect_system, delay_s)
 
 
 def read_output(pvc: Path, fmt: str) -> list:
@@ -106,10 +107,29 @@ def test_jsonl_eval_with_s3_adapter_reports_exact_metrics(tmp_path, pvc, reporte
     assert last["state"] == "Succeeded"
     assert last["outputURI"] == "pvc://data/eval-out"
     assert json.loads(last["metrics"]) == pytest.approx(EXPECTED_METRICS, abs=1e-6)
-    assert json.loads(last["progress"]) == {"rowsDone": 20, "rowsTotal": 20}
+    assert {k: v for k, v in json.loads(last["progress"]).items() if k != "rowsPerSecond"} == {
+        "rowsDone": 20, "rowsTotal": 20}
     assert last["message"].startswith("Generated 20 rows into pvc://data/eval-out; exactMatch=0.7")
     assert api.data["state"] == "Succeeded"
     assert all(v is None or isinstance(v, str) for p in api.patches for v in p.values())
+
+
+def test_progress_is_reported_while_rows_are_generated(tmp_path, pvc, reporter_env, monkeypatch):
+    """A slow engine, small batches and a short interval: reports between the first and the last show rows done
+    so far, and the rate of generation once more than one block has come out of the engine."""
+    api = reporter_env
+    monkeypatch.setenv("LLMOPS_PROGRESS_INTERVAL_S", "0.2")
+    job = make_job(tmp_path, input={"uri": write_input(pvc, "jsonl"), "format": "jsonl"}, batchSize=2)
+
+    assert bi.main(["--config", job], processor_factory=fake_engine(delay_s=0.3)) == 0
+
+    progress = [json.loads(p["progress"]) for p in api.patches if p.get("progress")]
+    done = [p["rowsDone"] for p in progress]
+    assert done == sorted(done) and any(0 < n < 20 for n in done), progress
+    assert all(p["rowsTotal"] == 20 for p in progress)
+    assert all(p["state"] == "Running" for p in api.patches[:-1])
+    assert 0 < progress[-1]["rowsPerSecond"] < 20 / 0.3, progress[-1]   # at most a batch per delay, here
+    assert json.loads(api.patches[-1]["metrics"]) == pytest.approx(EXPECTED_METRICS, abs=1e-6)
 
 
 @pytest.mark.parametrize("input_format, output_format", [("parquet", "csv"), ("csv", "parquet")])

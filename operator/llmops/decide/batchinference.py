@@ -1,0 +1,81 @@
+"""BatchInference: wait for a referenced FineTune's adapter, run the RayJob, fold its metrics into status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .. import dependencies as deps
+from ..builders import batchinference as builder
+from ..builders.common import BuildContext
+from ..status import DEPENDENCY_GRACE_SECONDS, Grace, Verdict, within_grace
+from . import modelcache
+from .common import Outcome, invalid_spec
+from .jobs import JobObservation, decide_job, simulated_mark
+
+METRIC_KEYS = ("rows", "exactMatch", "functionNameAccuracy", "attributeF1")
+
+
+@dataclass(frozen=True)
+class BatchInferenceObservation(JobObservation):
+    fine_tune: Mapping[str, Any] | None = None   # the FineTune spec.model.fineTuneRef names (None: not there)
+    created: str | None = None                    # the BatchInference's creationTimestamp
+
+
+def result_fields(report: Mapping[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    metrics = report.get("metrics")
+    if isinstance(metrics, dict):
+        numbers = {k: metrics[k] for k in METRIC_KEYS if isinstance(metrics.get(k), (int, float))}
+        if numbers:
+            fields["metrics"] = {**numbers, **simulated_mark(metrics)}
+    if report.get("state") == "Succeeded" and report.get("outputURI"):
+        fields["outputURI"] = report["outputURI"]
+    return fields
+
+
+def fine_tune_model(obs: BatchInferenceObservation, ref: str) -> tuple[builder.ResolvedModel | None,
+                                                                        Verdict | None]:
+    """The FineTune's base model and adapter, or why we cannot have them yet."""
+    namespace = obs.owner.namespace
+    ft = obs.fine_tune
+    if ft is None:
+        missing = Verdict("Waiting", "stalled", "FineTuneNotFound",
+                          f"FineTune {ref} (spec.model.fineTuneRef) does not exist in namespace {namespace}")
+        minutes = int(DEPENDENCY_GRACE_SECONDS // 60)
+        return None, within_grace(missing, Grace(obs.created, DEPENDENCY_GRACE_SECONDS), obs.now,
+                                  "Waiting for it to be created",
+                                  f"It was not created within {minutes} minutes of this BatchInference",
+                                  "Create it, or fix the reference")
+    status = ft.get("status") or {}
+    output = deps.finetune_output(ref, status)
+    if output.state == deps.FAILED:
+        return None, Verdict("Pending", "stalled", "FineTuneFailed", output.message)
+    if output.state == deps.WAITING:
+        progress = status.get("message") if not deps.is_stalled(status) else ""
+        return None, Verdict("Waiting", "progressing", "WaitingForFineTune",
+                             f"waiting for the adapter: {output.message}" + (f" ({progress})" if progress else ""))
+    return builder.ResolvedModel.of_finetune(ft["spec"]["baseModel"]["source"], output.uri, output.rank), None
+
+
+def decide(obs: BatchInferenceObservation, ctx: BuildContext) -> Outcome:
+    if obs.spec is None:
+        return invalid_spec(obs.spec_error)
+    spec = obs.spec
+    model = builder.resolved_from_spec(spec)
+    if model is None:
+        model, waiting = fine_tune_model(obs, spec.model.fine_tune_ref.name)
+        if waiting is not None:
+            if obs.status.get("startTime"):  # already running on the adapter it resolved then
+                model = builder.ResolvedModel(obs.status["modelSource"], obs.status.get("adapterURI"))
+            else:
+                return Outcome([], waiting, requeue_after=waiting.recheck_after)
+    waiting, children, cache = modelcache.stage(obs.cache, obs.owner, obs.status,
+                                                builder.cached_model(obs.owner, spec, model), "spec.model.cache",
+                                                spec, builder.image(spec, ctx), ctx, obs.now)
+    if waiting is not None:
+        return Outcome(children, waiting, requeue_after=waiting.recheck_after)
+    extra = {"modelSource": model.source, **({"adapterURI": model.adapter_uri} if model.adapter_uri else {})}
+    return modelcache.with_cache_status(decide_job(
+        obs, ctx, "BatchInference", builder.names(obs.owner).ray,
+        lambda owner, spec, ctx: builder.build(owner, spec, ctx, model), result_fields, extra), cache)

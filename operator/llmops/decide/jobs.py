@@ -1,0 +1,104 @@
+"""What FineTune and BatchInference share: both run one RayJob and read one result report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .. import dependencies as deps
+from ..builders.common import BuildContext, Owner, UnknownAccelerator
+from ..status import PodProblem, Retries, Verdict, job_verdict, queued_verdict, rfc3339, used_retries
+from .common import Observation, Outcome
+
+TERMINAL = ("Succeeded", "Failed")
+QUEUE_RECHECK_SECONDS = 10.0   # how often a queued job's Workload is read again
+WORKLOAD_WAIT_SECONDS = 3.0    # ... while Kueue has made none yet (it makes one moments after the RayJob)
+
+
+@dataclass(frozen=True)
+class JobObservation(Observation):
+    """What a job's reconcile reads, all of it, as handlers/observe.py found it in the caches."""
+
+    ray: Mapping[str, Any] | None = None   # the RayJob (the watch's, or the one created moments ago)
+    report: Mapping[str, Any] = field(default_factory=dict)   # the payload's result report, decoded
+    problems: tuple[PodProblem, ...] = ()   # the current attempt's pods' problems (a pod lost with its node too)
+    queued_on: str = ""              # the RayJob's uid while it waits in a Kueue queue
+    workload: Mapping[str, Any] | None = None   # ... and the Workload Kueue made for it, once read
+    applied_for: Any = None          # the memo key whose children are applied as they were built (None: unknown)
+
+    @property
+    def finished(self) -> bool:
+        """The status records the end of this generation's run: a finished job is never started again."""
+        return self.status.get("phase") in TERMINAL and self.status.get("observedGeneration") == self.owner.generation
+
+
+def kept(status: Mapping[str, Any]) -> Verdict:
+    """A finished run's verdict, as its status already says."""
+    ready = deps.condition(status, "Ready") or {}
+    phase = status.get("phase", "Failed")
+    fields = {k: v for k, v in status.items() if k not in ("phase", "conditions", "observedGeneration", "message")}
+    return Verdict(phase, "ready" if phase == "Succeeded" else "stalled", ready.get("reason", phase),
+                   status.get("message", ""), fields)
+
+
+def status_reason(status: Mapping[str, Any]) -> str:
+    """The reason the status gave last (its conditions all carry the same one)."""
+    return next((c.get("reason", "") for c in status.get("conditions") or []), "")
+
+
+def simulated_mark(metrics: Mapping[str, Any]) -> dict[str, bool]:
+    """`{"simulated": True}` when the report's figures came from the local plane's simulator, so status says so."""
+    return {"simulated": True} if metrics.get("simulated") is True else {}
+
+
+def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
+               build: Callable[[Owner, Any, BuildContext], list[dict[str, Any]]],
+               result_fields: Callable[[Mapping[str, Any]], dict[str, Any]],
+               extra_fields: dict[str, Any] | None = None) -> Outcome:
+    """The RayJob to have and the status it makes, for a job whose spec is valid and whose inputs are there."""
+    if obs.finished:
+        return Outcome([], kept(obs.status))
+    status, ray, report, spec = obs.status, obs.ray, obs.report, obs.spec
+    current = ((ray or {}).get("status") or {}).get("rayClusterName")
+    retries = Retries(limit=spec.backoff_limit, used=used_retries(ray),
+                      resumes=getattr(getattr(spec, "training", None), "resume", "never") == "auto")
+    previous = (status.get("retries") or {}).get("used")
+    verdict = job_verdict(kind, spec.suspend, ray, report, list(obs.problems), obs.now,
+                          started=bool(status.get("startTime")), ray_name=ray_name, retries=retries,
+                          previous_reason=status_reason(status), previous_used=previous)
+    if obs.queued_on:
+        verdict = queued_verdict(spec.queue_name, ray, obs.workload) or verdict
+
+    fields: dict[str, Any] = {"rayJobName": ray_name, **(extra_fields or {}),
+                              "retries": {"used": retries.used, "limit": retries.limit}}
+    if current:
+        fields["rayClusterName"] = current
+    dashboard = ((ray or {}).get("status") or {}).get("dashboardURL")
+    if dashboard:
+        fields["dashboardURL"] = dashboard
+    if status.get("startTime") or ray is not None:
+        fields["startTime"] = status.get("startTime") or rfc3339(obs.now)
+    if verdict.phase in TERMINAL:
+        fields["completionTime"] = status.get("completionTime") or rfc3339(obs.now)
+    if report.get("progress") and verdict.phase == "Running":
+        fields["progress"] = report["progress"]
+    fields.update(result_fields(report))
+    verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields, verdict.recheck_after)
+    if verdict.reason == "RayJobDeleted":
+        # Never re-created: whoever deleted it stopped the run. Checked against the API server first, since
+        # the decision is final and the watch may lag.
+        return Outcome([], verdict, confirm_absent=("ray.io/v1", "RayJob", ray_name))
+
+    # The children depend on nothing else.
+    memo_key = (obs.owner.generation, tuple(sorted((extra_fields or {}).items())))
+    children: list[dict[str, Any]] = []
+    if ray is None or obs.applied_for != memo_key:
+        try:
+            children = build(obs.owner, spec, ctx)
+        except UnknownAccelerator as e:
+            return Outcome([], Verdict("Failed", "stalled", "UnknownAccelerator", str(e)))
+    if obs.queued_on:   # Kueue's reason changes without an event we watch: read it again now and then
+        again = QUEUE_RECHECK_SECONDS if obs.workload else WORKLOAD_WAIT_SECONDS
+        return Outcome(children, verdict, memo_key=memo_key, queued=obs.queued_on, requeue_after=again)
+    return Outcome(children, verdict, memo_key=memo_key, requeue_after=verdict.recheck_after)
+

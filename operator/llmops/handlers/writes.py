@@ -1,0 +1,55 @@
+"""What the engine writes about a resource, built from its verdict: the status (typed, with its conditions) and
+the Event of a phase change."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..api import KINDS
+from ..status import Verdict, conditions_for, rfc3339
+
+
+def without_none(value: Any) -> Any:
+    """A copy without null values: the API server rejects null where the schema says string."""
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value if v is not None]
+    return value
+
+
+def typed_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The status through its kind's model: a field the model lacks raises here (the API server would drop it
+    without a word), and values come out as the schema types them."""
+    model = KINDS[kind].status_model
+    return model.model_validate(status).model_dump(by_alias=True, exclude_unset=True, mode="json")
+
+
+def now_rfc3339() -> str:
+    return rfc3339(time.time())
+
+
+def status_for(body: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+    """The status a verdict makes for `body`, its conditions carried over from the current status."""
+    generation = body["metadata"].get("generation", 1)
+    status: dict[str, Any] = without_none({"phase": verdict.phase, "observedGeneration": generation,
+                                           "message": verdict.message, **verdict.fields})
+    status["conditions"] = conditions_for(verdict, generation, (body.get("status") or {}).get("conditions"),
+                                          now_rfc3339())
+    return typed_status(body["kind"], status)
+
+
+def event_for(body: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+    """The Event of a phase change (a Warning when the resource is stalled)."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "reason": verdict.reason, "message": f"{verdict.phase}: {verdict.message}"[:1024],
+        "type": "Warning" if verdict.state == "stalled" else "Normal",
+        "source": {"component": "llmops-operator"},
+        "firstTimestamp": now_rfc3339(), "lastTimestamp": now_rfc3339(), "count": 1,
+    }
