@@ -9,21 +9,23 @@ Two sides:
     # there (device calls; docs/benchmarks.md "Data plane on a GPU" lists them):
     PYTHONPATH=/tmp/dp/serve:operator:bench python3 bench/dataplane_gpu.py run --phases finetune,batch,serve
 
-`render` writes .dataplane/rendered.json: every object `llmops render` makes for the manifests in
-bench/dataplane/manifests.py (a FineTune, two BatchInferences, one with the FineTune's adapter, and an LLMService
-serving it). `run` plays KubeRay's part with them (bench/dataplane/raycluster.py says exactly how) and writes
+`render` writes .dataplane/rendered-<GPU>.json, one per GPU the machine may have (H100, H200): every object
+`llmops render` makes for the manifests in bench/dataplane/manifests.py (a FineTune, two BatchInferences, one with
+the FineTune's adapter, and an LLMService serving it); `run` takes the one for the GPU nvidia-smi names. `run` plays KubeRay's part with them (bench/dataplane/raycluster.py says exactly how) and writes
 <out>/dataplane.json, also kept in --work, so phases can run in separate calls of a warm machine:
 
 * finetune: a random-weight Qwen2-architecture model and a ViGGO-shaped task (bench/dataplane/task.py) put in
   moto's S3 server; `python -m payloads.finetune` submitted as the RayJob's entrypoint to a `ray start --head`
   cluster with the GPU; LLaMA-Factory 0.9.4 trains with USE_RAY=1 (one Ray Train worker), checkpoints go to S3,
   the adapter is published and checked with peft;
+* batch_base, batch_adapter: one of the two jobs alone (a call each where the machine's time is short);
 * batch: `python -m payloads.batch_inference` for the base model and for the FineTune's adapter (ray.data.llm with
   vLLM), scored by the shipped metrics; then bare vLLM (`LLM.chat` with the same engine arguments, the adapter as
   a LoRARequest) over the same rows in a fresh process;
 * serve: the RayService's serveConfigV2 PUT to the dashboard's Serve API, queried with the openai client
   (/v1/models, the adapter's replies against the batch outputs, output tokens/s at 32 streams); then
   `vllm serve` with the same engine arguments under the same load;
+* serve_replies: serve without the `vllm serve` comparison (its ratio measured in an earlier run);
 * serve_cold_start: a second LLMService with minReplicas 0 (bench/dataplane/coldstart.py): the first request,
   a warm one, the replica stopping after the idle delay, and the cold start with the model already on disk.
 """
@@ -39,22 +41,47 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "operator")]
-RENDERED = REPO / ".dataplane" / "rendered.json"
+RENDERED = REPO / ".dataplane"
 FINETUNE = {"epochs": 24.0, "learning_rate": 2e-3, "rank": 16}
 
 
-def render(path: Path) -> None:
+def render(folder: Path) -> None:
     from dataplane import manifests as m
     from llmops.render import render_manifests
 
-    docs = [m.finetune(**FINETUNE), m.batch_inference("viggo-base", with_adapter=False),
-            m.batch_inference("viggo-eval", with_adapter=True), m.llm_service(FINETUNE["rank"]), m.llm_service_zero()]
-    objects, errors = render_manifests(docs)
-    if errors:
-        raise SystemExit("the operator refused the run's manifests:\n" + "\n".join(errors))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(objects, indent=1))
-    print(f"{len(objects)} objects rendered into {path}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for gpu in m.ACCELERATORS:
+        m.ACCELERATOR = gpu
+        docs = [m.finetune(**FINETUNE), m.batch_inference("viggo-base", with_adapter=False),
+                m.batch_inference("viggo-eval", with_adapter=True), m.llm_service(FINETUNE["rank"]),
+                m.llm_service_zero()]
+        objects, errors = render_manifests(docs)
+        if errors:
+            raise SystemExit("the operator refused the run's manifests:\n" + "\n".join(errors))
+        path = folder / f"rendered-{gpu}.json"
+        path.write_text(json.dumps(objects, indent=1))
+        print(f"{len(objects)} objects rendered for {gpu} into {path}")
+
+
+def rendered_for_this_gpu(declared: str | None) -> Path:
+    """The rendering whose accelerator is this machine's GPU (the FineTune's Ray workers ask for its type), or the
+    one a CPU dry run declares."""
+    import subprocess
+
+    from dataplane import manifests as m
+
+    name = declared or ""
+    if not declared and shutil.which("nvidia-smi"):
+        name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True).stdout
+    found = [gpu for gpu in m.ACCELERATORS if gpu in name.upper()]
+    if not found:
+        raise SystemExit(f"no rendering for this machine's GPU ({name.strip() or 'none found'}); "
+                         f"bench/dataplane/manifests.py ACCELERATORS renders {', '.join(m.ACCELERATORS)}")
+    path = RENDERED / f"rendered-{found[0]}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python3 bench/dataplane_gpu.py render` here and carry .dataplane")
+    return path
 
 
 def run(args: argparse.Namespace) -> None:
@@ -64,8 +91,7 @@ def run(args: argparse.Namespace) -> None:
     if args.state and not (args.work / "bucket").exists():
         with tarfile.open(args.state) as archive:
             archive.extractall(args.work, filter="data")
-    if RENDERED.exists():
-        shutil.copy(RENDERED, args.work / "rendered.json")
+    shutil.copy(rendered_for_this_gpu(args.declare_resources), args.work / "rendered.json")
     sites = dict(item.split("=", 1) for item in args.sites.split(","))
     bench = Run(args.work, args.out, {name: Path(path) for name, path in sites.items()}, args.declare_resources)
     try:

@@ -57,19 +57,23 @@ def measure(run: Any) -> dict[str, Any]:
     cluster = run.cluster(service, ["serve"], run.work / "coldstart-result.json")
     cluster.start(service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"])
     section: dict[str, Any] = {"scale_to_zero_delay_s": delay}
+
+    def record(**values: Any) -> None:   # saved step by step: a call that runs out of time keeps what it measured
+        section.update(values)
+        run.save("serve_cold_start", section)
+
     try:
         cluster.deploy_serve(service["spec"]["serveConfigV2"])
         running, status = cluster.wait_serve_running(timeout=300)
-        section.update(running=running, replicas_when_deployed=model_replicas(status))
+        record(running=running, replicas_when_deployed=model_replicas(status))
         if running:
             messages = run._messages(run.test_rows()[:1])[0]
-            section["first_request_s"] = timed_request(messages)    # the model comes from the bucket
-            section["warm_request_s"] = timed_request(messages)
-            section["to_zero_after_last_request_s"] = wait_for_zero(cluster, delay + 300)
+            record(first_request_s=timed_request(messages))    # the model comes from the bucket
+            record(warm_request_s=timed_request(messages))
+            record(to_zero_after_last_request_s=wait_for_zero(cluster, delay + 300))
             if section["to_zero_after_last_request_s"] is not None:
-                section["cold_start_request_s"] = timed_request(messages)   # the model on this machine's disk
+                record(cold_start_request_s=timed_request(messages))   # the model on this machine's disk
     finally:
         run._copy_ray_logs("coldstart")
         cluster.stop()
-    run.save("serve_cold_start", section)
     return section

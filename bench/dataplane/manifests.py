@@ -1,7 +1,7 @@
 """The resources the GPU data-plane run applies, as a user would write them, pointed at the run's S3 bucket.
 
 They differ from examples/viggo/ only where the machine differs: the small model and the task's files in the
-run's bucket, one H200 instead of L4s, and the attention backend vLLM gets (the carried vLLM has no FlashAttention
+run's bucket, the machine's one GPU (H100 or H200) instead of L4s, and the attention backend vLLM gets (the carried vLLM has no FlashAttention
 library, too large to carry; FACTS.md) through the engine's `extraEngineArgs`.
 """
 
@@ -18,6 +18,7 @@ MODEL_ID = "tiny-qwen"
 SERVICE = "viggo-serve"
 ZERO_SERVICE = "viggo-zero"   # the LLMService that scales to zero (bench/dataplane/coldstart.py)
 ZERO_DELAY_S = 60   # its scaleToZeroDelaySeconds: short, so that the run waits little for the replica to stop
+ACCELERATORS = ("H100", "H200")   # rendered for each: the GPU machine is either; the run picks its own
 ACCELERATOR = "H200"
 STORAGE_SECRET = "s3-credentials"
 # vLLM engine arguments the run adds to every engine (batch, serve and bare vLLM alike).

@@ -171,6 +171,10 @@ class Run:
         """The base model's job alone: a call of its own, so the next call holds the adapter job and bare vLLM."""
         return self.batch(labels=("base",))
 
+    def batch_adapter(self) -> dict[str, Any]:
+        """The adapter job and bare vLLM alone: the ratio, where the machine's time has no room for the base job."""
+        return self.batch(labels=("adapter",))
+
     def batch(self, labels: tuple[str, ...] = ("base", "adapter")) -> dict[str, Any]:
         self.prepare_data()
         section: dict[str, Any] = dict(self.results.get("batch") or {})
@@ -263,7 +267,11 @@ class Run:
                                                                       + answer["adapter"]["generate_s"]), 1)}
 
     # ---- LLMService --------------------------------------------------------------------------------------------
-    def serve(self) -> dict[str, Any]:
+    def serve_replies(self) -> dict[str, Any]:
+        """The service alone, without the `vllm serve` comparison (for a call too short for both)."""
+        return self.serve(compare=False)
+
+    def serve(self, compare: bool = True) -> dict[str, Any]:
         service = rc.find(self.rendered, "RayService", f"{m.SERVICE}-llm")
         cluster = self.cluster(service, ["serve"], self.work / "serve-result.json")
         head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
@@ -282,6 +290,8 @@ class Run:
             self._copy_ray_logs("serve")
             cluster.stop()
         self.save("serve", section)
+        if not compare:
+            return section
         section.update(self._bare_serve())
         if section.get("output_tokens_per_s") and section.get("bare_vllm_output_tokens_per_s"):
             section["ratio_vs_bare_vllm"] = round(section["output_tokens_per_s"]
