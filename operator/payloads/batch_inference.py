@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ ADDED_COLUMNS = (GENERATED_TEXT, "num_input_tokens", "num_generated_tokens")
 # `prompt`, `messages`, `model`, ... cannot collide with the columns ray.data.llm's stages write.
 CARRIED_COLUMN_PREFIX = "__llmops_in_"
 DEFAULT_MAX_LORA_RANK = 64
+RAY_DEFAULT_CONCURRENT_BATCHES = 8   # vLLMEngineProcessorConfig.max_concurrent_batches' default
+IN_FLIGHT_PER_SEQUENCE_SLOT = 2
 # spec.sampling (camelCase) -> vLLM SamplingParams.
 SAMPLING_FIELDS = {
     "temperature": "temperature",
@@ -183,13 +186,22 @@ def engine_kwargs(spec: BatchInferenceSpec) -> Dict[str, Any]:
     return kwargs
 
 
+def max_concurrent_batches(engine: Mapping[str, Any], batch_size: int) -> int:
+    """Batches the engine actor works on at once: enough rows in flight to keep the scheduler's every sequence slot
+    busy, twice over, since a batch holds its slot until its longest row ends (Ray's own default is the floor)."""
+    seqs = int(engine.get("max_num_seqs") or 0)
+    return max(RAY_DEFAULT_CONCURRENT_BATCHES, math.ceil(IN_FLIGHT_PER_SEQUENCE_SLOT * seqs / batch_size))
+
+
 def processor_config_kwargs(spec: BatchInferenceSpec) -> Dict[str, Any]:
     """Keyword arguments of ``ray.data.llm.vLLMEngineProcessorConfig`` (Ray 2.60 field names)."""
     _, lora_path = lora_routing(spec)
+    engine = engine_kwargs(spec)
     kwargs: Dict[str, Any] = dict(
         model_source=_local_model_source(spec.model_source),
-        engine_kwargs=engine_kwargs(spec),
+        engine_kwargs=engine,
         batch_size=spec.batch_size,
+        max_concurrent_batches=max_concurrent_batches(engine, spec.batch_size),
         concurrency=spec.concurrency,
         accelerator_type=spec.accelerator_type,
         # Chat template and tokenization run in CPU stages, off the GPU actor. The engine already detokenizes

@@ -249,6 +249,24 @@ def test_batch_job_config_without_adapter_has_no_lora_args_and_a_uri_adapter_get
     assert _job_engine_kwargs(_render(bi), "b")["max_lora_rank"] == 32
 
 
+@pytest.mark.parametrize("accelerator, seqs, tokens", [("L4", 256, 8192), ("A100", 256, 8192),
+                                                      ("H100", 1024, 16384), ("H200", 1024, 16384)])
+def test_batch_job_gets_vllms_offline_scheduler_limits_for_its_gpu(accelerator, seqs, tokens):
+    bi = batchinference("b")
+    bi["spec"]["resources"]["accelerator"] = accelerator
+    kwargs = _job_engine_kwargs(_render(bi), "b")
+    assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (seqs, tokens)
+
+
+def test_batch_job_scheduler_limits_yield_to_the_spec_and_fit_a_whole_prompt_without_chunked_prefill():
+    bi = batchinference("b")
+    bi["spec"]["engine"] = {"maxNumBatchedTokens": 4096, "extraEngineArgs": {"max_num_seqs": 64}}
+    kwargs = _job_engine_kwargs(_render(bi), "b")
+    assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (64, 4096)
+    bi["spec"]["engine"] = {"enableChunkedPrefill": False, "maxModelLen": 32768}
+    assert _job_engine_kwargs(_render(bi), "b")["max_num_batched_tokens"] == 32768
+
+
 def test_assume_ready_serves_the_gated_adapter_and_default_render_waits():
     import yaml
     from llmops.render import render_manifests

@@ -112,7 +112,9 @@ class Engine(ApiModel):
     enable_chunked_prefill: bool = True
     """Interleave prefill chunks with decoding."""
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
-    """Token budget per engine step."""
+    """Token budget per engine step. Unset, a BatchInference gets vLLM's offline limit for its GPU (the one vLLM's
+    LLM class picks; max_num_seqs likewise, which extraEngineArgs can set) and an LLMService vLLM's serving
+    default."""
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     """Fraction of GPU memory vLLM may take."""
     extra_engine_args: dict[str, Any] | None = Field(default=None, max_length=MAX_MAP)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..api.batchinference import BatchInferenceSpec, Engine
+from ..settings import AcceleratorProfile
 from .common import (
     BuildContext,
     Names,
@@ -27,6 +28,13 @@ TAG = "bi"
 # max_lora_rank for an adapter named by URI, whose rank the operator cannot read (vLLM refuses a larger adapter,
 # and reserves memory for this rank): spec.engine.extraEngineArgs.max_lora_rank overrides it.
 UNKNOWN_ADAPTER_MAX_RANK = 64
+# vLLM sizes its scheduler by usage: its offline LLM class gets large batches, but ray.data.llm starts the engine
+# without saying it is offline and so gets the engine's generic, small limits, which left the GPU idle between
+# steps in the data-plane run (docs/benchmarks.md). A BatchInference is offline work: it gets the offline limits
+# of vLLM's own rule (engine/arg_utils.py get_batch_defaults), by the GPU's memory and model.
+LARGE_GPU_GIB = 70
+OFFLINE_SCHEDULER = {"large": {"max_num_seqs": 1024, "max_num_batched_tokens": 16384},
+                     "other": {"max_num_seqs": 256, "max_num_batched_tokens": 8192}}
 
 
 @dataclass(frozen=True)
@@ -49,10 +57,19 @@ def names(owner: Owner) -> Names:
     return Names.of(owner, TAG)
 
 
-def engine_kwargs(engine: Engine, model: ResolvedModel) -> dict[str, Any]:
-    """vLLM engine arguments, exactly as the engine gets them: the spec's engine block (snake_case, unset ones left
-    out), extraEngineArgs over it, then the LoRA arguments an adapter needs (one adapter per run; its own rank,
-    rounded up to one vLLM accepts)."""
+def offline_scheduler(profile: AcceleratorProfile, engine: Engine) -> dict[str, Any]:
+    """vLLM's offline scheduler limits for this GPU (what its LLM class would pick on it)."""
+    large = profile.gpu_memory_gib >= LARGE_GPU_GIB and not profile.ray_accelerator_type.upper().startswith("A100")
+    limits = dict(OFFLINE_SCHEDULER["large" if large else "other"])
+    if not engine.enable_chunked_prefill and engine.max_model_len:  # a whole prompt must fit one step
+        limits["max_num_batched_tokens"] = max(limits["max_num_batched_tokens"], engine.max_model_len)
+    return limits
+
+
+def engine_kwargs(engine: Engine, model: ResolvedModel, profile: AcceleratorProfile) -> dict[str, Any]:
+    """vLLM engine arguments, exactly as the engine gets them: vLLM's offline scheduler limits for the GPU, the
+    spec's engine block over them (snake_case, unset ones left out), extraEngineArgs over that, then the LoRA
+    arguments an adapter needs (one adapter per run; its own rank, rounded up to one vLLM accepts)."""
     kwargs: dict[str, Any] = {
         "max_model_len": engine.max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
@@ -62,7 +79,7 @@ def engine_kwargs(engine: Engine, model: ResolvedModel) -> dict[str, Any]:
         "max_num_batched_tokens": engine.max_num_batched_tokens,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
     }
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs = {**offline_scheduler(profile, engine), **{k: v for k, v in kwargs.items() if v is not None}}
     kwargs.update(engine.extra_engine_args or {})
     if model.adapter_uri:
         kwargs["enable_lora"] = True
@@ -81,7 +98,8 @@ def resolved_from_spec(spec: BatchInferenceSpec) -> ResolvedModel | None:
                          adapter.uri.rstrip("/").rsplit("/", 1)[-1] if adapter else None)
 
 
-def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel, accelerator_type: str) -> dict[str, Any]:
+def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel,
+             profile: AcceleratorProfile) -> dict[str, Any]:
     wire = spec.wire()
     adapter = {"name": model.adapter_name, "uri": model.adapter_uri} if model.adapter_uri else None
     return {
@@ -91,8 +109,8 @@ def job_json(owner: Owner, spec: BatchInferenceSpec, model: ResolvedModel, accel
         "prompt": {"systemPrompt": spec.prompt.system_prompt, "systemField": spec.prompt.system_field,
                    "userField": spec.prompt.user_field},
         "sampling": wire["sampling"],
-        "engineKwargs": engine_kwargs(spec.engine, model),
-        "acceleratorType": accelerator_type,
+        "engineKwargs": engine_kwargs(spec.engine, model, profile),
+        "acceleratorType": profile.ray_accelerator_type,
         "concurrency": spec.concurrency,
         "batchSize": spec.batch_size,
         "output": wire["output"],
@@ -115,7 +133,7 @@ def build(owner: Owner, spec: BatchInferenceSpec, ctx: BuildContext, model: Reso
     cached = cached_model(owner, spec, model)
     model = replace(model, source=modelcache.cached_source(cached, model.source))
     profile = profile_for(spec.resources, ctx.settings)
-    files = {"job.json": json.dumps(job_json(owner, spec, model, profile.ray_accelerator_type), indent=2,
+    files = {"job.json": json.dumps(job_json(owner, spec, model, profile), indent=2,
                                     sort_keys=True)}
     claims = pvc_claims(model.source, model.adapter_uri, spec.input.uri, spec.output.uri)
     cluster = ray_cluster_spec(owner, n, spec, spec.resources, image(spec, ctx), ctx, claims,

@@ -47,8 +47,11 @@ def test_example_job_renders_exact_processor_config_kwargs():
             "enable_lora": True,
             "max_lora_rank": 64,
             "max_loras": 1,
+            "max_num_seqs": 256,
+            "max_num_batched_tokens": 8192,
         },
         "batch_size": 16,
+        "max_concurrent_batches": 32,   # twice the engine's sequence slots in flight, in batches of 16
         "concurrency": 1,
         "accelerator_type": "L4",
         "chat_template_stage": True,
@@ -94,6 +97,12 @@ def test_pvc_model_source_becomes_a_local_path():
     assert bi.processor_config_kwargs(spec)["model_source"] == "/mnt/llmops/pvc/models/qwen2.5-7b"
 
 
+@pytest.mark.parametrize("seqs, batch_size, batches", [(256, 16, 32), (1024, 64, 32), (0, 16, 8), (128, 64, 8),
+                                                       (1000, 48, 42)])
+def test_engine_actor_keeps_twice_its_sequence_slots_in_flight(seqs, batch_size, batches):
+    assert bi.max_concurrent_batches({"max_num_seqs": seqs} if seqs else {}, batch_size) == batches
+
+
 def test_ray_accepts_the_rendered_config_on_cpu():
     pytest.importorskip("ray.data.llm", reason="the payload tests run in the Ray venv (.venv-ray)")
     from pydantic import ValidationError
@@ -104,7 +113,7 @@ def test_ray_accepts_the_rendered_config_on_cpu():
     assert config.dynamic_lora_loading_path == "s3://bucket/adapters"
     assert (config.chat_template_stage, config.tokenize_stage, config.detokenize_stage) == (True, True, False)
     assert config.engine_kwargs["enable_prefix_caching"] is True
-    assert config.accelerator_type == "L4" and config.batch_size == 16
+    assert config.accelerator_type == "L4" and config.batch_size == 16 and config.max_concurrent_batches == 32
     # The check above means something only because Ray rejects fields it does not know (e.g. the deprecated
     # `apply_chat_template` switch).
     with pytest.raises(ValidationError):
