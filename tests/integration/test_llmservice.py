@@ -65,14 +65,19 @@ def test_finetune_chain_and_gate(cluster, operator, ns, simulator):
     cluster.create(llmservice("svc", adapters=[{
         "name": "viggo", "fineTuneRef": {"name": "viggo"},
         "gate": {"batchInferenceRef": {"name": "viggo-eval"}, "metric": "exactMatch", "minimum": 0.6}}]), ns)
+
+    def status():   # all three, shown when a wait times out
+        return {kind: (cluster.get(kind, ns, name) or {}).get("status") for kind, name in (
+            ("FineTune", "viggo"), ("BatchInference", "viggo-eval"), ("LLMService", "svc"))}
+
     wait_for(lambda: _adapter(cluster.get("LLMService", ns, "svc"), "viggo").get("state") == "WaitingForFineTune",
-             timeout=120, what="WaitingForFineTune")
+             timeout=120, what="WaitingForFineTune", show=status)
     _finish(simulator, cluster, ns, "FineTune", "viggo", "viggo-ft")
     wait_for(lambda: _adapter(cluster.get("LLMService", ns, "svc"), "viggo").get("state") == "WaitingForEvaluation",
-             timeout=120, what="WaitingForEvaluation")
+             timeout=120, what="WaitingForEvaluation", show=status)
     _finish(simulator, cluster, ns, "BatchInference", "viggo-eval", "viggo-eval-bi")
     svc = wait_for(lambda: (lambda o: o if _adapter(o, "viggo").get("state") == "Serving" else None)(
-        cluster.get("LLMService", ns, "svc")), timeout=120, what="the adapter to be served")
+        cluster.get("LLMService", ns, "svc")), timeout=120, what="the adapter to be served", show=status)
     assert "ft-model:viggo" in svc["status"]["models"]
     serve = yaml.safe_load(_service(cluster, ns)["spec"]["serveConfigV2"])
     lora = serve["applications"][0]["args"]["llm_configs"][0]["lora_config"]

@@ -20,7 +20,7 @@ from llmops.decide.batchinference import BatchInferenceObservation
 from llmops.decide.jobs import QUEUE_RECHECK_SECONDS, WORKLOAD_WAIT_SECONDS, JobObservation
 from llmops.decide.llmservice import ServiceObservation
 from llmops.settings import Settings
-from llmops.status import rfc3339
+from llmops.status import DEPENDENCY_RECHECK_SECONDS, rfc3339
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "viggo"
 CTX = BuildContext(settings=Settings(), payloads=load_payloads())
@@ -143,6 +143,8 @@ def test_a_missing_finetune_is_waited_for_a_while_then_stalls(created, state):
 def test_a_finetune_not_done_holds_the_job_back(status, reason, state):
     out = batchinference.decide(batch_obs(fine_tune_with(status)), CTX)
     assert (out.verdict.reason, out.verdict.state, out.children) == (reason, state, [])
+    # waiting, it reads the FineTune again on its own too: a missed wake-up must not leave it waiting for good
+    assert out.requeue_after == (DEPENDENCY_RECHECK_SECONDS if state == "progressing" else None)
 
 
 def test_a_succeeded_finetune_gives_the_job_its_base_model_and_adapter():
@@ -180,6 +182,7 @@ def test_a_service_serves_the_base_while_its_adapter_cannot_be_served(fine_tunes
     out = llmservice.decide(service_obs(fine_tunes=fine_tunes), CTX)
     assert out.ray_kind == "RayService" and "RayService" in [c["kind"] for c in out.children]
     assert [a["state"] for a in out.verdict.fields["adapters"]] == [state]
+    assert out.requeue_after == (DEPENDENCY_RECHECK_SECONDS if state == "WaitingForFineTune" else None)
 
 
 def test_exposure_without_the_gateway_api_stalls_and_exposes_nothing():

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from .. import dependencies as deps
 from ..builders import batchinference as builder
 from ..builders.common import BuildContext
-from ..status import DEPENDENCY_GRACE_SECONDS, Grace, Verdict, within_grace
+from ..status import DEPENDENCY_GRACE_SECONDS, DEPENDENCY_RECHECK_SECONDS, Grace, Verdict, within_grace
 from . import modelcache
 from .common import Outcome, invalid_spec
 from .jobs import JobObservation, decide_job, simulated_mark
@@ -54,7 +54,8 @@ def fine_tune_model(obs: BatchInferenceObservation, ref: str) -> tuple[builder.R
     if output.state == deps.WAITING:
         progress = status.get("message") if not deps.is_stalled(status) else ""
         return None, Verdict("Waiting", "progressing", "WaitingForFineTune",
-                             f"waiting for the adapter: {output.message}" + (f" ({progress})" if progress else ""))
+                             f"waiting for the adapter: {output.message}" + (f" ({progress})" if progress else ""),
+                             recheck_after=DEPENDENCY_RECHECK_SECONDS)
     return builder.ResolvedModel.of_finetune(ft["spec"]["baseModel"]["source"], output.uri, output.rank), None
 
 

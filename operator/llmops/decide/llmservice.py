@@ -8,8 +8,8 @@ from typing import Any, Mapping
 from ..builders import llmservice as builder
 from ..builders.common import BuildContext, UnknownAccelerator
 from ..builders.exposure import ABSENT_SECONDS, HTTP_ROUTE, SECURITY_POLICY, Api
-from ..builders.serving import ServeConfigError, resolve_adapters, routing
-from ..status import SERVING, PodProblem, Verdict, ZeroScaling, service_verdict
+from ..builders.serving import WAITING, ServeConfigError, resolve_adapters, routing
+from ..status import DEPENDENCY_RECHECK_SECONDS, SERVING, PodProblem, Verdict, ZeroScaling, service_verdict
 from . import modelcache
 from .common import Observation, Outcome, invalid_spec
 
@@ -98,5 +98,8 @@ def decide(obs: ServiceObservation, ctx: BuildContext) -> Outcome:
         return Outcome(children, Verdict(missing.phase, missing.state, missing.reason,
                                          f"{missing.message} ({verdict.message})", fields),
                        ray_kind="RayService", delete=removals, requeue_after=missing.recheck_after)
+    recheck = verdict.recheck_after
+    if any(s["state"] in WAITING for s in plan.states):
+        recheck = min(recheck or DEPENDENCY_RECHECK_SECONDS, DEPENDENCY_RECHECK_SECONDS)
     return Outcome(children, Verdict(verdict.phase, verdict.state, reason, verdict.message, fields),
-                   ray_kind="RayService", delete=removals, requeue_after=verdict.recheck_after)
+                   ray_kind="RayService", delete=removals, requeue_after=recheck)

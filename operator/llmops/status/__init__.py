@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .conditions import (
     DEPENDENCY_GRACE_SECONDS,
+    DEPENDENCY_RECHECK_SECONDS,
     Grace,
     READY,
     RECONCILING,
@@ -66,6 +67,7 @@ from .written import (
 
 __all__ = [
     "DEPENDENCY_GRACE_SECONDS",
+    "DEPENDENCY_RECHECK_SECONDS",
     "DISRUPTIONS",
     "DRIVER_FLOOR",
     "EVERY_KIND",

@@ -81,6 +81,10 @@ node, and its drivers, in minutes. Counted from the pod's PodScheduled=False tra
 DEPENDENCY_GRACE_SECONDS = 300.0
 """How long a BatchInference may name a FineTune that does not exist before it is Stalled, counted from its own
 creation: `kubectl apply -f <folder>` and GitOps tools create a set of resources in no particular order."""
+DEPENDENCY_RECHECK_SECONDS = 15.0
+"""A resource that waits on another (a BatchInference on its FineTune, a service's adapters on FineTunes and
+gates) is woken by the other's status events, and also reads it again this often: a wake-up that comes before
+the cache holds the new status must not leave it waiting for good. A re-read costs no API request."""
 REPORT_GRACE_SECONDS = 60.0
 """How long a finished RayJob may wait for its result report: the two arrive through separate watches."""
 
