@@ -26,6 +26,8 @@ the FineTune's adapter, and an LLMService serving it); `run` takes the one for t
   (/v1/models, the adapter's replies against the batch outputs, output tokens/s at 32 streams); then
   `vllm serve` with the same engine arguments under the same load;
 * serve_replies: serve without the `vllm serve` comparison (its ratio measured in an earlier run);
+* routing: two replicas on the one GPU, Ray Serve's default router against prefix affinity on many long prompts
+  (bench/dataplane/routing.py);
 * serve_cold_start: a second LLMService with minReplicas 0 (bench/dataplane/coldstart.py): the first request,
   a warm one, the replica stopping after the idle delay, and the cold start with the model already on disk.
 """
@@ -43,6 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "operator")]
 RENDERED = REPO / ".dataplane"
 FINETUNE = {"epochs": 24.0, "learning_rate": 2e-3, "rank": 16}
+# Not in a call's state: the checkpoints (the adapter is published beside them) and the routing model (rebuilt
+# in seconds, too large to carry back).
+STATE_LEAVES_OUT = ("/llmops-checkpoints", "/models/route-qwen")
 
 
 def render(folder: Path) -> None:
@@ -54,7 +59,7 @@ def render(folder: Path) -> None:
         m.ACCELERATOR = gpu
         docs = [m.finetune(**FINETUNE), m.batch_inference("viggo-base", with_adapter=False),
                 m.batch_inference("viggo-eval", with_adapter=True), m.llm_service(FINETUNE["rank"]),
-                m.llm_service_zero()]
+                m.llm_service_zero(), m.llm_service_routing("default"), m.llm_service_routing("prefixAffinity")]
         objects, errors = render_manifests(docs)
         if errors:
             raise SystemExit("the operator refused the run's manifests:\n" + "\n".join(errors))
@@ -109,8 +114,8 @@ def run(args: argparse.Namespace) -> None:
         with tarfile.open(args.out / "state.tar.xz", "w:xz") as archive:
             for name in ("bucket", "data", "dataplane.json"):
                 if (args.work / name).exists():  # not the checkpoints: the adapter is published beside them
-                    archive.add(args.work / name, arcname=name,
-                                filter=lambda info: None if "/llmops-checkpoints" in info.name else info)
+                    archive.add(args.work / name, arcname=name, filter=lambda info: None if any(
+                        part in info.name for part in STATE_LEAVES_OUT) else info)
         shutil.rmtree(bench.logs, ignore_errors=True)
     summary(bench.results)
 
@@ -156,6 +161,10 @@ def summary(results: dict) -> None:
           f"to zero {zero.get('to_zero_after_last_request_s')} s after the last request (delay "
           f"{zero.get('scale_to_zero_delay_s')} s), cold start with the model on disk "
           f"{zero.get('cold_start_request_s')} s")
+    route = results.get("routing") or {}
+    rates = [((route.get(r) or {}).get("load") or {}).get("output_tokens_per_s") for r in ("default", "prefixAffinity")]
+    print(f"routing: output tokens/s default {rates[0]}, prefixAffinity {rates[1]} "
+          f"({route.get('ratio_prefix_affinity_vs_default')})")
 
 
 def main() -> None:

@@ -92,3 +92,25 @@ def llm_service_zero() -> dict[str, Any]:
         "resources": _resources(),
         "secrets": {"storage": {"name": STORAGE_SECRET}},
     })
+
+
+# ---- routing (bench/dataplane/routing.py) -----------------------------------------------------------------------
+ROUTE_MODEL_ID = "route-qwen"
+ROUTE_MODEL_URI = f"s3://{BUCKET}/models/{ROUTE_MODEL_ID}"
+ROUTE_MAX_MODEL_LEN = 2048
+ROUTE_KV_BLOCKS = 450   # per replica: room for about 5 of the workload's 8 long prompts (16 tokens a block)
+ROUTE_GPU_MEMORY = 0.35   # two replicas share the machine's one GPU
+
+
+def llm_service_routing(routing: str) -> dict[str, Any]:
+    """Two replicas of a larger random model, each with a KV cache too small for every long prompt at once."""
+    return _resource("LLMService", f"route-{routing.lower()}", {
+        "modelId": ROUTE_MODEL_ID,
+        "model": {"source": ROUTE_MODEL_URI},
+        "engine": {"maxModelLen": ROUTE_MAX_MODEL_LEN, "gpuMemoryUtilization": ROUTE_GPU_MEMORY,
+                   "extraEngineArgs": {**ENGINE_ARGS, "num_gpu_blocks_override": ROUTE_KV_BLOCKS}},
+        "autoscaling": {"minReplicas": 2, "maxReplicas": 2, "targetOngoingRequests": 16},
+        "routing": routing,
+        "resources": _resources(),
+        "secrets": {"storage": {"name": STORAGE_SECRET}},
+    })

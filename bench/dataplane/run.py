@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import bare, coldstart, load, manifests as m, raycluster as rc, task
+from . import bare, coldstart, load, manifests as m, raycluster as rc, routing as route_bench, task
 from .s3 import S3Server
 
 # What every process gets on this machine: no network for model hubs, no NVLink multicast (the machine's rule),
@@ -301,6 +301,9 @@ class Run:
 
     def serve_cold_start(self) -> dict[str, Any]:
         return coldstart.measure(self)
+
+    def routing(self) -> dict[str, Any]:
+        return route_bench.measure(self)
 
     def _query_service(self) -> dict[str, Any]:
         rows = self.test_rows()[:REPLY_CHECKS]

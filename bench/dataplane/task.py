@@ -86,12 +86,13 @@ def train_tokenizer(samples: list[dict]):
     return chat_tokenizer(texts, vocab_size=4096)
 
 
-def build_model(folder: Path, tokenizer, seed: int = 0) -> dict:
+def build_model(folder: Path, tokenizer, seed: int = 0, shape: dict | None = None) -> dict:
     """Random weights (transformers' own init, seeded), saved with the tokenizer and a generation config."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**{k: v for k, v in MODEL_CONFIG.items() if k not in ("architectures", "model_type")},
+    config = Qwen2Config(**{k: v for k, v in {**MODEL_CONFIG, **(shape or {})}.items()
+                            if k not in ("architectures", "model_type")},
                          vocab_size=len(tokenizer), bos_token_id=None,
                          eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                          pad_token_id=tokenizer.pad_token_id)
