@@ -476,3 +476,15 @@ def test_dropping_expose_deletes_the_route_and_policy_it_wrote():
                                                              ("delete", "SecurityPolicy", "viggo-serve-llm")]
     assert "routeName" not in kube.objects[key_of(doc)]["status"]
     assert ("RayService", "default", "viggo-serve-llm") in kube.objects
+
+
+def test_a_shared_child_counts_in_the_hashes_by_its_name_alone():
+    """The payload sources are named by their content: a set's hash reads the name, not the sources again."""
+    from llmops.builders.common import payload_config_map
+    from llmops.handlers.ordering import identity
+
+    shared = payload_config_map("ml", {"a.py": "x = 1\n"}, Settings())
+    job = {"kind": "ConfigMap", "metadata": {"name": "job", "labels": {ROLE_LABEL: "config"}}, "data": {"k": "v"}}
+    assert identity([job, shared]) == [job, {"shared": shared["metadata"]["name"]}]
+    other = payload_config_map("ml", {"a.py": "x = 2\n"}, Settings())
+    assert identity([other]) != identity([shared])   # new sources, new name, new hash

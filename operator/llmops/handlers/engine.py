@@ -26,7 +26,7 @@ from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
 from .kinds import RECONCILERS, Reconciler
 from .writes import event_for, status_for
 from .metrics import Metrics
-from .ordering import HASH_ANNOTATION, Plan, apply_rounds, holds, stateful
+from .ordering import HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
 from .slots import Slots
 
 log = logging.getLogger("llmops")
@@ -218,7 +218,7 @@ class Engine:
 
     def _plan(self, body: dict[str, Any], outcome: Outcome) -> Plan | None:
         """How to apply the children, or None when this set was applied already (its hash is on the marker)."""
-        wanted = short_hash(outcome.children, 16)
+        wanted = short_hash(identity(outcome.children), 16)
         uid = body["metadata"]["uid"]
         if outcome.memo_key is not None:
             self.expected.built(uid, outcome.memo_key, wanted)
@@ -364,7 +364,7 @@ def _namespace_ending(e: ApiError) -> bool:
 
 def _attempt(outcome: Outcome, body: dict[str, Any]) -> str:
     """What a reconcile tried to write: a refused attempt is not repeated until something in it changes."""
-    return short_hash([outcome.children, outcome.verdict.__dict__, meta_generation(body)], 16)
+    return short_hash([identity(outcome.children), outcome.verdict.__dict__, meta_generation(body)], 16)
 
 
 def meta_generation(body: dict[str, Any]) -> int:

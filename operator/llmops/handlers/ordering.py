@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..builders.common import LABEL_PREFIX, RESULT_ROLE, ROLE_LABEL
+from ..builders.common import LABEL_PREFIX, RESULT_ROLE, ROLE_LABEL, is_shared
 
 HASH_ANNOTATION = f"{LABEL_PREFIX}/children-hash"   # on the marker: the hash of the whole set
 GUARDS = ("SecurityPolicy",)   # written before what they protect: an exposed route is never open without its policy
@@ -13,6 +13,12 @@ GUARDS = ("SecurityPolicy",)   # written before what they protect: an exposed ro
 
 def _is_result(child: dict[str, Any]) -> bool:
     return child["metadata"].get("labels", {}).get(ROLE_LABEL) == RESULT_ROLE
+
+
+def identity(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The children as their hashes see them: a shared child is named by its content, so its name stands for it
+    (hashing its data, every payload's source, took a sixth of the operator's time in a burst)."""
+    return [{"shared": c["metadata"]["name"]} if is_shared(c) else c for c in children]
 
 
 def holds(children: list[dict[str, Any]], kind: str) -> bool:
