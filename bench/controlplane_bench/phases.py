@@ -9,6 +9,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -400,7 +401,12 @@ def start_profile(pid: int, args, tag: str):
         return None
     Path(args.profile).mkdir(parents=True, exist_ok=True)
     out = Path(args.profile) / f"{tag}.txt"
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "50", "--nonblocking",
+    # The bench extra installs py-spy beside this interpreter, which need not be on PATH.
+    beside = Path(sys.executable).parent / "py-spy"
+    spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "50", "--nonblocking",
                              "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
