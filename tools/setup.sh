@@ -19,6 +19,9 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 
 PYTHON=${PYTHON:-python3}
+# The test environments pull PyTorch's CUDA wheels (hundreds of MB each); an interrupted download is resumed
+# this many times instead of failing the setup (pip versions without the option ignore the variable).
+export PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-50}
 if [ ! -x .venv/bin/python ]; then
   step "creating .venv (operator + test tools)"
   "$PYTHON" -m venv .venv
