@@ -43,11 +43,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "operator")]
+from dataplane import manifests as _m  # noqa: E402  (after the path)
 RENDERED = REPO / ".dataplane"
 FINETUNE = {"epochs": 24.0, "learning_rate": 2e-3, "rank": 16}
 # Not in a call's state: the checkpoints (the adapter is published beside them) and the routing model (rebuilt
 # in seconds, too large to carry back).
-STATE_LEAVES_OUT = ("/llmops-checkpoints", "/models/route-qwen")
+STATE_LEAVES_OUT = ("/llmops-checkpoints", "/" + _m.ROUTE_MODEL_URI.split(f"{_m.BUCKET}/", 1)[1])
 
 
 def render(folder: Path) -> None:
