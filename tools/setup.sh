@@ -43,8 +43,9 @@ make_venv() {  # name, check, packages...
   fi
 }
 if [ "${LLMOPS_SKIP_RAY_VENV:-0}" != 1 ]; then
+  # torch pinned to .venv-lf's: one download of PyTorch's CUDA wheels serves both environments from pip's cache.
   make_venv .venv-ray 'import ray.data.llm, ray.serve, transformers, peft, pytest, yaml' \
-    'ray[data,serve]==2.60.0' transformers peft pytest pyyaml
+    'ray[data,serve]==2.60.0' 'torch==2.11.0' transformers peft pytest pyyaml
   # The model cache's download is tested against a local S3 server.
   .venv-ray/bin/python -c 'import moto.server' 2>/dev/null || .venv-ray/bin/python -m pip install -q 'moto[server]==5.2.6'
   # The FineTune image's pins (Settings.finetune_pip): transformers 4.52.4 is what lets 0.9.4 use neat packing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def plane():
     install_crds(plane)
     yield plane
     plane.stop()
+    # etcd's data and the logs are worth keeping only when asked for: CI machines run many sessions.
+    if not os.environ.get("LLMOPS_KEEP_PLANE"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
