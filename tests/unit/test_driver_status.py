@@ -50,5 +50,5 @@ def test_other_crashes_are_not_called_driver_problems():
 
 
 def test_ray_containers_leave_their_log_tail_as_termination_message():
-    from llmops.builders.common import container
+    from llmops.builders.raycluster import container
     assert container("ray-worker", "img", [], [], [], {}, {})["terminationMessagePolicy"] == "FallbackToLogsOnError"

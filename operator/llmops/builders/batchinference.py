@@ -8,19 +8,8 @@ from typing import Any
 
 from ..api.batchinference import BatchInferenceSpec, Engine
 from ..settings import AcceleratorProfile
-from .common import (
-    BuildContext,
-    Names,
-    Owner,
-    config_map,
-    payload_config_map,
-    profile_for,
-    pvc_claims,
-    ray_cluster_spec,
-    ray_job,
-    result_channel,
-    runtime_env,
-)
+from .common import BuildContext, Names, Owner, config_map, payload_config_map, profile_for, result_channel
+from .raycluster import pvc_claims, ray_cluster_spec, ray_job, runtime_env
 from . import modelcache
 from .serving import lora_rank
 

@@ -8,19 +8,8 @@ from typing import Any
 from .. import yamlio
 from ..api.finetune import FineTuneSpec
 from . import llamafactory, modelcache
-from .common import (
-    BuildContext,
-    Names,
-    Owner,
-    config_map,
-    payload_config_map,
-    profile_for,
-    pvc_claims,
-    ray_cluster_spec,
-    ray_job,
-    result_channel,
-    runtime_env,
-)
+from .common import BuildContext, Names, Owner, config_map, payload_config_map, profile_for, result_channel
+from .raycluster import pvc_claims, ray_cluster_spec, ray_job, runtime_env
 from .recipe import training_recipe
 from .sizing import model_params_b
 

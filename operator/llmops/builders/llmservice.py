@@ -9,7 +9,8 @@ from .. import yamlio
 from ..api.llmservice import LLMServiceSpec
 from ..settings import Settings
 from . import exposure, modelcache
-from .common import BuildContext, Names, Owner, owned, profile_for, pvc_claims, ray_cluster_spec, runtime_env
+from .common import BuildContext, Names, Owner, owned, profile_for
+from .raycluster import pvc_claims, ray_cluster_spec, runtime_env
 from .serving import AdapterPlan, cluster_fingerprint, serve_config
 
 TAG = "llm"

@@ -20,15 +20,14 @@ from .common import (
     Names,
     Owner,
     child_name,
-    container,
     labels,
     owned,
     payload_config_map,
     payloads_name,
-    pod_env,
     ray_account,
     result_channel,
 )
+from .raycluster import container, pod_env
 
 # The download pod streams files to disk: little CPU and memory, whatever the model's size.
 DOWNLOAD_REQUESTS = {"cpu": "1", "memory": "2Gi"}
