@@ -9,7 +9,8 @@ adapters it will serve, and their `lora_config`, appear.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
@@ -87,42 +88,51 @@ def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None
     return objects, errors
 
 
-def _with_cache(owner: Owner, cached: modelcache.CachedModel | None, spec: Any, image: str, ctx: BuildContext,
-                children: list[dict]) -> list[dict]:
-    """A model cache's children first (the operator applies them, and the rest once the model is cached)."""
-    return [*modelcache.build(owner, cached, spec, image, ctx), *children] if cached is not None else children
+@dataclass(frozen=True)
+class Planned:
+    """How `render` stands in for the cluster for one kind: the resources its spec names, resolved within the
+    input, and the model cache its children start with."""
+
+    references: Callable[[Any, dict[str, dict], bool], tuple[Any, ...]]   # (spec, finetunes, assume_ready)
+    cached_model: Callable[..., modelcache.CachedModel | None]             # (owner, spec, *references)
+    image: Callable[[Any, BuildContext], str]
+
+
+def _batch_references(spec: BatchInferenceSpec, finetunes: dict[str, dict], assume_ready: bool) -> tuple[Any, ...]:
+    model = batchinference.resolved_from_spec(spec)
+    if model is None:
+        ref = spec.model.fine_tune_ref.name
+        if ref not in finetunes:
+            raise KeyError(f"spec.model.fineTuneRef names FineTune {ref}, which is not in the input")
+        # As the operator will once the FineTune succeeded: its planned status, read the operator's way.
+        output = finetune_output(ref, planned_finetune_status(finetunes[ref]))
+        ft = FineTuneSpec.model_validate(finetunes[ref]["spec"])
+        model = batchinference.ResolvedModel.of_finetune(ft.base_model.source, output.uri, output.rank)
+    return (model,)
+
+
+def _service_references(spec: LLMServiceSpec, finetunes: dict[str, dict], assume_ready: bool) -> tuple[Any, ...]:
+    statuses = {name: planned_finetune_status(d) for name, d in finetunes.items()}
+    return (resolve_adapters(spec, statuses, planned_gate_statuses(spec, finetunes) if assume_ready else {}),)
+
+
+PLANNED: dict[str, Planned] = {
+    "FineTune": Planned(lambda spec, finetunes, ready: (), finetune.cached_model, finetune.image),
+    "BatchInference": Planned(_batch_references, batchinference.cached_model, batchinference.image),
+    "LLMService": Planned(_service_references, lambda owner, spec, adapters: llmservice.cached_model(owner, spec),
+                          llmservice.image),
+}
 
 
 def _render_one(doc: dict[str, Any], finetunes: dict[str, dict], ctx: BuildContext, assume_ready: bool
                 ) -> list[dict]:
-    reconciler = RECONCILERS[doc["kind"]]
+    reconciler, planned = RECONCILERS[doc["kind"]], PLANNED[doc["kind"]]
     spec = reconciler.api.spec_model.model_validate(doc["spec"])
     owner = Owner.of(doc)
-    references = _references(spec, finetunes, assume_ready)
+    references = planned.references(spec, finetunes, assume_ready)
     children = reconciler.build(owner, spec, ctx, *references)
-    if isinstance(spec, FineTuneSpec):
-        return _with_cache(owner, finetune.cached_model(owner, spec), spec, finetune.image(spec, ctx), ctx, children)
-    if isinstance(spec, BatchInferenceSpec):
-        return _with_cache(owner, batchinference.cached_model(owner, spec, *references), spec,
-                           batchinference.image(spec, ctx), ctx, children)
-    return _with_cache(owner, llmservice.cached_model(owner, spec), spec, llmservice.image(spec, ctx), ctx, children)
-
-
-def _references(spec: Any, finetunes: dict[str, dict], assume_ready: bool) -> tuple[Any, ...]:
-    """What the builder takes besides (owner, spec, ctx): the resources the spec names, resolved within the input
-    as they will be once they succeeded."""
-    if isinstance(spec, BatchInferenceSpec):
-        model = batchinference.resolved_from_spec(spec)
-        if model is None:
-            ref = spec.model.fine_tune_ref.name
-            if ref not in finetunes:
-                raise KeyError(f"spec.model.fineTuneRef names FineTune {ref}, which is not in the input")
-            # As the operator will once the FineTune succeeded: its planned status, read the operator's way.
-            output = finetune_output(ref, planned_finetune_status(finetunes[ref]))
-            ft = FineTuneSpec.model_validate(finetunes[ref]["spec"])
-            model = batchinference.ResolvedModel.of_finetune(ft.base_model.source, output.uri, output.rank)
-        return (model,)
-    if isinstance(spec, LLMServiceSpec):
-        statuses = {name: planned_finetune_status(d) for name, d in finetunes.items()}
-        return (resolve_adapters(spec, statuses, planned_gate_statuses(spec, finetunes) if assume_ready else {}),)
-    return ()
+    cached = planned.cached_model(owner, spec, *references)
+    if cached is None:
+        return children
+    # A model cache's children first: the operator applies them, and the rest once the model is cached.
+    return [*modelcache.build(owner, cached, spec, planned.image(spec, ctx), ctx), *children]

@@ -70,6 +70,13 @@ def test_every_child_is_owned_by_its_resource():
         assert len(refs) == 1 and refs[0]["controller"] is True and refs[0]["apiVersion"] == "llmops.dev/v1alpha1"
 
 
+def test_render_and_the_operator_know_the_same_kinds():
+    from llmops.api import KINDS
+    from llmops.handlers.kinds import RECONCILERS
+    from llmops.render import PLANNED
+    assert set(PLANNED) == set(RECONCILERS) == set(KINDS)
+
+
 def test_payload_sources_are_shared_by_the_jobs_of_a_namespace():
     objects = _all_examples()
     shared = [o for o in objects if is_shared(o)]
