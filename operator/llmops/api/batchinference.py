@@ -18,8 +18,7 @@ from .common import (
     PVC_CACHE_RULE,
     ModelCache,
     Resources,
-    RetryBudget,
-    StatusBase,
+    JobStatus,
     cel,
     no_cache_for_pvc,
     exactly_one,
@@ -191,19 +190,7 @@ class BatchMetrics(ApiModel):
     about this resource. Absent when the job itself reported them."""
 
 
-class BatchInferenceStatus(StatusBase):
-    ray_job_name: str | None = None
-    """The RayJob that runs it."""
-    retries: RetryBudget | None = None
-    """How many of its retries (spec.backoffLimit) the Ray job has used: a failed or preempted attempt uses one."""
-    ray_cluster_name: str | None = None
-    """The Ray cluster KubeRay made for the RayJob."""
-    dashboard_url: str | None = Field(default=None, alias="dashboardURL")
-    """The Ray dashboard of that cluster, while it runs."""
-    start_time: str | None = None
-    """When the RayJob was created (RFC 3339); from then on the spec is immutable, except suspend."""
-    completion_time: str | None = None
-    """When it Succeeded or Failed (RFC 3339)."""
+class BatchInferenceStatus(JobStatus):
     output_uri: str | None = Field(default=None, alias="outputURI")
     """Where the generated rows are, once it Succeeded."""
     model_source: str | None = None

@@ -253,6 +253,23 @@ class StatusBase(ApiModel):
     """Where the model's download into its cache claim stands, with spec's model cache set."""
 
 
+class JobStatus(StatusBase):
+    """What a FineTune and a BatchInference say of the RayJob that runs them."""
+
+    ray_job_name: str | None = None
+    """The RayJob that runs it."""
+    retries: RetryBudget | None = None
+    """How many of its retries (spec.backoffLimit) the Ray job has used: a failed or preempted attempt uses one."""
+    ray_cluster_name: str | None = None
+    """The Ray cluster KubeRay made for the RayJob."""
+    dashboard_url: str | None = Field(default=None, alias="dashboardURL")
+    """The Ray dashboard of that cluster, while it runs."""
+    start_time: str | None = None
+    """When the RayJob was created (RFC 3339); from then on the spec is immutable, except suspend."""
+    completion_time: str | None = None
+    """When it Succeeded or Failed (RFC 3339)."""
+
+
 def exactly_one(fields: list[str], where: str) -> dict[str, str]:
     terms = " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
     names = ", ".join(f"{where}.{f}" for f in fields)
