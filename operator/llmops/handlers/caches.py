@@ -61,7 +61,6 @@ class Caches:
     refs: IndexView = field(default_factory=IndexView)          # referenced key -> keys of dependents
     cache_jobs: IndexView = field(default_factory=IndexView)    # owner uid -> its model download Job (status)
     cache_reports: IndexView = field(default_factory=IndexView)  # owner uid -> its model download's report data
-    bound: bool = False                                         # pointed at the watches' indexes (`bind`)
     # owner uid -> (its RayCluster, the problem): a Ray pod seen lost with its node. The pod is deleted moments
     # later, often before a reconcile reads the pods index; this remembers it while that cluster (that attempt
     # of the job) lasts. Lost on a restart, when the status's own reason carries it on.
@@ -215,4 +214,3 @@ def bind(caches: Caches, owners: Iterable[Any], rayjobs: Any, rayservices: Any, 
     caches.pods.index = pods
     caches.cache_reports.index = Merged("cache", configmaps)
     caches.cache_jobs.index = jobs if jobs is not None else {}
-    caches.bound = True

@@ -47,8 +47,9 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, logger: Any, memo: kopf.Memo, **_: Any) -> None:
-    """Settings, then the engine in the operator's memo (kopf hands each handler a shallow copy of it)."""
+async def startup(settings: kopf.OperatorSettings, logger: Any, memo: kopf.Memo, **indexes: Any) -> None:
+    """Settings, then the engine in the operator's memo (kopf hands each handler a shallow copy of it), its caches
+    pointed at the indexes (kopf hands them, empty, to start-up handlers; they fill as the watches list)."""
     options = memo.get("options", {})
     settings.posting.enabled = False          # we post our own Events, one per phase change
     settings.scanning.disabled = True         # no cluster-wide namespace/CRD scans: least rights
@@ -88,6 +89,8 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, memo: kopf.Memo,
                               insecure=bool(info.insecure))
     kube = Kube(credentials, llmops_settings.field_manager)
     eng = Engine(kube, BuildContext(settings=llmops_settings, payloads=load_payloads()))
+    bind(eng.caches, [indexes[f"index_{k.plural}"] for k in KINDS.values()], indexes["index_rayjobs"],
+         indexes["index_rayservices"], indexes["index_configmaps"], indexes["index_pods"], indexes["index_jobs"])
     memo.engine = eng
     if options.get("metrics_port"):
         await serve_metrics(eng, options["metrics_port"])
@@ -136,20 +139,10 @@ async def index_jobs(body: kopf.Body, **_: Any) -> dict | None:
     return job_entries(body)
 
 
-def _bind(memo: kopf.Memo, kwargs: dict[str, Any]) -> Engine:
-    """The engine, given the kopf indexes on the first event (kopf hands indexes only to handlers; they are the
-    same objects for the operator's lifetime)."""
-    eng: Engine = memo.engine
-    if not eng.caches.bound:
-        bind(eng.caches, [kwargs[f"index_{k.plural}"] for k in KINDS.values()], kwargs["index_rayjobs"],
-             kwargs["index_rayservices"], kwargs["index_configmaps"], kwargs["index_pods"], kwargs["index_jobs"])
-    return eng
-
-
 # ---- triggers ---------------------------------------------------------------------------------------------
 def _owner_event(kind: str):
     async def on_event(type: str, namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-        eng = _bind(memo, kwargs)
+        eng: Engine = memo.engine
         key = (kind, namespace, name)
         listed = type is None   # kopf's initial listing (a start-up), not a change
         if type == "DELETED":
@@ -170,7 +163,7 @@ def _uid_of_owner(body: kopf.Body) -> str | None:
 
 
 async def _child_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    eng = _bind(memo, kwargs)
+    eng: Engine = memo.engine
     if eng.is_echo(body):
         return
     uid = _uid_of_owner(body)
