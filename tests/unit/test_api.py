@@ -101,3 +101,16 @@ def test_the_api_server_fills_nothing_into_a_status_but_observed_generation():
         assert status["default"] == {"observedGeneration": 0}
         found = [p for p in defaults(status, "status") if p != "status.conditions[].message"]
         assert found == [], crd["metadata"]["name"]
+
+
+def test_a_status_is_read_typed_past_fields_this_version_cannot_read():
+    from llmops.api.finetune import FineTuneStatus
+    status = FineTuneStatus.read({
+        "phase": "Running", "startTime": "2026-01-01T00:00:00Z",
+        "fromANewerOperator": {"x": 1},                    # unknown: ignored
+        "retries": {"used": "many", "limit": 3},            # unreadable: dropped, the rest kept
+        "adapter": {"uri": "s3://b/a", "since": "later"},   # unknown inside a known field: ignored
+    })
+    assert (status.phase, status.start_time, status.retries, status.adapter.uri) == (
+        "Running", "2026-01-01T00:00:00Z", None, "s3://b/a")
+    assert FineTuneStatus.read(None) == FineTuneStatus()

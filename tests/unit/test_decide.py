@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from llmops.api.batchinference import BatchInferenceSpec
-from llmops.api.finetune import FineTuneSpec
-from llmops.api.llmservice import LLMServiceSpec
+from llmops.api.batchinference import BatchInferenceSpec, BatchInferenceStatus
+from llmops.api.finetune import FineTuneSpec, FineTuneStatus
+from llmops.api.llmservice import LLMServiceSpec, LLMServiceStatus
 from llmops.builders.common import BuildContext, Owner, load_payloads
 from llmops.builders.exposure import HTTP_ROUTE
 from llmops.decide import batchinference, finetune, llmservice
@@ -44,7 +44,8 @@ def ray_job(deployment: str = "Running", job: str = "RUNNING", **status: Any) ->
 
 def finetune_obs(**fields: Any) -> JobObservation:
     spec = FineTuneSpec.model_validate(fields.pop("spec", example("finetune")["spec"]))
-    return JobObservation(owner("FineTune", "viggo"), fields.pop("status", {}), spec, now=NOW, **fields)
+    return JobObservation(owner("FineTune", "viggo"), FineTuneStatus.read(fields.pop("status", {})), spec, now=NOW,
+                          **fields)
 
 
 def memo(obs: JobObservation, extra: dict[str, Any] | None = None) -> tuple:
@@ -54,7 +55,7 @@ def memo(obs: JobObservation, extra: dict[str, Any] | None = None) -> tuple:
 
 # ---- FineTune -------------------------------------------------------------------------------------------------
 def test_an_invalid_spec_is_stalled_naming_the_field_and_builds_nothing():
-    out = finetune.decide(JobObservation(owner("FineTune", "viggo"), {}, None, "spec.training.epochs: must be > 0"),
+    out = finetune.decide(JobObservation(owner("FineTune", "viggo"), FineTuneStatus(), None, "spec.training.epochs: must be > 0"),
                           CTX)
     assert (out.verdict.phase, out.verdict.state, out.verdict.reason) == ("Failed", "stalled", "InvalidSpec")
     assert out.verdict.message == "spec.training.epochs: must be > 0" and out.children == []
@@ -87,7 +88,7 @@ def test_a_finished_run_keeps_its_status_and_is_never_started_again():
 
 def test_a_new_generation_of_a_finished_run_is_judged_again():
     status = {"phase": "Failed", "observedGeneration": 1, "conditions": [READY]}
-    obs = JobObservation(owner("FineTune", "viggo", generation=2), status,
+    obs = JobObservation(owner("FineTune", "viggo", generation=2), FineTuneStatus.read(status),
                          FineTuneSpec.model_validate(example("finetune")["spec"]), now=NOW)
     assert finetune.decide(obs, CTX).verdict.reason == "Creating"
 
@@ -122,7 +123,8 @@ def test_a_queued_job_says_so_and_reads_its_workload_again(workload, again):
 def batch_obs(fine_tune: dict[str, Any] | None, created: str | None = None, **fields: Any
               ) -> BatchInferenceObservation:
     spec = BatchInferenceSpec.model_validate(example("batchinference")["spec"])
-    return BatchInferenceObservation(owner("BatchInference", "viggo-eval"), fields.pop("status", {}), spec,
+    return BatchInferenceObservation(owner("BatchInference", "viggo-eval"),
+                                     BatchInferenceStatus.read(fields.pop("status", {})), spec,
                                      now=NOW, fine_tune=fine_tune, created=created, **fields)
 
 
@@ -166,7 +168,7 @@ def test_a_started_job_runs_on_the_adapter_it_resolved_even_once_its_finetune_is
 # ---- LLMService -----------------------------------------------------------------------------------------------
 def service_obs(**fields: Any) -> ServiceObservation:
     spec = {**example("llmservice")["spec"], **fields.pop("spec", {})}
-    return ServiceObservation(owner("LLMService", "viggo-serve"), fields.pop("status", {}),
+    return ServiceObservation(owner("LLMService", "viggo-serve"), LLMServiceStatus.read(fields.pop("status", {})),
                               LLMServiceSpec.model_validate(spec), now=NOW, **fields)
 
 

@@ -8,9 +8,9 @@ check) through :func:`cel`, so the two sit side by side and are tested from one 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "llmops.dev"
@@ -251,6 +251,21 @@ class StatusBase(ApiModel):
     """Latest progress the job reported (epoch and loss, rows done, ...)."""
     model_cache: ModelCacheStatus | None = None
     """Where the model's download into its cache claim stands, with spec's model cache set."""
+
+    @classmethod
+    def read(cls, raw: Mapping[str, Any] | None) -> Self:
+        """The status as the API server holds it, typed. A field this version does not know (a newer operator
+        wrote it) is ignored, and one whose value it cannot read is dropped: the reconcile works from the rest and
+        writes the status anew, rather than failing on it every time."""
+        data = dict(raw or {})
+        while True:
+            try:
+                return cls.model_validate(data, extra="ignore")
+            except ValidationError as e:
+                bad = {error["loc"][0] for error in e.errors() if error["loc"]} & data.keys()
+                if not bad:
+                    raise
+                data = {k: v for k, v in data.items() if k not in bad}
 
 
 class JobStatus(StatusBase):

@@ -67,8 +67,8 @@ def decide(obs: BatchInferenceObservation, ctx: BuildContext) -> Outcome:
     if model is None:
         model, waiting = fine_tune_model(obs, spec.model.fine_tune_ref.name)
         if waiting is not None:
-            if obs.status.get("startTime"):  # already running on the adapter it resolved then
-                model = builder.ResolvedModel(obs.status["modelSource"], obs.status.get("adapterURI"))
+            if obs.status.start_time and obs.status.model_source:   # running on the adapter resolved then
+                model = builder.ResolvedModel(obs.status.model_source, obs.status.adapter_uri)
             else:
                 return Outcome([], waiting, requeue_after=waiting.recheck_after)
     waiting, children, cache = modelcache.stage(obs.cache, obs.owner, obs.status,

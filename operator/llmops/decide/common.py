@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..api.common import StatusBase
 from ..builders.common import Owner
 from ..status import PodProblem, Verdict
 
@@ -23,7 +24,7 @@ class Observation:
     """What every kind's reconcile reads, as handlers/observe.py found it; each kind's observation adds its own."""
 
     owner: Owner
-    status: Mapping[str, Any]        # as the resource shows it, or as this process wrote it last
+    status: StatusBase               # as the resource shows it, or as this process wrote it last (its kind's)
     spec: Any = None                 # the validated spec; None when it is invalid
     spec_error: str = ""             # ... and then, what is wrong with it, each field named
     now: float = 0.0                 # time.time() when observed

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .. import dependencies as deps
+from ..api.common import JobStatus, StatusBase
 from ..builders.common import BuildContext, Owner, UnknownAccelerator
 from ..status import PodProblem, Retries, Verdict, job_verdict, queued_verdict, rfc3339, used_retries
 from .common import Observation, Outcome
@@ -29,21 +29,22 @@ class JobObservation(Observation):
     @property
     def finished(self) -> bool:
         """The status records the end of this generation's run: a finished job is never started again."""
-        return self.status.get("phase") in TERMINAL and self.status.get("observedGeneration") == self.owner.generation
+        return self.status.phase in TERMINAL and self.status.observed_generation == self.owner.generation
 
 
-def kept(status: Mapping[str, Any]) -> Verdict:
+def kept(status: JobStatus) -> Verdict:
     """A finished run's verdict, as its status already says."""
-    ready = deps.condition(status, "Ready") or {}
-    phase = status.get("phase", "Failed")
-    fields = {k: v for k, v in status.items() if k not in ("phase", "conditions", "observedGeneration", "message")}
-    return Verdict(phase, "ready" if phase == "Succeeded" else "stalled", ready.get("reason", phase),
-                   status.get("message", ""), fields)
+    ready = next((c for c in status.conditions or [] if c.type == "Ready"), None)
+    phase = status.phase or "Failed"
+    fields = {k: v for k, v in status.wire().items()
+              if k not in ("phase", "conditions", "observedGeneration", "message")}
+    return Verdict(phase, "ready" if phase == "Succeeded" else "stalled", ready.reason if ready else phase,
+                   status.message or "", fields)
 
 
-def status_reason(status: Mapping[str, Any]) -> str:
+def status_reason(status: StatusBase) -> str:
     """The reason the status gave last (its conditions all carry the same one)."""
-    return next((c.get("reason", "") for c in status.get("conditions") or []), "")
+    return next((c.reason for c in status.conditions or []), "")
 
 
 def simulated_mark(metrics: Mapping[str, Any]) -> dict[str, bool]:
@@ -62,9 +63,9 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
     current = ((ray or {}).get("status") or {}).get("rayClusterName")
     retries = Retries(limit=spec.backoff_limit, used=used_retries(ray),
                       resumes=getattr(getattr(spec, "training", None), "resume", "never") == "auto")
-    previous = (status.get("retries") or {}).get("used")
+    previous = status.retries.used if status.retries else None
     verdict = job_verdict(kind, spec.suspend, ray, report, list(obs.problems), obs.now,
-                          started=bool(status.get("startTime")), ray_name=ray_name, retries=retries,
+                          started=bool(status.start_time), ray_name=ray_name, retries=retries,
                           previous_reason=status_reason(status), previous_used=previous)
     if obs.queued_on:
         verdict = queued_verdict(spec.queue_name, ray, obs.workload) or verdict
@@ -76,10 +77,10 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
     dashboard = ((ray or {}).get("status") or {}).get("dashboardURL")
     if dashboard:
         fields["dashboardURL"] = dashboard
-    if status.get("startTime") or ray is not None:
-        fields["startTime"] = status.get("startTime") or rfc3339(obs.now)
+    if status.start_time or ray is not None:
+        fields["startTime"] = status.start_time or rfc3339(obs.now)
     if verdict.phase in TERMINAL:
-        fields["completionTime"] = status.get("completionTime") or rfc3339(obs.now)
+        fields["completionTime"] = status.completion_time or rfc3339(obs.now)
     if report.get("progress") and verdict.phase == "Running":
         fields["progress"] = report["progress"]
     fields.update(result_fields(report))

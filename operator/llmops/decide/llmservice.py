@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..api.llmservice import LLMServiceStatus
 from ..builders import llmservice as builder
 from ..builders.common import BuildContext, UnknownAccelerator
 from ..builders.exposure import ABSENT_SECONDS, HTTP_ROUTE, SECURITY_POLICY, Api
@@ -42,13 +43,13 @@ def _missing(unserved: tuple[Api, ...]) -> Verdict | None:
         recheck_after=ABSENT_SECONDS)
 
 
-def _removals(status: Mapping[str, Any], keep_route: bool, keep_policy: bool) -> list[tuple[str, str, str]]:
+def _removals(status: LLMServiceStatus, keep_route: bool, keep_policy: bool) -> list[tuple[str, str, str]]:
     """Exposure objects written before that the spec no longer wants: the route first, then its policy."""
     out = []
-    if status.get(ROUTE_KEY) and not keep_route:
-        out.append((HTTP_ROUTE.group_version, HTTP_ROUTE.kind, status[ROUTE_KEY]))
-    if status.get(POLICY_KEY) and not keep_policy:
-        out.append((SECURITY_POLICY.group_version, SECURITY_POLICY.kind, status[POLICY_KEY]))
+    if status.route_name and not keep_route:
+        out.append((HTTP_ROUTE.group_version, HTTP_ROUTE.kind, status.route_name))
+    if status.api_key_policy_name and not keep_policy:
+        out.append((SECURITY_POLICY.group_version, SECURITY_POLICY.kind, status.api_key_policy_name))
     return out
 
 

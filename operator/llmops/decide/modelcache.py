@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..api.common import StatusBase
 from ..builders import modelcache
 from ..builders.common import BuildContext, Owner
 from ..status import REPORT_GRACE_SECONDS, PodProblem, Verdict, pod_problem_verdict, result_report
@@ -94,14 +95,15 @@ def with_cache_status(outcome: Outcome, fields: dict[str, Any]) -> Outcome:
     return outcome
 
 
-def stage(seen: CacheSeen, owner: Owner, status: Mapping[str, Any], model: modelcache.CachedModel | None,
+def stage(seen: CacheSeen, owner: Owner, status: StatusBase, model: modelcache.CachedModel | None,
           field: str, spec: Any, image: str, ctx: BuildContext, now: float
           ) -> tuple[Verdict | None, list[dict[str, Any]], dict[str, Any]]:
     """(verdict while not cached, the cache's children to apply, status fields). The children are applied until
     the Job exists; the Job and the claim are then left as they are (a Job's pod template cannot change)."""
     if model is None:
         return None, [], {}
-    verdict, fields = decide(model, field, status.get("modelCache"), seen.job, seen.report, now,
+    recorded = status.model_cache.wire() if status.model_cache else None
+    verdict, fields = decide(model, field, recorded, seen.job, seen.report, now,
                              list(seen.problems))
     if verdict is None:
         return None, [], {"modelCache": fields}

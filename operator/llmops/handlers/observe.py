@@ -7,9 +7,9 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..api.batchinference import BatchInferenceSpec
-from ..api.finetune import FineTuneSpec
-from ..api.llmservice import LLMServiceSpec
+from ..api.batchinference import BatchInferenceSpec, BatchInferenceStatus
+from ..api.finetune import FineTuneSpec, FineTuneStatus
+from ..api.llmservice import LLMServiceSpec, LLMServiceStatus
 from ..api.validation import validated
 from ..builders.common import Owner
 from ..builders.exposure import HTTP_ROUTE, SECURITY_POLICY, needed_apis
@@ -67,8 +67,8 @@ def _waiting_in_queue(engine: Engine, spec: Any, ray: Mapping[str, Any] | None, 
 
 def finetune(engine: Engine, body: dict[str, Any]) -> JobObservation:
     spec, error = validated(FineTuneSpec, body)
-    return _job(engine, JobObservation(Owner.of(body), body.get("status") or {}, spec, error, time.time(),
-                                       _cache_seen(engine, body, spec)))
+    return _job(engine, JobObservation(Owner.of(body), FineTuneStatus.read(body.get("status")), spec, error,
+                                       time.time(), _cache_seen(engine, body, spec)))
 
 
 def batchinference(engine: Engine, body: dict[str, Any]) -> BatchInferenceObservation:
@@ -77,9 +77,8 @@ def batchinference(engine: Engine, body: dict[str, Any]) -> BatchInferenceObserv
     ref = spec.model.fine_tune_ref if spec is not None else None
     fine_tune = engine.caches.owners.get(("FineTune", meta["namespace"], ref.name)) if ref else None
     return _job(engine, BatchInferenceObservation(
-        Owner.of(body), body.get("status") or {}, spec, error, time.time(), _cache_seen(engine, body, spec),
-        fine_tune=fine_tune,
-        created=meta.get("creationTimestamp")))
+        Owner.of(body), BatchInferenceStatus.read(body.get("status")), spec, error, time.time(),
+        _cache_seen(engine, body, spec), fine_tune=fine_tune, created=meta.get("creationTimestamp")))
 
 
 async def prepare_llmservice(engine: Engine, body: dict[str, Any]) -> None:
@@ -100,8 +99,8 @@ def _statuses(engine: Engine, kind: str, namespace: str, names: set[str]) -> dic
 
 def llmservice(engine: Engine, body: dict[str, Any]) -> ServiceObservation:
     spec, error = validated(LLMServiceSpec, body)
-    observation = ServiceObservation(Owner.of(body), body.get("status") or {}, spec, error, time.time(),
-                                     _cache_seen(engine, body, spec))
+    observation = ServiceObservation(Owner.of(body), LLMServiceStatus.read(body.get("status")), spec, error,
+                                     time.time(), _cache_seen(engine, body, spec))
     if spec is None:
         return observation
     namespace, uid = observation.owner.namespace, observation.owner.uid
