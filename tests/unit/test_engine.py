@@ -187,6 +187,43 @@ def test_first_reconcile_writes_each_child_once_ray_object_first_marker_last_the
     assert ("create", "Event", "viggo.") in writes   # phase changed: one event
 
 
+class SlowKube(RecordingKube):
+    """Each apply takes a moment, as over a network: the reconciles of a burst overlap."""
+
+    async def apply(self, obj: dict[str, Any], subresource: str = "") -> dict[str, Any]:
+        await asyncio.sleep(0.02)
+        return await super().apply(obj, subresource)
+
+
+def test_in_a_burst_every_child_is_written_before_any_status():
+    fts = []
+    for i in range(6):
+        ft = manifest("finetune")
+        ft["metadata"]["name"] = f"ft-{i}"
+        fts.append(ft)
+    kube = SlowKube()
+    engine = Engine(kube, BuildContext(settings=Settings(), payloads=PAYLOADS))
+    watches = Watches(kube, engine)
+    for ft in fts:
+        kube.add(ft)
+    watches.catch_up()
+
+    async def burst() -> None:
+        # The first one's Ray object is created and its other children applied when the rest come: its status is
+        # due while their children are being applied.
+        engine.schedule(key_of(fts[0]))
+        await asyncio.sleep(0.13)
+        for ft in fts[1:]:
+            engine.schedule(key_of(ft))
+        await engine.idle()
+    run(burst())
+    writes = kube.writes()
+    children = [i for i, w in enumerate(writes) if w[0] == "apply"]
+    statuses = [i for i, w in enumerate(writes) if w[0] in ("status", "create")]
+    assert len(children) == 6 * 6 + 1 and len(statuses) == 6 * 2, writes
+    assert max(children) < min(statuses), writes
+
+
 def test_reconcile_after_the_watch_caught_up_writes_nothing():
     ft = manifest("finetune")
     engine, kube, watches = setup(ft)

@@ -1,10 +1,11 @@
-"""Engine slots: at most `limit` holders; a freed slot goes to the first-class waiters before the later ones."""
+"""Engine slots: at most `limit` holders; a freed slot goes to the first-class waiters before the later ones. The
+lull that other writes wait for."""
 
 from __future__ import annotations
 
 import asyncio
 
-from llmops.handlers.slots import Slots
+from llmops.handlers.slots import Lull, Slots
 
 
 def test_changed_resources_go_before_relisted_ones():
@@ -52,4 +53,30 @@ def test_a_cancelled_waiter_does_not_lose_a_slot():
         async with slots.slot():   # the slot came back
             pass
         assert slots._free == 1
+    asyncio.run(run())
+
+
+def test_a_lull_waits_for_work_in_flight_then_its_quiet_time_and_never_past_its_limit():
+    async def run():
+        lull, loop = Lull(0.05), asyncio.get_running_loop()
+        start = loop.time()
+        await lull.wait(1.0)
+        assert loop.time() - start < 0.01   # nothing in flight: no wait
+
+        async def work(seconds: float):
+            with lull.busy():
+                await asyncio.sleep(seconds)
+        task = asyncio.create_task(work(0.1))
+        await asyncio.sleep(0)
+        start = loop.time()
+        await lull.wait(1.0)
+        assert 0.14 <= loop.time() - start < 0.5   # the work, then the quiet time
+        await task
+
+        task = asyncio.create_task(work(1.0))
+        await asyncio.sleep(0)
+        start = loop.time()
+        await lull.wait(0.2)
+        assert 0.19 <= loop.time() - start < 0.5   # gave up at the limit, the work still in flight
+        task.cancel()
     asyncio.run(run())

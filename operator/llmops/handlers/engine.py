@@ -27,13 +27,13 @@ from .kinds import RECONCILERS, Reconciler
 from .writes import event_for, status_for
 from .metrics import Metrics
 from .ordering import HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
-from .slots import Slots
+from .slots import Lull, Slots
 
 log = logging.getLogger("llmops")
 
 RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
-STATUS_DEFER_SECONDS = 2.0      # what is not the Ray object waits at most this long for Ray objects being created
-CREATION_QUIET_SECONDS = 0.1    # ... and for none to have started for this long (a burst's events come closer)
+STATUS_DEFER_SECONDS = 2.0      # the most that other writes wait for Ray objects (and children) being applied
+QUIET_SECONDS = 0.1             # ... until none has been for this long (a burst's events come closer)
 CACHE_LAG_RECHECK_SECONDS = 2.0  # a child the watch lost but the API server still has: look again this soon
 
 
@@ -59,10 +59,8 @@ class Engine:
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
         self._slots = Slots(RECONCILE_SLOTS)
         self._later: set[Key] = set()       # scheduled only because a (re)start listed them: served after the rest
-        self._creating = 0                  # applies creating a Ray object right now
-        self._quiet = asyncio.Event()       # set once none is, and none has started for CREATION_QUIET_SECONDS
-        self._quiet.set()
-        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._creations = Lull(QUIET_SECONDS)   # rounds creating a Ray object: the rest of the children wait
+        self._children = Lull(QUIET_SECONDS)    # rounds applying children: status writes and events wait
 
     # ---- scheduling --------------------------------------------------------------------------------------
     def schedule(self, key: Key, listed: bool = False) -> None:
@@ -246,34 +244,23 @@ class Engine:
 
     async def _apply_round(self, plan: Plan, children: list[dict[str, Any]]) -> None:
         creating = plan.created and holds(children, plan.ray_kind)
-        if creating:
-            self._creating += 1
-            self._quiet.clear()
-        try:
+        with self._creations.busy() if creating else contextlib.nullcontext(), self._children.busy():
             applied = await asyncio.gather(*(self._apply_one(c) for c in children))
-        finally:
-            if creating:
-                self._creating -= 1
-                if not self._creating:
-                    if self._quiet_timer is not None:
-                        self._quiet_timer.cancel()
-                    self._quiet_timer = asyncio.get_running_loop().call_later(CREATION_QUIET_SECONDS,
-                                                                              self._mark_quiet)
         for child, result in zip(children, applied):
             if creating and child["kind"] == plan.ray_kind and result:
                 plan.fresh = plain(result, spec=False)   # as the index keeps it
 
-    def _mark_quiet(self) -> None:
-        self._quiet_timer = None
-        if not self._creating:
-            self._quiet.set()
-
     async def _after_creations(self) -> None:
-        """Supporting children, status and events yield to Ray objects being created: in a burst, all the work
-        starts first, and what it needs later and the reports follow."""
-        if not self._quiet.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._quiet.wait(), STATUS_DEFER_SECONDS)
+        """Supporting children yield to Ray objects being created: in a burst, all the work starts first, and
+        what it needs later follows."""
+        await self._creations.wait(STATUS_DEFER_SECONDS)
+
+    async def _after_children(self) -> None:
+        """Status writes and events yield to children being applied (the Ray objects' creations first): in a
+        burst, every resource gets its children before any reports where it stands."""
+        deadline = time.monotonic() + STATUS_DEFER_SECONDS
+        await self._creations.wait(STATUS_DEFER_SECONDS)
+        await self._children.wait(deadline - time.monotonic())
 
     async def _apply_one(self, child: dict[str, Any]) -> dict[str, Any] | None:
         if not is_shared(child):
@@ -344,7 +331,7 @@ class Engine:
         comparable = {k: v for k, v in current.items() if k in status}
         if same_status(comparable, status) and set(current) <= set(status):
             return
-        await self._after_creations()
+        await self._after_children()
         written = await with_retries(lambda: self.kube.apply_status(body["apiVersion"], body["kind"],
                                                                     meta["namespace"], meta["name"], status))
         self.expected.wrote(written)

@@ -45,3 +45,38 @@ class Slots:
                     granted.set_result(None)
                     return
         self._free += 1
+
+
+class Lull:
+    """Counts work in flight, for other work that should wait until there is none: `wait` returns once nothing
+    has been in flight for `quiet` seconds (the members of a burst come closer than that), or after `limit`."""
+
+    def __init__(self, quiet: float):
+        self._quiet_s = quiet
+        self._busy = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @contextlib.contextmanager
+    def busy(self):
+        self._busy += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = asyncio.get_running_loop().call_later(self._quiet_s, self._mark_quiet)
+
+    def _mark_quiet(self) -> None:
+        self._timer = None
+        if not self._busy:
+            self._quiet.set()
+
+    async def wait(self, limit: float) -> None:
+        if not self._quiet.is_set() and limit > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), limit)
