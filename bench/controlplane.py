@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help=f"bursts of each size up to {REPEAT_MAX_N} (each in a fresh namespace, after the idle "
                         "window); the N=100 p99 targets are judged on their median")
+    p.add_argument("--kuberay-until", choices=("finished", "clusters"), default="finished",
+                   help="end KubeRay's default burst when every RayJob finished, or once every RayCluster exists "
+                        "(at N=5000, following 5000 jobs at its concurrency of 1 takes hours)")
     p.add_argument("--append", action="store_true",
                    help="add these sizes to the results already in --out (same N replaced)")
     args = p.parse_args(argv)

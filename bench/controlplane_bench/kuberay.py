@@ -37,8 +37,9 @@ def kuberay_bursts(n, plane, kube, watches, audit, plane_pids, args) -> dict[str
         stop_kuberay(plane)
         start_kuberay(plane, flags)
         previous = f"{stem}-{n}"
-        out[key] = {"flags": list(flags),
-                    **burst(n, previous, plane, kube, watches, audit, plane_pids, args, lifecycle)}
+        follow = lifecycle and args.kuberay_until == "finished"
+        out[key] = {"flags": list(flags), "until": "finished" if follow else "clusters",
+                    **burst(n, previous, plane, kube, watches, audit, plane_pids, args, follow)}
     return out
 
 

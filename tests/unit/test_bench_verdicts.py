@@ -141,3 +141,10 @@ def test_restart_and_rss_at_n5000_from_the_same_run():
     assert (v["restart_new_rayjob_s_n5000"]["pass"], v["rss_mb_ours_n5000"]["pass"]) == (False, False)
     # without KubeRay's burst at 5000 there is nothing to compare with
     assert judged([size(5000, restart_s=2.5, rss=233.0)])["rss_mb_ours_n5000"]["pass"] is False
+
+
+def test_a_kuberay_burst_cut_at_its_clusters_says_so_in_the_rss_verdict():
+    full = size(5000, restart_s=2.5, rss=233.0, kuberay_s=300.0, kuberay_rss=500.0)
+    assert "until every RayCluster" not in judged([full])["rss_mb_ours_n5000"]["target"]
+    full["kuberay_burst"]["until"] = "clusters"
+    assert "until every RayCluster existed" in judged([full])["rss_mb_ours_n5000"]["target"]
