@@ -337,6 +337,7 @@ def restart_check(n, plane, kube, ns, jobs, audit, args, config: Path) -> dict[s
     log(f"N={n}: restart with {n} FineTunes at rest, then one new FineTune")
     t_start = time.time()
     operator = start_operator(plane, args, config)
+    profiler = start_profile(operator.popen.pid, args, f"restart-{n}")
     try:
         body = finetune("ft-after-restart")
         body["metadata"]["namespace"] = ns
@@ -344,6 +345,7 @@ def restart_check(n, plane, kube, ns, jobs, audit, args, config: Path) -> dict[s
         t_created = time.time()
         ok = wait_until(lambda: "ft-after-restart" in jobs.added, args.restart_timeout,
                         "the RayJob of a FineTune created after the restart")
+        stop_profile(profiler)
         t_end = audit.wait_quiet(OPERATOR, args.quiet, 120, since=time.time())
         after = operator_metrics(operator)
         records = audit.select(OPERATOR, t_start, t_end + 0.001)
@@ -358,6 +360,7 @@ def restart_check(n, plane, kube, ns, jobs, audit, args, config: Path) -> dict[s
                 "events": sum(1 for r in records if r[1] == "llmops" and r[4] == "events"),
                 "requests": len(records), "by_resource": by_verb(records)}
     finally:
+        stop_profile(profiler)
         operator.stop()
 
 
