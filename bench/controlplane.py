@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", type=float, default=5.0, help="seconds without requests that end a phase")
     p.add_argument("--timeout", type=float, default=900.0, help="limit for each wait, seconds")
     p.add_argument("--out", default=str(REPO / "bench/results/controlplane.json"))
-    p.add_argument("--profile", default="", help="folder for py-spy profiles of the operator (burst, hand-off, idle, restart)")
+    p.add_argument("--profile", default="",
+                   help="folder for py-spy profiles of the operator (burst, hand-off, idle, restart)")
     p.add_argument("--keep", action="store_true", help="leave each plane running (debugging)")
     p.add_argument("--restart-timeout", type=float, default=120.0,
                    help="how long a restarted operator may take to handle a new FineTune")

@@ -55,8 +55,8 @@ def memo(obs: JobObservation, extra: dict[str, Any] | None = None) -> tuple:
 
 # ---- FineTune -------------------------------------------------------------------------------------------------
 def test_an_invalid_spec_is_stalled_naming_the_field_and_builds_nothing():
-    out = finetune.decide(JobObservation(owner("FineTune", "viggo"), FineTuneStatus(), None, "spec.training.epochs: must be > 0"),
-                          CTX)
+    out = finetune.decide(JobObservation(owner("FineTune", "viggo"), FineTuneStatus(), None,
+                                         "spec.training.epochs: must be > 0"), CTX)
     assert (out.verdict.phase, out.verdict.state, out.verdict.reason) == ("Failed", "stalled", "InvalidSpec")
     assert out.verdict.message == "spec.training.epochs: must be > 0" and out.children == []
 

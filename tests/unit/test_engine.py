@@ -145,8 +145,8 @@ def manifest(name: str) -> dict[str, Any]:
     return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
 
 
-def setup(*docs: dict[str, Any]) -> tuple[Engine, RecordingKube, Watches]:
-    kube = RecordingKube()
+def setup(*docs: dict[str, Any], kube: RecordingKube | None = None) -> tuple[Engine, RecordingKube, Watches]:
+    kube = kube or RecordingKube()
     engine = Engine(kube, BuildContext(settings=Settings(), payloads=PAYLOADS))
     watches = Watches(kube, engine)
     for doc in docs:
@@ -201,12 +201,7 @@ def test_in_a_burst_every_child_is_written_before_any_status():
         ft = manifest("finetune")
         ft["metadata"]["name"] = f"ft-{i}"
         fts.append(ft)
-    kube = SlowKube()
-    engine = Engine(kube, BuildContext(settings=Settings(), payloads=PAYLOADS))
-    watches = Watches(kube, engine)
-    for ft in fts:
-        kube.add(ft)
-    watches.catch_up()
+    engine, kube, _ = setup(*fts, kube=SlowKube())
 
     async def burst() -> None:
         # The first one's Ray object is created and its other children applied when the rest come: its status is

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 from ..api.common import JobControls, Resources, WorkloadControls
 from ..settings import AcceleratorProfile, Settings
-from .common import (JOB_MOUNT, PAYLOAD_ROOT, PVC_ROOT, QUEUE_LABEL, BuildContext, Names, Owner, labels, owned, payloads_name,
-                     profile_for, ray_account)
+from .common import (JOB_MOUNT, PAYLOAD_ROOT, PVC_ROOT, QUEUE_LABEL, BuildContext, Names, Owner, labels, owned,
+                     payloads_name, profile_for, ray_account)
 from .sizing import ephemeral_storage, shm_volume
 
 
