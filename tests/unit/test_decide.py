@@ -13,7 +13,7 @@ import yaml
 from llmops.api.batchinference import BatchInferenceSpec, BatchInferenceStatus
 from llmops.api.finetune import FineTuneSpec, FineTuneStatus
 from llmops.api.llmservice import LLMServiceSpec, LLMServiceStatus
-from llmops.builders.common import BuildContext, Owner, load_payloads
+from llmops.builders.common import BuildContext, Owner, built_from, load_payloads
 from llmops.builders.exposure import HTTP_ROUTE
 from llmops.decide import batchinference, finetune, llmservice
 from llmops.decide.batchinference import BatchInferenceObservation
@@ -48,9 +48,9 @@ def finetune_obs(**fields: Any) -> JobObservation:
                           **fields)
 
 
-def memo(obs: JobObservation, extra: dict[str, Any] | None = None) -> tuple:
+def memo(obs: JobObservation, extra: dict[str, Any] | None = None, ctx: BuildContext = CTX) -> str:
     """The memo key decide gives the children of `obs` (what the engine remembers as applied)."""
-    return (obs.owner.generation, tuple(sorted((extra or {}).items())))
+    return built_from(ctx, obs.owner, sorted((extra or {}).items()))
 
 
 # ---- FineTune -------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def test_a_new_finetune_builds_its_children_and_starts_creating():
     out = finetune.decide(finetune_obs(), CTX)
     assert "RayJob" in [c["kind"] for c in out.children]
     assert (out.verdict.phase, out.verdict.reason) == ("Pending", "Creating")
-    assert "startTime" not in out.verdict.fields and out.memo_key == (1, ())
+    assert "startTime" not in out.verdict.fields and out.memo_key == memo(finetune_obs())
 
 
 def test_children_applied_as_built_are_not_built_again():
@@ -76,6 +76,15 @@ def test_children_applied_as_built_are_not_built_again():
     assert out.children == [] and out.verdict.reason == "JobRunning"
     assert out.verdict.fields["startTime"] == "2027-01-01T00:00:00Z"
     assert out.verdict.fields["rayClusterName"] == "viggo-ft-abc"
+
+
+def test_children_applied_by_a_differently_configured_operator_are_built_again():
+    obs = finetune_obs(ray=ray_job(), status={"startTime": "2027-01-01T00:00:00Z"})
+    other = BuildContext(settings=Settings(cloud="gke"), payloads=CTX.payloads)
+    assert memo(obs, ctx=other) != memo(obs)
+    applied = finetune_obs(ray=ray_job(), status={"startTime": "2027-01-01T00:00:00Z"},
+                           applied_for=memo(obs, ctx=other))
+    assert finetune.decide(applied, CTX).children, "a set built from other settings must be built again"
 
 
 def test_a_finished_run_keeps_its_status_and_is_never_started_again():
@@ -115,7 +124,7 @@ def test_a_started_job_whose_rayjob_is_gone_fails_once_the_api_server_confirms_i
 def test_a_queued_job_says_so_and_reads_its_workload_again(workload, again):
     spec = {**example("finetune")["spec"], "queueName": "gpu"}
     out = finetune.decide(finetune_obs(spec=spec, ray=ray_job("Suspended", ""), queued_on="ray-uid",
-                                       workload=workload, applied_for=(1, ())), CTX)
+                                       workload=workload, applied_for=memo(finetune_obs())), CTX)
     assert (out.verdict.phase, out.queued, out.requeue_after) == ("Queued", "ray-uid", again)
 
 
@@ -212,6 +221,7 @@ def test_an_accelerator_the_cloud_lacks_stalls_the_job_and_builds_nothing():
 def test_a_retried_attempt_keeps_running_and_counts_its_retries():
     spec = {**example("finetune")["spec"], "backoffLimit": 2}
     out = finetune.decide(finetune_obs(spec=spec, ray=ray_job("Retrying", "FAILED", failed=1),
-                                       status={"startTime": "2027-01-01T00:00:00Z"}, applied_for=(1, ())), CTX)
+                                       status={"startTime": "2027-01-01T00:00:00Z"},
+                                       applied_for=memo(finetune_obs())), CTX)
     assert (out.verdict.phase, out.verdict.state) == ("Running", "progressing")
     assert out.verdict.fields["retries"] == {"used": 1, "limit": 2}

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from llmops.api import KINDS
+from llmops.builders import finetune as finetune_builder
 from llmops.builders.common import ROLE_LABEL, BuildContext
 from llmops.handlers.caches import bind, configmap_entries, job_entries, owner_entries, pod_entries, ray_entries
 from llmops.handlers.engine import Engine, Outcome
@@ -219,6 +220,28 @@ def test_in_a_burst_every_child_is_written_before_any_status():
     assert max(children) < min(statuses), writes
 
 
+def test_a_status_due_during_a_creation_waits_for_the_rest_of_that_set():
+    """The creations and the other children's rounds go quiet at the same moment: a status waiting on the first
+    still goes out after the rounds that moment releases."""
+    a, b = manifest("finetune"), manifest("finetune")
+    a["metadata"]["name"], b["metadata"]["name"] = "ft-a", "ft-b"
+    engine, kube, watches = setup(a, b, kube=SlowKube())
+    run(engine.reconcile(key_of(a)))
+    kube.objects[key_of(a)]["status"] = {}   # cleared by someone: a's status is due again, its children are not
+    watches.catch_up()
+    kube.take()
+
+    async def burst() -> None:
+        engine.schedule(key_of(b))
+        await asyncio.sleep(0.005)   # b's Ray object is being created
+        engine.schedule(key_of(a))
+        await engine.idle()
+    run(burst())
+    writes = kube.writes()
+    assert [w for w in writes if w[2] == "ft-a"] == [("status", "FineTune", "ft-a")], writes
+    assert writes.index(("status", "FineTune", "ft-a")) > max(i for i, w in enumerate(writes) if w[0] == "apply")
+
+
 def test_reconcile_after_the_watch_caught_up_writes_nothing():
     ft = manifest("finetune")
     engine, kube, watches = setup(ft)
@@ -238,6 +261,43 @@ def test_reconcile_before_the_watch_shows_our_writes_writes_nothing():
     kube.take()
     run(engine.reconcile(key_of(ft)))   # the caches still show no RayJob and the old status
     assert kube.writes() == []
+
+
+def restarted(kube: RecordingKube, monkeypatch: pytest.MonkeyPatch, built: list) -> Engine:
+    """A new operator process on the same cluster: nothing remembered, the caches listed afresh; FineTune builds
+    counted in `built`."""
+    engine, _, _ = setup(kube=kube)
+    real = finetune_builder.build
+    monkeypatch.setattr(finetune_builder, "build", lambda *args: built.append(args) or real(*args))
+    return engine
+
+
+def test_a_restart_builds_nothing_the_marker_says_was_applied_as_it_would_build_it(monkeypatch):
+    ft = manifest("finetune")
+    engine, kube, _ = setup(ft)
+    run(engine.reconcile(key_of(ft)))
+    kube.take()
+    built: list = []
+    run(restarted(kube, monkeypatch, built).reconcile(key_of(ft)))
+    assert built == [] and kube.writes() == []
+
+
+def test_a_changed_operator_builds_again_and_marks_an_unchanged_set_once(monkeypatch):
+    ft = manifest("finetune")
+    engine, kube, _ = setup(ft)
+    run(engine.reconcile(key_of(ft)))
+    kube.take()
+    built: list = []
+    newer = restarted(kube, monkeypatch, built)
+    newer.ctx.__dict__["fingerprint"] = "newer"   # as another version of the operator's code would have
+    run(newer.reconcile(key_of(ft)))
+    assert len(built) == 1 and kube.take() == [("apply", "ConfigMap", "viggo-ft-result")]
+    run(newer.reconcile(key_of(ft)))
+    assert len(built) == 1 and kube.writes() == [], "remembered in process"
+    again = restarted(kube, monkeypatch, built := [])
+    again.ctx.__dict__["fingerprint"] = "newer"
+    run(again.reconcile(key_of(ft)))
+    assert built == [] and kube.writes() == [], "read from the marker after the next start"
 
 
 def test_our_writes_coming_back_are_echoes_and_others_are_not():

@@ -9,8 +9,9 @@ import functools
 import hashlib
 import json
 import re
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..api.common import Resources, WorkloadControls
@@ -60,6 +61,35 @@ class BuildContext:
     settings: Settings
     payloads: Mapping[str, str] = field(default_factory=dict)
     """Payload module file name -> source, shipped to the Ray pods."""
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Everything here and the code that builds: equal fingerprints build equal children from equal inputs."""
+        return short_hash([self.settings.model_dump(mode="json"), sorted(self.payloads.items()), _code()], 16)
+
+
+def built_from(ctx: BuildContext, owner: Owner, *inputs: Any) -> str:
+    """What a set of children is a function of: the owner's generation (its spec), the other inputs the decision
+    passes to the builder, and the build context. Written on the marker, so a restarted operator that finds the
+    same value there knows the set as it would build it is already applied."""
+    return short_hash([ctx.fingerprint, owner.generation, inputs], 16)
+
+
+@functools.cache
+def _code() -> list[str]:
+    """The operator's source and the versions of the libraries its output depends on."""
+    root = Path(__file__).resolve().parents[1]
+    sources = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        sources.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return [sources.hexdigest(), *(_version(d) for d in ("pydantic", "PyYAML"))]
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def short_hash(data: Any, length: int = 10) -> str:

@@ -38,7 +38,7 @@ class Outcome:
     children: list[dict[str, Any]]   # empty: nothing to have, or (with memo_key) already applied as they are
     verdict: Verdict
     ray_kind: str = "RayJob"
-    memo_key: Any = None   # what the children are a function of, besides the process (None: not memoized)
+    memo_key: str | None = None   # what the children were built from (`built_from`; None: not memoized)
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (apiVersion, kind, name) to remove; the
     # Ray object only once the watch shows it, anything else at once (a missing one is no error)
     requeue_after: float | None = None   # look again after this many seconds even if nothing changes

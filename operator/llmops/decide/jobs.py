@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..api.common import JobStatus, StatusBase
-from ..builders.common import BuildContext, Owner, UnknownAccelerator
+from ..builders.common import BuildContext, Owner, UnknownAccelerator, built_from
 from ..status import PodProblem, Retries, Verdict, job_verdict, queued_verdict, rfc3339, used_retries
 from .common import Observation, Outcome
 
@@ -24,7 +24,7 @@ class JobObservation(Observation):
     problems: tuple[PodProblem, ...] = ()   # the current attempt's pods' problems (a pod lost with its node too)
     queued_on: str = ""              # the RayJob's uid while it waits in a Kueue queue
     workload: Mapping[str, Any] | None = None   # ... and the Workload Kueue made for it, once read
-    applied_for: Any = None          # the memo key whose children are applied as they were built (None: unknown)
+    applied_for: str | None = None   # what the applied children were built from (`built_from`; None: unknown)
 
     @property
     def finished(self) -> bool:
@@ -91,7 +91,7 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
         return Outcome([], verdict, confirm_absent=("ray.io/v1", "RayJob", ray_name))
 
     # The children depend on nothing else.
-    memo_key = (obs.owner.generation, tuple(sorted((extra_fields or {}).items())))
+    memo_key = built_from(ctx, obs.owner, sorted((extra_fields or {}).items()))
     children: list[dict[str, Any]] = []
     if ray is None or obs.applied_for != memo_key:
         try:

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 from ..api import GROUP, KINDS, VERSION
 from ..builders.common import CACHE_ROLE, DOWNLOAD_ROLE, OWNER_UID_LABEL, PAYLOADS_ROLE, RESULT_ROLE, ROLE_LABEL
 from ..status import PREEMPTED, RAY_CLUSTER_LABEL, RAY_NODE_TYPE_LABEL, PodProblem, pod_problems
-from .ordering import HASH_ANNOTATION
+from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION
 
 
 def plain(body: Any, spec: bool = True) -> dict[str, Any]:
@@ -56,7 +56,7 @@ class Caches:
     pods: IndexView = field(default_factory=IndexView)          # owner uid -> pods (name, status)
     names: IndexView = field(default_factory=IndexView)         # (kind, ns, name) -> owner uid of a stateful child
     shared: IndexView = field(default_factory=IndexView)        # (ns, name) -> a shared child that exists
-    markers: IndexView = field(default_factory=IndexView)       # owner uid -> children hash on its result report
+    markers: IndexView = field(default_factory=IndexView)       # owner uid -> marked(its result report)
     owner_keys: IndexView = field(default_factory=IndexView)    # owner uid -> (kind, ns, name)
     refs: IndexView = field(default_factory=IndexView)          # referenced key -> keys of dependents
     cache_jobs: IndexView = field(default_factory=IndexView)    # owner uid -> its model download Job (status)
@@ -119,8 +119,8 @@ def ray_entries(kind: str, body: Mapping[str, Any]) -> dict:
 
 
 def configmap_entries(body: Mapping[str, Any]) -> dict | None:
-    """Result reports: ("data", owner uid) -> data, ("applied", owner uid) -> the children hash written on it last
-    (the whole set was applied), and ("name", ...) as for Ray objects; the shared payload sources: ("shared", ns,
+    """Result reports: ("data", owner uid) -> data, ("applied", owner uid) -> what is marked on it (the whole set
+    was applied), and ("name", ...) as for Ray objects; the shared payload sources: ("shared", ns,
     name)."""
     meta = body["metadata"]
     role = (meta.get("labels") or {}).get(ROLE_LABEL)
@@ -135,8 +135,15 @@ def configmap_entries(body: Mapping[str, Any]) -> dict | None:
     ref = controller(body)
     if ref:
         out[("data", ref["uid"])] = dict(body.get("data") or {})
-        out[("applied", ref["uid"])] = (meta.get("annotations") or {}).get(HASH_ANNOTATION, "")
+        out[("applied", ref["uid"])] = marked(body)
     return out
+
+
+def marked(body: Mapping[str, Any]) -> tuple[str, str]:
+    """What the marker child says: the hash of the set applied last, and what that set was built from ("" when
+    the annotation is not there)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(HASH_ANNOTATION, ""), annotations.get(BUILT_ANNOTATION, "")
 
 
 def job_entries(body: Mapping[str, Any]) -> dict | None:

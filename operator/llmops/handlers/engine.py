@@ -20,13 +20,13 @@ from ..decide.common import Outcome
 from ..decide.jobs import TERMINAL
 from ..kube import ApiError, Kube, with_retries
 from ..status import Verdict, same_status
-from .caches import Caches, plain
+from .caches import Caches, marked, plain
 from .discovery import Discovery
 from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
 from .kinds import RECONCILERS, Reconciler
 from .writes import event_for, status_for
 from .metrics import Metrics
-from .ordering import HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
+from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
 from .slots import Lull, Slots
 
 log = logging.getLogger("llmops")
@@ -92,20 +92,28 @@ class Engine:
         """True for a watch event that only brings back what this process wrote (it decided on that already)."""
         return self.expected.is_echo(body)
 
-    def applied_memo_key(self, uid: str) -> Any:
-        """The memo key whose children were built and applied as they are: for it, no need to build them again."""
+    def applied_memo_key(self, uid: str) -> str | None:
+        """What the applied children were built from (`built_from`): when a reconcile would build them from the
+        same, they are applied as they are. This process's own build first; after a restart, the marker's."""
+        applied, (marked, marked_from) = self._applied_hash(uid), self._marked(uid)
         built = self.expected.last_built(uid)
-        return built[0] if built is not None and self._applied_hash(uid) == built[1] else None
+        if built is not None:
+            return built[0] if applied == built[1] else None
+        return (marked_from or None) if applied == marked else None
 
     def _applied_hash(self, uid: str) -> str | None:
-        """The children hash of the last complete set: on the last child applied (a job's result report, else the
-        Ray object), as the watch shows it, unless this process wrote a newer one."""
-        marked = self.caches.markers.get(uid)   # a job's result report ("" without the annotation)
-        if marked is None:
+        """The children hash of the last complete set: on the marker as the watch shows it, unless this process
+        wrote a newer one."""
+        return self.expected.applied_hash(uid, self._marked(uid)[0])
+
+    def _marked(self, uid: str) -> tuple[str, str]:
+        """What the last child applied says (a job's result report, else the Ray object): (children hash, built
+        from), "" for what it lacks."""
+        marker = self.caches.markers.get(uid)
+        if marker is None:
             current = self.caches.ray_objects.get(uid)
-            if current is not None:
-                marked = (current.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION, "")
-        return self.expected.applied_hash(uid, marked)
+            marker = marked(current) if current is not None else ("", "")
+        return marker
 
     def schedule_dependents(self, key: Key, listed: bool = False) -> None:
         """Wake the resources that wait on `key` (a BatchInference on its FineTune, a service on its gates)."""
@@ -220,13 +228,20 @@ class Engine:
         uid = body["metadata"]["uid"]
         if outcome.memo_key is not None:
             self.expected.built(uid, outcome.memo_key, wanted)
+        rounds = apply_rounds(outcome.children, outcome.ray_kind)
+        marker = rounds[-1][-1]
+        annotations = marker["metadata"].setdefault("annotations", {})
+        annotations[HASH_ANNOTATION] = wanted
+        if outcome.memo_key is not None:
+            annotations[BUILT_ANNOTATION] = outcome.memo_key
         if self._applied_hash(uid) == wanted and self.ray_object(uid) is not None:
-            return None
+            if outcome.memo_key is None or self._marked(uid)[1] == outcome.memo_key:
+                return None
+            # The same set, built by a changed operator: the marker says so, or every start would build it again.
+            return Plan(uid, wanted, [[marker]], False, outcome.ray_kind)
         created = self.caches.ray_objects.get(uid) is None
         if created:  # first creation (or after a restart): make sure the names are ours to take
             self._check_names_free(body, outcome)
-        rounds = apply_rounds(outcome.children, outcome.ray_kind)
-        rounds[-1][-1]["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = wanted
         return Plan(uid, wanted, rounds, created and holds(outcome.children, outcome.ray_kind), outcome.ray_kind)
 
     async def _apply_first(self, plan: Plan) -> None:
@@ -235,11 +250,13 @@ class Engine:
 
     async def _apply_rest(self, plan: Plan) -> None:
         """The other rounds, the marker last. Once the Ray object exists they yield to Ray objects being created
-        (in a burst, every job starts before any job's supporting objects are written)."""
-        if len(plan.rounds) > 1 and holds(plan.rounds[0], plan.ray_kind):
-            await self._after_creations()
-        for children in plan.rounds[1:]:
-            await self._apply_round(plan, children)
+        (in a burst, every job starts before any job's supporting objects are written). Waiting, they count as
+        children in flight: a status write released by the same lull still waits for them."""
+        with self._children.busy():
+            if len(plan.rounds) > 1 and holds(plan.rounds[0], plan.ray_kind):
+                await self._after_creations()
+            for children in plan.rounds[1:]:
+                await self._apply_round(plan, children)
         self.expected.applied(plan.uid, plan.wanted, plan.fresh)
 
     async def _apply_round(self, plan: Plan, children: list[dict[str, Any]]) -> None:
@@ -258,9 +275,7 @@ class Engine:
     async def _after_children(self) -> None:
         """Status writes and events yield to children being applied (the Ray objects' creations first): in a
         burst, every resource gets its children before any reports where it stands."""
-        deadline = time.monotonic() + STATUS_DEFER_SECONDS
-        await self._creations.wait(STATUS_DEFER_SECONDS)
-        await self._children.wait(deadline - time.monotonic())
+        await self._children.wait(STATUS_DEFER_SECONDS)
 
     async def _apply_one(self, child: dict[str, Any]) -> dict[str, Any] | None:
         if not is_shared(child):

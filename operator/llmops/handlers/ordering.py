@@ -8,6 +8,7 @@ from typing import Any
 from ..builders.common import LABEL_PREFIX, RESULT_ROLE, ROLE_LABEL, is_shared
 
 HASH_ANNOTATION = f"{LABEL_PREFIX}/children-hash"   # on the marker: the hash of the whole set
+BUILT_ANNOTATION = f"{LABEL_PREFIX}/built-from"      # ... and what the set was built from (a restart reads it)
 GUARDS = ("SecurityPolicy",)   # written before what they protect: an exposed route is never open without its policy
 
 
