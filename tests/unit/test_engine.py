@@ -242,6 +242,24 @@ def test_a_status_due_during_a_creation_waits_for_the_rest_of_that_set():
     assert writes.index(("status", "FineTune", "ft-a")) > max(i for i, w in enumerate(writes) if w[0] == "apply")
 
 
+def test_a_start_reconciles_what_needs_work_before_what_its_listing_brought():
+    fts = []
+    for i in range(4):
+        ft = manifest("finetune")
+        ft["metadata"]["name"] = f"ft-{i}"
+        fts.append(ft)
+    engine, kube, _ = setup(*fts)
+
+    async def start() -> None:
+        for ft in fts[:3]:
+            engine.schedule(key_of(ft), listed=True)   # at rest, as far as this test is concerned
+        engine.schedule(key_of(fts[3]))
+        await engine.idle()
+    run(start())
+    firsts = list(dict.fromkeys(w[2] for w in kube.writes() if w[0] == "apply" and w[1] == "RayJob"))
+    assert firsts == ["ft-3-ft", "ft-0-ft", "ft-1-ft", "ft-2-ft"]
+
+
 def test_reconcile_after_the_watch_caught_up_writes_nothing():
     ft = manifest("finetune")
     engine, kube, watches = setup(ft)

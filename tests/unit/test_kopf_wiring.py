@@ -52,3 +52,32 @@ def test_render_registers_no_handlers():
     done = subprocess.run([sys.executable, "-c", code, str(example)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+class Scheduled:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def is_echo(self, body) -> bool:
+        return False
+
+    def schedule(self, key, listed=False) -> None:
+        self.calls.append((key[2], listed))
+
+    def schedule_dependents(self, key, listed=False) -> None:
+        pass
+
+
+def test_a_start_serves_resources_that_need_work_before_those_at_rest():
+    """A resource created (or changed) while no operator ran is listed at start-up like those at rest, but is
+    not queued behind them."""
+    engine = Scheduled()
+    on_event = main._owner_event("FineTune")
+    at_rest = {"metadata": {"name": "old", "generation": 2}, "status": {"observedGeneration": 2}}
+    changed = {"metadata": {"name": "changed", "generation": 3}, "status": {"observedGeneration": 2}}
+    new = {"metadata": {"name": "new", "generation": 1}}
+    for body in (at_rest, changed, new):
+        asyncio.run(on_event(type=None, namespace="ns", name=body["metadata"]["name"], memo=kopf.Memo(engine=engine),
+                             body=body))
+    asyncio.run(on_event(type="MODIFIED", namespace="ns", name="old", memo=kopf.Memo(engine=engine), body=at_rest))
+    assert engine.calls == [("old", True), ("changed", False), ("new", False), ("old", False)]

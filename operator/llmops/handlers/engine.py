@@ -35,6 +35,8 @@ RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the 
 STATUS_DEFER_SECONDS = 2.0      # the most that other writes wait for Ray objects (and children) being applied
 QUIET_SECONDS = 0.1             # ... until none has been for this long (a burst's events come closer)
 CACHE_LAG_RECHECK_SECONDS = 2.0  # a child the watch lost but the API server still has: look again this soon
+LISTING_QUIET_SECONDS = 0.2     # listed resources start once no more have been listed for this long
+LISTING_LIMIT_SECONDS = 10.0    # ... or once they have waited this long
 
 
 class PreviousRunPresent(Exception):
@@ -59,6 +61,9 @@ class Engine:
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
         self._slots = Slots(RECONCILE_SLOTS)
         self._later: set[Key] = set()       # scheduled only because a (re)start listed them: served after the rest
+        self._listed: dict[Key, None] = {}  # ... and not started yet: they start once the listing's events stop
+        self._listed_last = 0.0             # when the last of those came
+        self._listed_timer: asyncio.TimerHandle | None = None
         self._creations = Lull(QUIET_SECONDS)   # rounds creating a Ray object: the rest of the children wait
         self._children = Lull(QUIET_SECONDS)    # rounds applying children: status writes and events wait
 
@@ -66,15 +71,39 @@ class Engine:
     def schedule(self, key: Key, listed: bool = False) -> None:
         """Reconcile `key` soon; `listed`: only because the watches listed it at start-up (it waits behind the
         resources that changed)."""
-        if listed:
-            if key not in self._running and key not in self._again:
-                self._later.add(key)
-        else:
+        if listed and key not in self._running:
+            # Not started yet: kopf hands out a start-up's thousands of listed objects one event at a time, and
+            # reconciles started among them would delay the events of resources that need work.
+            self._listed[key] = None
+            self._listed_last = time.monotonic()
+            if self._listed_timer is None:
+                self._listed_timer = asyncio.get_running_loop().call_later(LISTING_QUIET_SECONDS, self._start_listed,
+                                                                           self._listed_last)
+            return
+        if not listed:
             self._later.discard(key)
+            self._listed.pop(key, None)
+        self._start(key)
+
+    def _start(self, key: Key) -> None:
         if key in self._running:
             self._again.add(key)
             return
         self._running[key] = asyncio.get_running_loop().create_task(self._run(key))
+
+    def _start_listed(self, since: float) -> None:
+        """Start the listed reconciles once no more have come for a while (or the listing has gone on too long)."""
+        now = time.monotonic()
+        if now - self._listed_last < LISTING_QUIET_SECONDS and now - since < LISTING_LIMIT_SECONDS:
+            self._listed_timer = asyncio.get_running_loop().call_at(self._listed_last + LISTING_QUIET_SECONDS,
+                                                                    self._start_listed, since)
+            return
+        self._listed_timer = None
+        listed, self._listed = self._listed, {}
+        for key in listed:
+            if key not in self._running:
+                self._later.add(key)
+            self._start(key)
 
     def forget(self, key: Key, uid: str | None) -> None:
         """Drop what this process remembers about a deleted resource."""
@@ -134,7 +163,9 @@ class Engine:
             self._running.pop(key, None)
 
     async def idle(self) -> None:
-        while self._running:
+        while self._running or self._listed:
+            if not self._running:
+                await asyncio.sleep(LISTING_QUIET_SECONDS)
             await asyncio.gather(*list(self._running.values()), return_exceptions=True)
 
     # ---- one reconcile -------------------------------------------------------------------------------------

@@ -144,13 +144,21 @@ def _owner_event(kind: str):
     async def on_event(type: str, namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
         eng: Engine = memo.engine
         key = (kind, namespace, name)
-        listed = type is None   # kopf's initial listing (a start-up), not a change
+        # kopf's initial listing (a start-up), and its status already speaks of its spec: it waits behind the
+        # resources that need work (created, or changed, while no operator ran).
+        listed = type is None and settled(kwargs["body"])
         if type == "DELETED":
             eng.forget(key, (kwargs.get("body") or {}).get("metadata", {}).get("uid"))
         elif not eng.is_echo(kwargs["body"]):
             eng.schedule(key, listed)
         eng.schedule_dependents(key, listed)
     return on_event
+
+
+def settled(body: Any) -> bool:
+    """A status for the resource's current generation: an operator reconciled this spec before."""
+    status = body.get("status") or {}
+    return status.get("observedGeneration") == (body.get("metadata") or {}).get("generation", 1)
 
 
 for _kind in KINDS.values():
