@@ -5,47 +5,49 @@ and gates), so they never disagree about the same FineTune."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+
+from .api.common import Condition, StatusBase
+from .api.finetune import FineTuneStatus
 
 READY, WAITING, FAILED = "Ready", "Waiting", "Failed"
 
 
-def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+def condition(status: StatusBase, type_: str) -> Condition | None:
+    return next((c for c in status.conditions or [] if c.type == type_), None)
 
 
-def is_ready(status: Mapping[str, Any]) -> bool:
+def is_ready(status: StatusBase) -> bool:
     ready = condition(status, "Ready")
     if ready is not None:
-        return ready.get("status") == "True"
-    return status.get("phase") in ("Ready", "Succeeded")
+        return ready.status == "True"
+    return status.phase in ("Ready", "Succeeded")
 
 
-def is_failed(status: Mapping[str, Any]) -> bool:
+def is_failed(status: StatusBase) -> bool:
     # Not Stalled alone: a job whose pods cannot be scheduled is Stalled yet still Pending.
-    return status.get("phase") == "Failed"
+    return status.phase == "Failed"
 
 
-def is_stalled(status: Mapping[str, Any]) -> bool:
+def is_stalled(status: StatusBase) -> bool:
     stalled = condition(status, "Stalled")
-    return stalled is not None and stalled.get("status") == "True"
+    return stalled is not None and stalled.status == "True"
 
 
-def why(status: Mapping[str, Any]) -> str:
+def why(status: StatusBase) -> str:
     for type_ in ("Stalled", "Ready"):
         cond = condition(status, type_)
-        if cond and cond.get("message"):
-            return cond["message"]
-    return status.get("message") or ""
+        if cond and cond.message:
+            return cond.message
+    return status.message or ""
 
 
-def with_why(text: str, status: Mapping[str, Any]) -> str:
+def with_why(text: str, status: StatusBase) -> str:
     reason = why(status)
     return f"{text}: {reason}" if reason else text
 
 
-def not_ready(kind: str, name: str, status: Mapping[str, Any]) -> str:
-    text = f"{kind} {name} is {status.get('phase') or 'Pending'}"
+def not_ready(kind: str, name: str, status: StatusBase) -> str:
+    text = f"{kind} {name} is {status.phase or 'Pending'}"
     return with_why(f"{text} and stuck", status) if is_stalled(status) else text
 
 
@@ -59,13 +61,11 @@ class FineTuneOutput:
     rank: int | None = None
 
 
-def finetune_output(name: str, status: Mapping[str, Any]) -> FineTuneOutput:
+def finetune_output(name: str, status: FineTuneStatus) -> FineTuneOutput:
     if is_failed(status):
         return FineTuneOutput(FAILED, with_why(f"FineTune {name} failed", status))
     if not is_ready(status):
         return FineTuneOutput(WAITING, not_ready("FineTune", name, status))
-    produced = status.get("adapter") or {}
-    if not produced.get("uri"):
+    if status.adapter is None or not status.adapter.uri:
         return FineTuneOutput(FAILED, f"FineTune {name} is Ready but reports no status.adapter.uri")
-    rank = produced.get("rank")
-    return FineTuneOutput(READY, uri=produced["uri"], rank=rank if isinstance(rank, int) else None)
+    return FineTuneOutput(READY, uri=status.adapter.uri, rank=status.adapter.rank)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .api import API_VERSION, KINDS
-from .api.batchinference import BatchInferenceSpec
-from .api.finetune import FineTuneSpec
+from .api.batchinference import BatchInferenceSpec, BatchInferenceStatus
+from .api.finetune import FineTuneSpec, FineTuneStatus
 from .api.llmservice import LLMServiceSpec
 from .api.validation import spec_errors
 from .builders import batchinference, finetune, llmservice, modelcache
@@ -37,13 +37,14 @@ def _with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "metadata": meta}
 
 
-def planned_finetune_status(doc: dict[str, Any]) -> dict[str, Any]:
+def planned_finetune_status(doc: dict[str, Any]) -> FineTuneStatus:
     spec = FineTuneSpec.model_validate(doc["spec"])
-    return {"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}],
-            "adapter": {"uri": spec.output.uri, "baseModel": spec.base_model.source, "rank": spec.method.rank}}
+    return FineTuneStatus.read({
+        "phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}],
+        "adapter": {"uri": spec.output.uri, "baseModel": spec.base_model.source, "rank": spec.method.rank}})
 
 
-def planned_gate_statuses(spec: LLMServiceSpec, finetunes: dict[str, dict]) -> dict[str, dict[str, Any]]:
+def planned_gate_statuses(spec: LLMServiceSpec, finetunes: dict[str, dict]) -> dict[str, BatchInferenceStatus]:
     """BatchInference statuses under which every gate of `spec` passes: each evaluation Ready, reporting its
     gate's minimum for the adapter it guards."""
     statuses: dict[str, dict[str, Any]] = {}
@@ -60,7 +61,7 @@ def planned_gate_statuses(spec: LLMServiceSpec, finetunes: dict[str, dict]) -> d
         status["metrics"][gate.metric] = max(gate.minimum, status["metrics"].get(gate.metric, gate.minimum))
         if uri:
             status[EVALUATED_ADAPTER_KEY] = uri
-    return statuses
+    return {name: BatchInferenceStatus.read(status) for name, status in statuses.items()}
 
 
 def render_manifests(docs: list[dict[str, Any]], ctx: BuildContext | None = None, *, assume_ready: bool = False

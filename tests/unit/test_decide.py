@@ -16,7 +16,7 @@ from llmops.api.llmservice import LLMServiceSpec, LLMServiceStatus
 from llmops.builders.common import BuildContext, Owner, built_from, load_payloads
 from llmops.builders.exposure import HTTP_ROUTE
 from llmops.decide import batchinference, finetune, llmservice
-from llmops.decide.batchinference import BatchInferenceObservation
+from llmops.decide.batchinference import BatchInferenceObservation, FineTuneSeen
 from llmops.decide.jobs import QUEUE_RECHECK_SECONDS, WORKLOAD_WAIT_SECONDS, JobObservation
 from llmops.decide.llmservice import ServiceObservation
 from llmops.settings import Settings
@@ -131,10 +131,13 @@ def test_a_queued_job_says_so_and_reads_its_workload_again(workload, again):
 # ---- BatchInference -------------------------------------------------------------------------------------------
 def batch_obs(fine_tune: dict[str, Any] | None, created: str | None = None, **fields: Any
               ) -> BatchInferenceObservation:
+    """`fine_tune`: the referenced FineTune's body, read the way observe reads it."""
     spec = BatchInferenceSpec.model_validate(example("batchinference")["spec"])
+    seen = FineTuneSeen(FineTuneStatus.read(fine_tune.get("status")),
+                        fine_tune["spec"]["baseModel"]["source"]) if fine_tune else None
     return BatchInferenceObservation(owner("BatchInference", "viggo-eval"),
                                      BatchInferenceStatus.read(fields.pop("status", {})), spec,
-                                     now=NOW, fine_tune=fine_tune, created=created, **fields)
+                                     now=NOW, fine_tune=seen, created=created, **fields)
 
 
 def fine_tune_with(status: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +190,7 @@ def test_a_suspended_service_removes_its_rayservice_and_what_it_exposed():
     assert [d[1] for d in out.delete] == ["HTTPRoute", "RayService"]
 
 
-@pytest.mark.parametrize("fine_tunes, state", [({"viggo": {"phase": "Running"}}, "WaitingForFineTune"),
+@pytest.mark.parametrize("fine_tunes, state", [({"viggo": FineTuneStatus(phase="Running")}, "WaitingForFineTune"),
                                                 ({}, "Failed")], ids=["running", "missing"])
 def test_a_service_serves_the_base_while_its_adapter_cannot_be_served(fine_tunes, state):
     out = llmservice.decide(service_obs(fine_tunes=fine_tunes), CTX)

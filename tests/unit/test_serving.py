@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from llmops.api.batchinference import BatchInferenceStatus
+from llmops.api.finetune import FineTuneStatus
 from llmops.api.llmservice import LLMServiceSpec, LLMServiceStatus
 from llmops.builders.serving import (
     FAILED,
@@ -20,9 +22,9 @@ from llmops.builders.serving import (
     ServeConfigError,
     cluster_fingerprint,
     engine_kwargs,
-    resolve_adapters,
     serve_config,
 )
+from llmops.builders.serving import resolve_adapters as resolve_typed
 from llmops.builders.serving import routing as serving_routing
 
 BASE = "Qwen/Qwen2.5-7B-Instruct"
@@ -72,6 +74,12 @@ def evaluated(adapter_uri: str | None = None, **metrics: float) -> dict[str, Any
 def gated(name: str, minimum: float = 0.8, metric: str = "exactMatch", **source: Any) -> dict[str, Any]:
     return {"name": name, **source,
             "gate": {"batchInferenceRef": {"name": f"{name}-eval"}, "metric": metric, "minimum": minimum}}
+
+
+def resolve_adapters(spec: LLMServiceSpec, finetunes: dict[str, dict], batchinferences: dict[str, dict]):
+    """resolve_adapters over statuses as the API server holds them, read the way the operator reads them."""
+    return resolve_typed(spec, {name: FineTuneStatus.read(s) for name, s in finetunes.items()},
+                         {name: BatchInferenceStatus.read(s) for name, s in batchinferences.items()})
 
 
 def only_state(plan) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..api.batchinference import BatchInferenceStatus
+from ..api.finetune import FineTuneStatus
 from ..api.llmservice import SERVE_LORA_SCHEMES, Adapter, LLMServiceSpec
 from .. import dependencies as deps
 from .common import PVC_ROOT
@@ -85,7 +86,7 @@ def _state(adapter: Adapter, uri: str | None, state: str, message: str) -> dict[
     return {"name": adapter.name, "uri": uri, "state": state, "message": message}
 
 
-def _source(adapter: Adapter, finetunes: Mapping[str, Mapping[str, Any]], max_rank: int
+def _source(adapter: Adapter, finetunes: Mapping[str, FineTuneStatus], max_rank: int
             ) -> tuple[str | None, dict[str, Any] | None]:
     """The adapter's URI, or the state that stops it before its location is known."""
     if adapter.uri is not None:
@@ -93,7 +94,7 @@ def _source(adapter: Adapter, finetunes: Mapping[str, Mapping[str, Any]], max_ra
     name = adapter.fine_tune_ref.name
     if name not in finetunes:
         return None, _state(adapter, None, FAILED, f"FineTune {name} does not exist in this namespace")
-    output = deps.finetune_output(name, finetunes[name] or {})
+    output = deps.finetune_output(name, finetunes[name])
     if output.state != deps.READY:
         return None, _state(adapter, None, WAITING_FOR_FINETUNE if output.state == deps.WAITING else FAILED,
                             output.message)
@@ -127,7 +128,7 @@ def _misnamed(model_id: str, adapter: Adapter, uri: str, path: str | None) -> st
             f"is at {uri}: write (or copy) it to {target}{rename}")
 
 
-def _gate_problem(adapter: Adapter, uri: str, batchinferences: Mapping[str, Mapping[str, Any]]
+def _gate_problem(adapter: Adapter, uri: str, batchinferences: Mapping[str, BatchInferenceStatus]
                   ) -> tuple[str, str] | None:
     gate = adapter.gate
     if gate is None:
@@ -135,17 +136,17 @@ def _gate_problem(adapter: Adapter, uri: str, batchinferences: Mapping[str, Mapp
     name = gate.batch_inference_ref.name
     if name not in batchinferences:
         return WAITING_FOR_EVALUATION, f"BatchInference {name} (the gate's evaluation) does not exist yet"
-    status = batchinferences[name] or {}
+    status = batchinferences[name]
     if deps.is_failed(status):
         return WAITING_FOR_EVALUATION, deps.with_why(f"BatchInference {name} (the gate's evaluation) failed; run it "
                                                  "again", status)
     if not deps.is_ready(status):
         return WAITING_FOR_EVALUATION, deps.not_ready("BatchInference", name, status) + " (the gate waits for it)"
-    evaluated = status.get(EVALUATED_ADAPTER_KEY)
+    evaluated = status.adapter_uri
     if evaluated and evaluated.rstrip("/") != uri.rstrip("/"):
         return WAITING_FOR_EVALUATION, (f"BatchInference {name} evaluated {evaluated}, not this adapter ({uri}); "
                                         "point a BatchInference at this adapter")
-    metrics = status.get("metrics") or {}
+    metrics = status.metrics.wire() if status.metrics else {}   # gate.metric is a wire name
     value = metrics.get(gate.metric)
     if not isinstance(value, (int, float)):
         return GATE_NOT_MET, (f"BatchInference {name} reports no {gate.metric}; add it to its "
@@ -164,8 +165,8 @@ def _choose_parent(candidates: list[tuple[Adapter, str]]) -> str | None:
     return max(parents, key=lambda p: (counts[p], -parents.index(p)), default=None)
 
 
-def resolve_adapters(spec: LLMServiceSpec, finetunes: Mapping[str, Mapping[str, Any]],
-                     batchinferences: Mapping[str, Mapping[str, Any]]) -> AdapterPlan:
+def resolve_adapters(spec: LLMServiceSpec, finetunes: Mapping[str, FineTuneStatus],
+                     batchinferences: Mapping[str, BatchInferenceStatus]) -> AdapterPlan:
     """Decide, per spec.adapters entry, whether it is served, and derive the one loading path.
 
     `finetunes` / `batchinferences` map a resource name to its `status` (a missing name: no such resource).

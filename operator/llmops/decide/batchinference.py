@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .. import dependencies as deps
+from ..api.finetune import FineTuneStatus
 from ..builders import batchinference as builder
 from ..builders.common import BuildContext
 from ..status import DEPENDENCY_GRACE_SECONDS, DEPENDENCY_RECHECK_SECONDS, Grace, Verdict, within_grace
@@ -17,9 +18,17 @@ METRIC_KEYS = ("rows", "exactMatch", "functionNameAccuracy", "attributeF1")
 
 
 @dataclass(frozen=True)
+class FineTuneSeen:
+    """The FineTune spec.model.fineTuneRef names, as the BatchInference reads it."""
+
+    status: FineTuneStatus
+    base_model: str | None = None   # its spec.baseModel.source (None: its spec is invalid)
+
+
+@dataclass(frozen=True)
 class BatchInferenceObservation(JobObservation):
-    fine_tune: Mapping[str, Any] | None = None   # the FineTune spec.model.fineTuneRef names (None: not there)
-    created: str | None = None                    # the BatchInference's creationTimestamp
+    fine_tune: FineTuneSeen | None = None   # the FineTune spec.model.fineTuneRef names (None: not there)
+    created: str | None = None              # the BatchInference's creationTimestamp
 
 
 def result_fields(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,16 +56,17 @@ def fine_tune_model(obs: BatchInferenceObservation, ref: str) -> tuple[builder.R
                                   "Waiting for it to be created",
                                   f"It was not created within {minutes} minutes of this BatchInference",
                                   "Create it, or fix the reference")
-    status = ft.get("status") or {}
-    output = deps.finetune_output(ref, status)
+    output = deps.finetune_output(ref, ft.status)
+    if output.state == deps.READY and ft.base_model is None:
+        output = deps.FineTuneOutput(deps.FAILED, f"FineTune {ref} has an invalid spec")
     if output.state == deps.FAILED:
         return None, Verdict("Pending", "stalled", "FineTuneFailed", output.message)
     if output.state == deps.WAITING:
-        progress = status.get("message") if not deps.is_stalled(status) else ""
+        progress = ft.status.message if not deps.is_stalled(ft.status) else ""
         return None, Verdict("Waiting", "progressing", "WaitingForFineTune",
                              f"waiting for the adapter: {output.message}" + (f" ({progress})" if progress else ""),
                              recheck_after=DEPENDENCY_RECHECK_SECONDS)
-    return builder.ResolvedModel.of_finetune(ft["spec"]["baseModel"]["source"], output.uri, output.rank), None
+    return builder.ResolvedModel.of_finetune(ft.base_model, output.uri, output.rank), None
 
 
 def decide(obs: BatchInferenceObservation, ctx: BuildContext) -> Outcome:

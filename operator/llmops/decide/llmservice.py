@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..api.batchinference import BatchInferenceStatus
+from ..api.finetune import FineTuneStatus
 from ..api.llmservice import LLMServiceStatus
 from ..builders import llmservice as builder
 from ..builders.common import BuildContext, UnknownAccelerator
@@ -23,8 +25,8 @@ class ServiceObservation(Observation):
     """What a service's reconcile reads, all of it, as handlers/observe.py found it in the caches."""
 
     # name -> status, of each FineTune an adapter names and of each BatchInference a gate names (absent: not there)
-    fine_tunes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    gates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    fine_tunes: Mapping[str, FineTuneStatus] = field(default_factory=dict)
+    gates: Mapping[str, BatchInferenceStatus] = field(default_factory=dict)
     unserved: tuple[Api, ...] = ()   # the APIs spec.expose needs that the API server does not serve
     ray: Mapping[str, Any] | None = None   # the RayService
     problems: tuple[PodProblem, ...] = ()  # its pods' problems

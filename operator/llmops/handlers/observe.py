@@ -7,13 +7,14 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..api import KINDS
 from ..api.batchinference import BatchInferenceSpec, BatchInferenceStatus
 from ..api.finetune import FineTuneSpec, FineTuneStatus
 from ..api.llmservice import LLMServiceSpec, LLMServiceStatus
 from ..api.validation import validated
 from ..builders.common import Owner
 from ..builders.exposure import HTTP_ROUTE, SECURITY_POLICY, needed_apis
-from ..decide.batchinference import BatchInferenceObservation
+from ..decide.batchinference import BatchInferenceObservation, FineTuneSeen
 from ..decide.common import CacheSeen
 from ..decide.jobs import JobObservation, status_reason
 from ..decide.llmservice import ServiceObservation
@@ -78,7 +79,13 @@ def batchinference(engine: Engine, body: dict[str, Any]) -> BatchInferenceObserv
     fine_tune = engine.caches.owners.get(("FineTune", meta["namespace"], ref.name)) if ref else None
     return _job(engine, BatchInferenceObservation(
         Owner.of(body), BatchInferenceStatus.read(body.get("status")), spec, error, time.time(),
-        _cache_seen(engine, body, spec), fine_tune=fine_tune, created=meta.get("creationTimestamp")))
+        _cache_seen(engine, body, spec), fine_tune=_fine_tune_seen(fine_tune) if fine_tune else None,
+        created=meta.get("creationTimestamp")))
+
+
+def _fine_tune_seen(body: dict[str, Any]) -> FineTuneSeen:
+    spec, _ = validated(FineTuneSpec, body)
+    return FineTuneSeen(FineTuneStatus.read(body.get("status")), spec.base_model.source if spec else None)
 
 
 async def prepare_llmservice(engine: Engine, body: dict[str, Any]) -> None:
@@ -88,12 +95,14 @@ async def prepare_llmservice(engine: Engine, body: dict[str, Any]) -> None:
         await engine.discovery.refresh([HTTP_ROUTE, SECURITY_POLICY] if expose.get("apiKey") else [HTTP_ROUTE])
 
 
-def _statuses(engine: Engine, kind: str, namespace: str, names: set[str]) -> dict[str, dict[str, Any]]:
+def _statuses(engine: Engine, kind: str, namespace: str, names: set[str]) -> dict[str, Any]:
+    """name -> the typed status of each named resource of `kind` that exists."""
+    model = KINDS[kind].status_model
     out = {}
     for name in names:
         body = engine.caches.owners.get((kind, namespace, name))
         if body is not None:
-            out[name] = body.get("status") or {}
+            out[name] = model.read(body.get("status"))
     return out
 
 
