@@ -196,12 +196,18 @@ class SlowKube(RecordingKube):
         return await super().apply(obj, subresource)
 
 
-def test_in_a_burst_every_child_is_written_before_any_status():
-    fts = []
-    for i in range(6):
+def finetunes(*names: str) -> list[dict[str, Any]]:
+    """The example FineTune under each name."""
+    out = []
+    for name in names:
         ft = manifest("finetune")
-        ft["metadata"]["name"] = f"ft-{i}"
-        fts.append(ft)
+        ft["metadata"]["name"] = name
+        out.append(ft)
+    return out
+
+
+def test_in_a_burst_every_child_is_written_before_any_status():
+    fts = finetunes(*(f"ft-{i}" for i in range(6)))
     engine, kube, _ = setup(*fts, kube=SlowKube())
 
     async def burst() -> None:
@@ -223,8 +229,7 @@ def test_in_a_burst_every_child_is_written_before_any_status():
 def test_a_status_due_during_a_creation_waits_for_the_rest_of_that_set():
     """The creations and the other children's rounds go quiet at the same moment: a status waiting on the first
     still goes out after the rounds that moment releases."""
-    a, b = manifest("finetune"), manifest("finetune")
-    a["metadata"]["name"], b["metadata"]["name"] = "ft-a", "ft-b"
+    a, b = finetunes("ft-a", "ft-b")
     engine, kube, watches = setup(a, b, kube=SlowKube())
     run(engine.reconcile(key_of(a)))
     kube.objects[key_of(a)]["status"] = {}   # cleared by someone: a's status is due again, its children are not
@@ -243,11 +248,7 @@ def test_a_status_due_during_a_creation_waits_for_the_rest_of_that_set():
 
 
 def test_a_start_reconciles_what_needs_work_before_what_its_listing_brought():
-    fts = []
-    for i in range(4):
-        ft = manifest("finetune")
-        ft["metadata"]["name"] = f"ft-{i}"
-        fts.append(ft)
+    fts = finetunes(*(f"ft-{i}" for i in range(4)))
     engine, kube, _ = setup(*fts)
 
     async def start() -> None:
@@ -281,40 +282,43 @@ def test_reconcile_before_the_watch_shows_our_writes_writes_nothing():
     assert kube.writes() == []
 
 
-def restarted(kube: RecordingKube, monkeypatch: pytest.MonkeyPatch, built: list) -> Engine:
+def applied_once() -> tuple[dict[str, Any], RecordingKube]:
+    """A FineTune whose children and status one operator process wrote; the requests so far taken."""
+    ft = manifest("finetune")
+    engine, kube, _ = setup(ft)
+    run(engine.reconcile(key_of(ft)))
+    kube.take()
+    return ft, kube
+
+
+def restarted(kube: RecordingKube, monkeypatch: pytest.MonkeyPatch, built: list, fingerprint: str = "") -> Engine:
     """A new operator process on the same cluster: nothing remembered, the caches listed afresh; FineTune builds
-    counted in `built`."""
+    counted in `built`. `fingerprint`: as another version of the operator's code would have."""
     engine, _, _ = setup(kube=kube)
+    if fingerprint:
+        engine.ctx.__dict__["fingerprint"] = fingerprint
     real = finetune_builder.build
     monkeypatch.setattr(finetune_builder, "build", lambda *args: built.append(args) or real(*args))
     return engine
 
 
 def test_a_restart_builds_nothing_the_marker_says_was_applied_as_it_would_build_it(monkeypatch):
-    ft = manifest("finetune")
-    engine, kube, _ = setup(ft)
-    run(engine.reconcile(key_of(ft)))
-    kube.take()
+    ft, kube = applied_once()
     built: list = []
     run(restarted(kube, monkeypatch, built).reconcile(key_of(ft)))
     assert built == [] and kube.writes() == []
 
 
 def test_a_changed_operator_builds_again_and_marks_an_unchanged_set_once(monkeypatch):
-    ft = manifest("finetune")
-    engine, kube, _ = setup(ft)
-    run(engine.reconcile(key_of(ft)))
-    kube.take()
+    ft, kube = applied_once()
     built: list = []
-    newer = restarted(kube, monkeypatch, built)
-    newer.ctx.__dict__["fingerprint"] = "newer"   # as another version of the operator's code would have
+    newer = restarted(kube, monkeypatch, built, fingerprint="newer")
     run(newer.reconcile(key_of(ft)))
     assert len(built) == 1 and kube.take() == [("apply", "ConfigMap", "viggo-ft-result")]
     run(newer.reconcile(key_of(ft)))
     assert len(built) == 1 and kube.writes() == [], "remembered in process"
-    again = restarted(kube, monkeypatch, built := [])
-    again.ctx.__dict__["fingerprint"] = "newer"
-    run(again.reconcile(key_of(ft)))
+    built = []
+    run(restarted(kube, monkeypatch, built, fingerprint="newer").reconcile(key_of(ft)))
     assert built == [] and kube.writes() == [], "read from the marker after the next start"
 
 
