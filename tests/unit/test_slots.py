@@ -1,11 +1,11 @@
 """Engine slots: at most `limit` holders; a freed slot goes to the first-class waiters before the later ones. The
-lull that other writes wait for."""
+lull that other writes wait for. Keys gathered while a stream of them lasts."""
 
 from __future__ import annotations
 
 import asyncio
 
-from llmops.handlers.slots import Lull, Slots
+from llmops.handlers.slots import Gathered, Lull, Slots
 
 
 def test_changed_resources_go_before_relisted_ones():
@@ -79,4 +79,24 @@ def test_a_lull_waits_for_work_in_flight_then_its_quiet_time_and_never_past_its_
         await lull.wait(0.2)
         assert 0.19 <= loop.time() - start < 0.5   # gave up at the limit, the work still in flight
         task.cancel()
+    asyncio.run(run())
+
+
+def test_gathered_keys_go_on_together_once_their_stream_stops_or_has_lasted_too_long():
+    async def run():
+        handed: list[list] = []
+        gathered = Gathered(0.05, 10.0, handed.append)
+        for i in range(5):   # a stream of keys, closer together than the quiet time
+            gathered.add(i)
+            await asyncio.sleep(0.02)
+        gathered.discard(3)
+        assert handed == [] and gathered
+        await asyncio.sleep(0.1)
+        assert handed == [[0, 1, 2, 4]] and not gathered
+
+        endless = Gathered(0.05, 0.2, handed.append)
+        for i in range(20):   # never quiet: handed on at the limit all the same
+            endless.add(i)
+            await asyncio.sleep(0.02)
+        assert len(handed) == 2 and handed[1][0] == 0
     asyncio.run(run())

@@ -27,7 +27,7 @@ from .kinds import RECONCILERS, Reconciler
 from .writes import event_for, status_for
 from .metrics import Metrics
 from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
-from .slots import Lull, Slots
+from .slots import Gathered, Lull, Slots
 
 log = logging.getLogger("llmops")
 
@@ -61,9 +61,8 @@ class Engine:
         self._shared: dict[tuple[str, str], asyncio.Future | float] = {}   # shared child -> creating / created at
         self._slots = Slots(RECONCILE_SLOTS)
         self._later: set[Key] = set()       # scheduled only because a (re)start listed them: served after the rest
-        self._listed: dict[Key, None] = {}  # ... and not started yet: they start once the listing's events stop
-        self._listed_last = 0.0             # when the last of those came
-        self._listed_timer: asyncio.TimerHandle | None = None
+        # ... and not started yet: they start once the listing's events stop
+        self._listed = Gathered(LISTING_QUIET_SECONDS, LISTING_LIMIT_SECONDS, self._start_listed)
         self._creations = Lull(QUIET_SECONDS)   # rounds creating a Ray object: the rest of the children wait
         self._children = Lull(QUIET_SECONDS)    # rounds applying children: status writes and events wait
 
@@ -74,15 +73,11 @@ class Engine:
         if listed and key not in self._running:
             # Not started yet: kopf hands out a start-up's thousands of listed objects one event at a time, and
             # reconciles started among them would delay the events of resources that need work.
-            self._listed[key] = None
-            self._listed_last = time.monotonic()
-            if self._listed_timer is None:
-                self._listed_timer = asyncio.get_running_loop().call_later(LISTING_QUIET_SECONDS, self._start_listed,
-                                                                           self._listed_last)
+            self._listed.add(key)
             return
         if not listed:
             self._later.discard(key)
-            self._listed.pop(key, None)
+            self._listed.discard(key)
         self._start(key)
 
     def _start(self, key: Key) -> None:
@@ -91,16 +86,8 @@ class Engine:
             return
         self._running[key] = asyncio.get_running_loop().create_task(self._run(key))
 
-    def _start_listed(self, since: float) -> None:
-        """Start the listed reconciles once no more have come for a while (or the listing has gone on too long)."""
-        now = time.monotonic()
-        if now - self._listed_last < LISTING_QUIET_SECONDS and now - since < LISTING_LIMIT_SECONDS:
-            self._listed_timer = asyncio.get_running_loop().call_at(self._listed_last + LISTING_QUIET_SECONDS,
-                                                                    self._start_listed, since)
-            return
-        self._listed_timer = None
-        listed, self._listed = self._listed, {}
-        for key in listed:
+    def _start_listed(self, keys: list[Key]) -> None:
+        for key in keys:
             if key not in self._running:
                 self._later.add(key)
             self._start(key)

@@ -1,10 +1,13 @@
-"""The bound on reconciles that build and apply at once, served first come first served, re-listed ones last."""
+"""The bound on reconciles that build and apply at once, served first come first served, re-listed ones last; and
+the waits that order a burst's work."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import time
+from typing import Any, Callable
 
 
 class Slots:
@@ -80,3 +83,35 @@ class Lull:
         if not self._quiet.is_set() and limit > 0:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._quiet.wait(), limit)
+
+
+class Gathered:
+    """Keys that keep coming in a stream, handed on together once the stream stops: `start` gets them when none has
+    come for `quiet` seconds, or once the first has waited `limit`."""
+
+    def __init__(self, quiet: float, limit: float, start: Callable[[list[Any]], None]):
+        self._quiet_s, self._limit_s, self._start = quiet, limit, start
+        self._keys: dict[Any, None] = {}
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def add(self, key: Any) -> None:
+        self._keys[key] = None
+        self._last = time.monotonic()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._quiet_s, self._due, self._last)
+
+    def discard(self, key: Any) -> None:
+        self._keys.pop(key, None)
+
+    def _due(self, since: float) -> None:
+        now = time.monotonic()
+        if now - self._last < self._quiet_s and now - since < self._limit_s:
+            self._timer = asyncio.get_running_loop().call_at(self._last + self._quiet_s, self._due, since)
+            return
+        self._timer = None
+        keys, self._keys = list(self._keys), {}
+        self._start(keys)
