@@ -25,15 +25,18 @@ from ray.llm._internal.serve.core.configs.llm_config import LLMConfig, LoraConfi
 from ray.serve._private.config import DeploymentConfig  # noqa: E402
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig  # noqa: E402
 
+from llmops.api.batchinference import BatchInferenceStatus  # noqa: E402
+from llmops.api.finetune import FineTuneStatus  # noqa: E402
 from llmops.api.llmservice import LLMServiceSpec  # noqa: E402
 from llmops.builders.serving import resolve_adapters, serve_config  # noqa: E402
 from llmops.settings import DEFAULT_PROFILES, RAY_VERSION  # noqa: E402
 
 BUCKET = "s3://ml-artifacts/viggo/adapters"
 READY = {"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}]}
-FINETUNES = {"viggo-ft": {**READY, "adapter": {"uri": f"{BUCKET}/viggo", "rank": 8}},
-             "e2e-ft": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False", "reason": "Running"}]}}
-EVALUATIONS = {"viggo-eval": {**READY, "metrics": {"exactMatch": 0.86, "rows": 714}}}
+FINETUNES = {"viggo-ft": FineTuneStatus.read({**READY, "adapter": {"uri": f"{BUCKET}/viggo", "rank": 8}}),
+             "e2e-ft": FineTuneStatus.read({"phase": "Running", "conditions": [
+                 {"type": "Ready", "status": "False", "reason": "Running"}]})}
+EVALUATIONS = {"viggo-eval": BatchInferenceStatus.read({**READY, "metrics": {"exactMatch": 0.86, "rows": 714}})}
 
 SPECS: dict[str, dict[str, Any]] = {
     "base-only": {"modelId": "qwen", "model": {"source": "Qwen/Qwen2.5-7B-Instruct"}},
