@@ -111,16 +111,18 @@ class Engine:
     def applied_memo_key(self, uid: str) -> str | None:
         """What the applied children were built from (`built_from`): when a reconcile would build them from the
         same, they are applied as they are. This process's own build first; after a restart, the marker's."""
-        applied, (marked, marked_from) = self._applied_hash(uid), self._marked(uid)
+        applied, marked_from = self._applied(uid)
         built = self.expected.last_built(uid)
         if built is not None:
             return built[0] if applied == built[1] else None
-        return (marked_from or None) if applied == marked else None
+        return marked_from or None
 
-    def _applied_hash(self, uid: str) -> str | None:
-        """The children hash of the last complete set: on the marker as the watch shows it, unless this process
-        wrote a newer one."""
-        return self.expected.applied_hash(uid, self._marked(uid)[0])
+    def _applied(self, uid: str) -> tuple[str | None, str]:
+        """The children hash of the last complete set (the marker's as the watch shows it, unless this process
+        wrote a newer one), and what the marker says that set was built from ("" when it says nothing of it)."""
+        marked, marked_from = self._marked(uid)
+        applied = self.expected.applied_hash(uid, marked)
+        return applied, marked_from if applied == marked else ""
 
     def _marked(self, uid: str) -> tuple[str, str]:
         """What the last child applied says (a job's result report, else the Ray object): (children hash, built
@@ -252,8 +254,9 @@ class Engine:
         annotations[HASH_ANNOTATION] = wanted
         if outcome.memo_key is not None:
             annotations[BUILT_ANNOTATION] = outcome.memo_key
-        if self._applied_hash(uid) == wanted and self.ray_object(uid) is not None:
-            if outcome.memo_key is None or self._marked(uid)[1] == outcome.memo_key:
+        applied, marked_from = self._applied(uid)
+        if applied == wanted and self.ray_object(uid) is not None:
+            if outcome.memo_key is None or marked_from == outcome.memo_key:
                 return None
             # The same set, built by a changed operator: the marker says so, or every start would build it again.
             return Plan(uid, wanted, [[marker]], False, outcome.ray_kind)
