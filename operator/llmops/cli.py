@@ -61,8 +61,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .handlers.main import run
     return run(namespaces=args.namespace, all_namespaces=not args.namespace, probe_port=args.probe_port,
-               metrics_port=args.metrics_port, standalone=not args.peering, peering=args.peering,
-               log_format=args.log_format, priority=args.priority)
+               metrics_port=args.metrics_port, leader_election=args.leader_election,
+               lease_namespace=args.leader_election_namespace, log_format=args.log_format)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -122,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                    "default: all namespaces")
     p.add_argument("--probe-port", type=int, default=8080, help="liveness/readiness port (0: off)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
-    p.add_argument("--peering", default=None, help="kopf peering name for leader election (default: standalone)")
-    p.add_argument("--priority", type=int, default=int(os.environ.get("LLMOPS_PEERING_PRIORITY", "0")),
-                   help="kopf peering priority: with --peering, the highest-priority operator is active and the "
-                        "others stand by (give replicas different priorities)")
+    p.add_argument("--leader-election", metavar="LEASE", default=None,
+                   help="run as one of several replicas: the one holding this coordination.k8s.io Lease reconciles, "
+                        "the others stand by (default: no leader election, run alone)")
+    p.add_argument("--leader-election-namespace", metavar="NS", default=None,
+                   help="the Lease's namespace (default: env POD_NAMESPACE, else the service account's, else "
+                        "default)")
     p.add_argument("--log-format", choices=("json", "plain"), default="json")
     p.set_defaults(func=cmd_run)
 

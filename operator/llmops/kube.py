@@ -1,7 +1,8 @@
 """The one place that writes to the API server: server-side apply, status apply, events, deletes.
 
-Reads come from kopf's watch-fed indexes, so a reconcile that finds nothing to change sends no request.
-Credentials are the ones kopf logged in with (kubeconfig or in-cluster service account).
+Reconciles read the watch-fed indexes (handlers/informers.py lists and watches through `read` and `stream`), so a
+reconcile that finds nothing to change sends no request. Credentials are the ones kopf logs in with (kubeconfig or
+in-cluster service account).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Kube:
         self.field_manager = field_manager
         self.user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
+        self._streams: aiohttp.ClientSession | None = None
         self.requests_by_verb: dict[str, int] = {}
 
     def _ssl(self) -> ssl.SSLContext | bool:
@@ -94,20 +96,60 @@ class Kube:
             context.load_cert_chain(c.cert_path, c.key_path)
         return context
 
+    def _new_session(self, limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+        headers = {"User-Agent": self.user_agent}
+        if self.credentials.token:
+            headers["Authorization"] = f"Bearer {self.credentials.token}"
+        return aiohttp.ClientSession(base_url=self.credentials.server.rstrip("/"), headers=headers,
+                                     connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=limit), timeout=timeout)
+
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"User-Agent": self.user_agent}
-            if self.credentials.token:
-                headers["Authorization"] = f"Bearer {self.credentials.token}"
-            self._session = aiohttp.ClientSession(
-                base_url=self.credentials.server.rstrip("/"), headers=headers,
-                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
-                timeout=aiohttp.ClientTimeout(total=30))
+            self._session = self._new_session(32, aiohttp.ClientTimeout(total=30))
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._streams):
+            if session is not None:
+                await session.close()
+
+    async def read(self, method: str, path: str, params: dict[str, str] | None = None, body: Any = None
+                   ) -> dict[str, Any]:
+        """A request that is not one of the operator's writes (lists, the leader lease): not counted in
+        `requests_by_verb`; no time limit but the server's, as a large list takes a while."""
+        session = await self.session()
+        data = None if body is None else json.dumps(body)
+        async with session.request(method, path, params=params, data=data, timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=30, sock_read=120), headers={"Content-Type": "application/json"}) as r:
+            return await self._answer(r)
+
+    async def stream(self, path: str, params: dict[str, str], read_timeout: float):
+        """A watch: its events as the server sends them, one JSON object a line. Its own connections, so that long
+        streams never wait for (or hold) the writes' connections."""
+        if self._streams is None or self._streams.closed:
+            self._streams = self._new_session(0, aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                                       sock_read=read_timeout))
+        async with self._streams.get(path, params=params) as response:
+            if response.status >= 400:
+                await self._answer(response)
+            pending = b""
+            async for chunk in response.content.iter_any():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+
+    @staticmethod
+    async def _answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
+        text = await response.text()
+        if response.status >= 400:
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                raise ApiError(response.status, text) from None
+            raise ApiError(response.status, payload.get("message", text), payload.get("reason", ""))
+        return json.loads(text) if text else {}
 
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                       params: dict[str, str] | None = None) -> dict[str, Any]:
@@ -116,14 +158,7 @@ class Kube:
         data = None if body is None else json.dumps(body)
         async with session.request(method, path, data=data, params=params,
                                    headers={"Content-Type": content_type}) as response:
-            text = await response.text()
-            if response.status >= 400:
-                try:
-                    payload = json.loads(text)
-                    raise ApiError(response.status, payload.get("message", text), payload.get("reason", ""))
-                except ValueError:
-                    raise ApiError(response.status, text) from None
-            return json.loads(text) if text else {}
+            return await self._answer(response)
 
     async def apply(self, obj: dict[str, Any], subresource: str = "") -> dict[str, Any]:
         """Server-side apply under the operator's field manager (force: the operator owns its children)."""

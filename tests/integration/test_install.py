@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
@@ -55,7 +54,7 @@ def restricted_namespace(cluster, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def release(plane, cluster):
-    """The chart, cluster-wide, with leader election (kopf peering)."""
+    """The chart, cluster-wide, with leader election (a Lease in the release namespace)."""
     namespace = restricted_namespace(cluster, "llmops-it")
     helm(plane, "install", "llmops-it", str(CHART), "--namespace", namespace, "--set", "leaderElection.enabled=true",
          "--wait", "--timeout", "120s")
@@ -77,12 +76,16 @@ def chart_operator(release, plane, cluster, operator, tmp_path_factory):
     settings = cluster.core.read_namespaced_config_map("llmops-it-operator-settings", release.namespace)
     (folder / "settings.yaml").write_text(settings.data["settings.yaml"])
     env = {e.name: e.value for e in container.env if e.value is not None}
-    env.update(LLMOPS_SETTINGS_FILE=str(folder / "settings.yaml"), POD_ID="chart-operator",
+    # POD_NAME and POD_NAMESPACE come from the downward API in the pod; here they are set as the pod would get them.
+    assert {e.name: e.value_from.field_ref.field_path for e in container.env if e.value_from} == {
+        "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    env.update(LLMOPS_SETTINGS_FILE=str(folder / "settings.yaml"), POD_NAME="chart-operator",
+               POD_NAMESPACE=release.namespace,
                KUBECONFIG=str(kubeconfig_for(release.account, cluster, plane, folder / "kubeconfig")))
     # OperatorProcess chooses the ports and a plain log format; every other argument is the chart's.
     own = ("--probe-port", "--metrics-port", "--log-format")
     args = tuple(a for a in container.args[1:] if not a.startswith(own))
-    assert container.args[0] == "run" and "--peering=llmops" in args
+    assert container.args[0] == "run" and "--leader-election=llmops" in args
 
     operator.stop()
     proc = OperatorProcess(plane, folder / "operator.log", env_extra=env, args=args).start()
@@ -134,9 +137,14 @@ def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release
             for r in records if r.get("objectRef", {}).get("namespace") == ns}
     assert {("patch", "rayjobs", ""), ("patch", "roles", ""), ("patch", "finetunes", "status"),
             ("create", "events", "")} <= done, done
-    # kopf's peering keep-alive went through: this operator is listed in the chart's ClusterKopfPeering.
-    peering = cluster.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmops")
-    assert "chart-operator" in (peering.get("status") or {})
+    # Leader election went through with the chart's rights: this operator holds the Lease in the release namespace
+    # (created there by the operator itself; its requests on it are among the audit records checked above).
+    lease = client.CoordinationV1Api(cluster.api_client).read_namespaced_lease("llmops", release.namespace)
+    assert lease.spec.holder_identity == "chart-operator"
+    lease_requests = {(r["verb"], r["objectRef"].get("name")) for r in records
+                      if (r.get("objectRef") or {}).get("resource") == "leases"}
+    assert lease_requests and {verb for verb, _ in lease_requests} <= {"get", "create", "update"}, lease_requests
+    assert {name for _, name in lease_requests} <= {"llmops", None}, lease_requests
     # The operator writes only status: a GitOps tool's server-side diff of the manifest finds nothing to change.
     diff = plane.kubectl("diff", "--server-side", "-f", "-", input=manifest, check=False, quiet=True)
     assert diff.returncode == 0, diff.stdout + diff.stderr
@@ -195,9 +203,16 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         assert can(verb, resource, group), (verb, resource)
         assert can(verb, resource, group, namespace=None), (verb, resource, "all namespaces")
     assert can("patch", "finetunes", "llmops.dev", subresource="status")
-    assert can("watch", "clusterkopfpeerings", "kopf.dev", namespace=None)
-    assert can("patch", "clusterkopfpeerings", "kopf.dev", namespace=None, name="llmops")
-    assert not can("patch", "clusterkopfpeerings", "kopf.dev", namespace=None, name="someone-else")
+    # Leader election: the one Lease in the release namespace, nothing else of Leases, nowhere else.
+    lease = ("leases", "coordination.k8s.io")
+    assert can("create", *lease, namespace=release.namespace)
+    for verb in ("get", "update"):
+        assert can(verb, *lease, namespace=release.namespace, name="llmops"), verb
+        assert not can(verb, *lease, namespace=release.namespace, name="someone-else"), verb
+        assert not can(verb, *lease, namespace=ns, name="llmops"), verb
+    for verb in ("list", "watch", "patch", "delete"):
+        assert not can(verb, *lease, namespace=release.namespace, name="llmops"), verb
+    assert not can("create", *lease, namespace=ns)
 
     for verb in ("get", "list", "watch"):
         assert not can(verb, "secrets"), verb
@@ -225,6 +240,8 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
         assert not allowed(cluster, scoped_account, "patch", "rayjobs", "ray.io", other)
         assert not allowed(cluster, scoped_account, "list", "finetunes", "llmops.dev", None)
         assert not allowed(cluster, scoped_account, "get", "secrets", "", ns)
+        # Without leader election: no rights on Leases.
+        assert not allowed(cluster, scoped_account, "create", "leases", "coordination.k8s.io", scoped)
     finally:
         helm(plane, "uninstall", "llmops-scoped", "--namespace", scoped)
         cluster.core.delete_namespace(scoped)

@@ -84,7 +84,7 @@ def test_rendered_chart_matches_golden(helm, variant, request):
     (["--set", "replica=1"], "additional properties 'replica' not allowed"),
     (["--set", "settings.finetune_imag=x"], "at '/settings': additional properties 'finetune_imag' not allowed"),
     (["--set", "logLevel=loud"], "at '/logLevel'"),
-], ids=["negative-replicas", "two-replicas", "bad-namespace", "typo", "settings-typo", "log-level"])
+], ids=["negative-replicas", "two-replicas-without-leader-election", "bad-namespace", "typo", "settings-typo", "log-level"])
 def test_schema_rejects_bad_values(helm, values, message):
     result = run_helm(helm, "template", "x", str(CHART), *values)
     assert result.returncode != 0
@@ -104,14 +104,53 @@ def test_rbac_is_least_privilege(helm):
             assert "secrets" not in rule["resources"], rule
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
     assert {o["kind"] for o in namespaced if o["kind"].startswith("Cluster")} == set()
-    assert sorted((o["kind"], o["metadata"]["namespace"]) for o in namespaced if o["kind"] in ("Role", "RoleBinding",
-                                                                                                "KopfPeering")) == [
-        ("KopfPeering", "team-a"), ("KopfPeering", "team-b"), ("Role", "team-a"), ("Role", "team-b"),
-        ("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
+    assert sorted((o["kind"], o["metadata"]["namespace"]) for o in namespaced
+                  if o["kind"] in ("Role", "RoleBinding")) == [
+        ("Role", "llmops-system"), ("Role", "team-a"), ("Role", "team-b"),
+        ("RoleBinding", "llmops-system"), ("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
     deployment = next(o for o in namespaced if o["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[0] == "run" and "--namespace=team-a" in args and "--namespace=team-b" in args
-    assert "--peering=llmops" in args
+    assert "--leader-election=llmops" in args
+
+
+LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+               {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["llmops"],
+                "verbs": ["get", "update"]}]
+
+
+@pytest.mark.parametrize("variant", [["--set", "leaderElection.enabled=true"], VARIANTS["namespaced"]],
+                         ids=["cluster-wide", "namespaced"])
+def test_leader_election_gets_its_lease_and_nothing_more(helm, variant):
+    """One Role in the release namespace, in either mode: get/update on the one Lease, create; no list or watch."""
+    rendered = objects(template(helm, *variant))
+    lease_roles = [o for o in rendered if o["kind"] in ("ClusterRole", "Role")
+                   and any("leases" in rule["resources"] for rule in o["rules"])]
+    assert [(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in lease_roles] == [
+        ("Role", "llmops-system", "llmops-operator-leader-election")]
+    assert lease_roles[0]["rules"] == LEASE_RULES
+    binding = next(o for o in rendered if o["kind"] == "RoleBinding"
+                   and o["metadata"]["name"] == "llmops-operator-leader-election")
+    assert binding["metadata"]["namespace"] == "llmops-system"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "llmops-operator-leader-election"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llmops-operator", "namespace": "llmops-system"}]
+
+
+def test_leader_election_lets_replicas_stand_by(helm):
+    """With leader election any number of replicas (one leads, the others wait); without it the schema allows one."""
+    rendered = objects(template(helm, "--set", "leaderElection.enabled=true", "--set", "replicas=3"))
+    deployment = next(o for o in rendered if o["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert [a for a in container["args"] if a.startswith("--leader-election")] == ["--leader-election=llmops"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # Without leader election: no Lease rights at all.
+    default = objects(template(helm))
+    assert not [rule for o in default if o["kind"] in ("ClusterRole", "Role") for rule in o["rules"]
+                if "leases" in rule["resources"]]
 
 
 def test_deployment_is_locked_down(helm):

@@ -1,5 +1,5 @@
 """The reconcile engine in process: the real reconcilers and builders, a client that records every request, and
-watches played by the same index functions kopf calls (handlers/caches.py). No API server: what is checked here
+watches played by the informers' own index entries (handlers/main.py, handlers/caches.py). No API server: what is checked here
 is the engine's own logic (what it writes, when, in which order, and what it leaves alone)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import yaml
 from llmops.api import KINDS
 from llmops.builders import finetune as finetune_builder
 from llmops.builders.common import ROLE_LABEL, BuildContext
-from llmops.handlers.caches import bind, configmap_entries, job_entries, owner_entries, pod_entries, ray_entries
+from llmops.handlers import main
+from llmops.handlers.caches import bind
 from llmops.handlers.engine import Engine, Outcome
 from llmops.builders.common import load_payloads
 from llmops.kube import ApiError
@@ -107,39 +108,23 @@ class RecordingKube:
 
 
 class Watches:
-    """What kopf's indexes would hold for the store's objects, built by the operator's own index functions."""
+    """What the informers' indexes would hold for the store's objects: the operator's own wiring (which resource
+    gives which entries, handlers/main.py) applied to the store."""
 
     def __init__(self, kube: RecordingKube, engine: Engine):
         self.kube = kube
-        self.owners = {k.kind: {} for k in KINDS.values()}
-        self.rayjobs: dict = {}
-        self.rayservices: dict = {}
-        self.configmaps: dict = {}
-        self.pods: dict = {}
-        self.jobs: dict = {}
-        bind(engine.caches, self.owners.values(), self.rayjobs, self.rayservices, self.configmaps, self.pods,
-             self.jobs)
+        self.engine = engine
+        self.catch_up()
 
     def catch_up(self) -> None:
-        """Every index rebuilt from the store (each value wrapped the way kopf's stores iterate)."""
-        for index in (*self.owners.values(), self.rayjobs, self.rayservices, self.configmaps, self.pods, self.jobs):
-            index.clear()
+        """Every index rebuilt from the store."""
+        watches = main.watched(self.engine)
+        bind(self.engine.caches, [w.index for w in watches[:len(KINDS)]], *(w.index for w in watches[len(KINDS):]))
+        by_kind = {w.kind: w for w in watches}
         for (kind, _, _), obj in self.kube.objects.items():
             labels = obj["metadata"].get("labels") or {}
-            if kind in self.owners:
-                entries, index = owner_entries(kind, obj), self.owners[kind]
-            elif kind in ("RayJob", "RayService"):
-                entries, index = ray_entries(kind, obj), self.rayjobs if kind == "RayJob" else self.rayservices
-            elif kind == "ConfigMap" and ROLE_LABEL in labels:
-                entries, index = configmap_entries(obj) or {}, self.configmaps
-            elif kind == "Pod":
-                entries, index = pod_entries(obj), self.pods
-            elif kind == "Job":
-                entries, index = job_entries(obj) or {}, self.jobs
-            else:
-                continue
-            for key, value in entries.items():
-                index.setdefault(key, []).append(value)
+            if kind in by_kind and (kind != "ConfigMap" or ROLE_LABEL in labels):
+                by_kind[kind].index.put(obj["metadata"]["uid"], by_kind[kind].entries(obj))
 
 
 def manifest(name: str) -> dict[str, Any]:

@@ -1,41 +1,32 @@
-"""What the kopf wiring relies on: every handler is an index or an on.event, so kopf needs no diff base."""
+"""The kopf wiring: kopf runs the operator's life, the informers feed the triggers."""
 
 from __future__ import annotations
 
 import asyncio
 
 import kopf
+import pytest
 
 from llmops.handlers import main
 
 
-def test_no_handler_needs_kopfs_diff_of_old_and_new():
+def test_kopf_runs_the_operators_life_and_watches_nothing():
+    """The watches are the informers' (handlers/informers.py): kopf has no resource handler to run per object."""
     registry = kopf.get_default_registry()
-    assert registry._changing.get_all_handlers() == []   # no on.create/update/delete/resume/field
-    assert registry._spawning.get_all_handlers() == []   # no daemons or timers
-    assert registry._watching.get_all_handlers()         # the on.event triggers are there
+    assert registry._watching.get_all_handlers() == []
+    assert registry._changing.get_all_handlers() == []
+    assert registry._spawning.get_all_handlers() == []
+    assert registry._indexing.get_all_handlers() == []
+    assert {"login", "startup", "cleanup"} <= {h.id for h in registry._activities.get_all_handlers()}
 
 
-def test_startup_replaces_the_diff_base_with_one_that_builds_nothing():
-    settings = kopf.OperatorSettings()
-    assert isinstance(settings.persistence.diffbase_storage, kopf.DiffBaseStorage)
-    body = kopf.Body({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"big": list(range(9))}})
-    assert settings.persistence.diffbase_storage.build(body=body) is not None   # kopf's default: a deep copy
-
-    storage = main.NoDiffBase()
-    assert storage.build(body=body) is None and storage.fetch(body=body) is None
-    assert storage.store(body=body, patch=kopf.Patch(), essence={}) is None
-
-
-def test_startup_installs_it(monkeypatch):
+def test_startup_without_credentials_stops_with_the_fix(monkeypatch):
     settings = kopf.OperatorSettings()
     monkeypatch.setattr(main.kopf, "login_with_service_account", lambda **_: None)
     monkeypatch.setattr(main.kopf, "login_with_kubeconfig", lambda **_: None)
-    try:   # no credentials here: startup stops after the settings, before it builds the engine
+    with pytest.raises(kopf.PermanentError, match="KUBECONFIG"):
         asyncio.run(main.startup(settings=settings, logger=None, memo=kopf.Memo()))
-    except kopf.PermanentError:
-        pass
-    assert isinstance(settings.persistence.diffbase_storage, main.NoDiffBase)
+    assert settings.scanning.disabled and not settings.posting.enabled
 
 
 def test_render_registers_no_handlers():
@@ -72,12 +63,11 @@ def test_a_start_serves_resources_that_need_work_before_those_at_rest():
     """A resource created (or changed) while no operator ran is listed at start-up like those at rest, but is
     not queued behind them."""
     engine = Scheduled()
-    on_event = main._owner_event("FineTune")
-    at_rest = {"metadata": {"name": "old", "generation": 2}, "status": {"observedGeneration": 2}}
-    changed = {"metadata": {"name": "changed", "generation": 3}, "status": {"observedGeneration": 2}}
-    new = {"metadata": {"name": "new", "generation": 1}}
+    meta = {"namespace": "ns"}
+    at_rest = {"metadata": {**meta, "name": "old", "generation": 2}, "status": {"observedGeneration": 2}}
+    changed = {"metadata": {**meta, "name": "changed", "generation": 3}, "status": {"observedGeneration": 2}}
+    new = {"metadata": {**meta, "name": "new", "generation": 1}}
     for body in (at_rest, changed, new):
-        asyncio.run(on_event(type=None, namespace="ns", name=body["metadata"]["name"], memo=kopf.Memo(engine=engine),
-                             body=body))
-    asyncio.run(on_event(type="MODIFIED", namespace="ns", name="old", memo=kopf.Memo(engine=engine), body=at_rest))
+        main.on_owner(engine, "FineTune", None, body)
+    main.on_owner(engine, "FineTune", "MODIFIED", at_rest)
     assert engine.calls == [("old", True), ("changed", False), ("new", False), ("old", False)]

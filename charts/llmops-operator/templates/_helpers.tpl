@@ -107,14 +107,17 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
   verbs: [create, patch, delete]
 {{- end -}}
 
-{{/* kopf peering: list/watch the peering objects, PATCH its keep-alive into the status of its own one. */}}
-{{- define "llmops.peeringRules" -}}
-{{- $resource := ternary "kopfpeerings" "clusterkopfpeerings" (gt (len .Values.watchNamespaces) 0) -}}
-- apiGroups: [kopf.dev]
-  resources: [{{ $resource }}]
-  verbs: [list, watch]
-- apiGroups: [kopf.dev]
-  resources: [{{ $resource }}]
+{{/*
+Leader election (`llmops run --leader-election NAME`): the operator reads and renews the one Lease of that name in
+its own namespace, and creates it the first time (RBAC cannot restrict `create` by name). It never lists or
+watches Leases.
+*/}}
+{{- define "llmops.leaderElectionRules" -}}
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create]
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
   resourceNames: [{{ .Values.leaderElection.name }}]
-  verbs: [patch]
+  verbs: [get, update]
 {{- end -}}

@@ -71,8 +71,8 @@ class Engine:
         """Reconcile `key` soon; `listed`: only because the watches listed it at start-up (it waits behind the
         resources that changed)."""
         if listed and key not in self._running:
-            # Not started yet: kopf hands out a start-up's thousands of listed objects one event at a time, and
-            # reconciles started among them would delay the events of resources that need work.
+            # Not started yet: a start-up lists thousands at once, and reconciles started among them would delay
+            # those of the resources that need work.
             self._listed.add(key)
             return
         if not listed:

@@ -1,0 +1,152 @@
+"""Leader election through a coordination.k8s.io Lease, as controller-runtime and client-go do it.
+
+One replica holds the Lease and reconciles; the others wait. The holder renews it; a waiting replica takes it
+over once it has seen the same record, unrenewed, for a whole lease duration (its own clock: the holder's clock
+is never compared with ours), or at once when the holder released it on a graceful stop. A holder that could not
+renew for the renew deadline stops leading (the process exits, and its pod comes back as a waiting replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+
+from ..kube import ApiError, Kube
+
+log = logging.getLogger("llmops")
+
+LEASE_SECONDS = 60           # how long a record unrenewed means its holder is gone
+RENEW_SECONDS = 20           # how often the holder renews
+RETRY_SECONDS = 5            # how often a waiting replica looks again (a released Lease is taken this soon)
+RENEW_DEADLINE_SECONDS = 45  # a holder that could not renew for this long stops leading (before others take over)
+
+
+def now_micro() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Leader:
+    def __init__(self, kube: Kube, name: str, namespace: str, identity: str, lease_seconds: float = LEASE_SECONDS,
+                 renew_seconds: float = RENEW_SECONDS, deadline_seconds: float = RENEW_DEADLINE_SECONDS,
+                 retry_seconds: float = RETRY_SECONDS):
+        self.kube = kube
+        self.name = name
+        self.namespace = namespace
+        self.identity = identity
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = renew_seconds
+        self.deadline_seconds = deadline_seconds
+        self.retry_seconds = retry_seconds
+        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        self.leading = False
+        self._observed: tuple[Any, float] = (None, 0.0)   # the other holder's record, when we first saw it
+        self._mine: dict | None = None                    # the record as we last wrote it, while leading
+        self._renewed = 0.0
+
+    async def acquire(self) -> None:
+        """Return once this replica holds the Lease."""
+        waiting_logged = False
+        while not await self._try():
+            if not waiting_logged:
+                log.info("waiting to lead: Lease %s/%s is held by %s", self.namespace, self.name,
+                         self._observed[0][0] if self._observed[0] else "?")
+                waiting_logged = True
+            await asyncio.sleep(self.retry_seconds)
+        log.info("leading: holding Lease %s/%s as %s", self.namespace, self.name, self.identity)
+
+    async def keep(self) -> None:
+        """Renew while leading; return when leadership is lost (another holder, or no renewal for the deadline)."""
+        while True:
+            await asyncio.sleep(self.renew_seconds)
+            try:
+                if not await self._try():
+                    log.error("lost the Lease %s/%s to %s", self.namespace, self.name, self._observed[0])
+                    break
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                if time.monotonic() - self._renewed > self.deadline_seconds:
+                    log.error("could not renew the Lease %s/%s for %s s: %s", self.namespace, self.name,
+                              self.deadline_seconds, e)
+                    break
+                log.warning("renewing the Lease %s/%s failed: %s", self.namespace, self.name, e)
+        self.leading = False
+
+    async def release(self) -> None:
+        """On a graceful stop: leave the Lease free, so that a waiting replica takes over at once."""
+        if not self.leading:
+            return
+        self.leading = False
+        lease = await self._get()
+        self._mine = None
+        if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+            return
+        lease["spec"].update({"holderIdentity": None, "leaseDurationSeconds": 1, "renewTime": now_micro()})
+        try:
+            await self.kube.read("PUT", f"{self.path}/{self.name}", body=lease)
+            log.info("released the Lease %s/%s", self.namespace, self.name)
+        except ApiError as e:
+            log.warning("could not release the Lease %s/%s: %s", self.namespace, self.name, e)
+
+    async def _get(self) -> dict | None:
+        try:
+            return await self.kube.read("GET", f"{self.path}/{self.name}")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def _try(self) -> bool:
+        """One look at the Lease: take it or renew it where that is ours to do. True while this replica leads.
+        A leader renews the record it wrote last without reading it first; a conflict means somebody else wrote
+        it since, and it is read again."""
+        stamp = now_micro()
+        if self._mine is not None:
+            mine, self._mine = self._mine, None
+            mine["spec"]["renewTime"] = stamp
+            if await self._write("PUT", f"{self.path}/{self.name}", mine):
+                return True
+        lease = await self._get()
+        if lease is None:
+            return await self._write("POST", self.path, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(stamp, stamp, 0)})
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity") or ""
+        if holder and holder != self.identity and not self._expired(spec):
+            self.leading = False
+            self._mine = None
+            return False
+        transitions = int(spec.get("leaseTransitions") or 0) + (holder != self.identity)
+        acquired = spec.get("acquireTime") if holder == self.identity else stamp
+        lease["spec"] = self._spec(acquired or stamp, stamp, transitions)
+        return await self._write("PUT", f"{self.path}/{self.name}", lease)
+
+    def _expired(self, spec: dict) -> bool:
+        """The other holder's record unchanged for a whole lease duration, by our clock."""
+        record = (spec.get("holderIdentity"), spec.get("renewTime"), spec.get("leaseDurationSeconds"))
+        if record != self._observed[0]:
+            self._observed = (record, time.monotonic())
+            return False
+        duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
+        return time.monotonic() - self._observed[1] > duration
+
+    def _spec(self, acquired: str, renewed: str, transitions: int) -> dict:
+        return {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.lease_seconds),
+                "acquireTime": acquired, "renewTime": renewed, "leaseTransitions": transitions}
+
+    async def _write(self, method: str, path: str, body: dict) -> bool:
+        try:
+            written = await self.kube.read(method, path, body=body)
+        except ApiError as e:
+            if e.status == 409:   # somebody else wrote it first: look again next time
+                return False
+            raise
+        self._mine = written
+        self._renewed = time.monotonic()
+        self.leading = True
+        return True
