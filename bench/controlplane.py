@@ -34,7 +34,7 @@ results in --out, and the verdicts are computed over all of them.
 Times come from watches (never polling) on this side; each object's create time is the moment its create
 request returned (creationTimestamp has 1 s resolution; it is kept too). API requests come from the API
 server's audit log: the operator runs as its own ServiceAccount, so every request of that user is ours whatever
-its user agent (`llmops-operator` for our writes, `kopf/<version>` for kopf's lists and watches, anything else
+its user agent (`llmops-operator` for its requests, `kopf/<version>` for any of kopf's own, anything else
 "operator-other"); `ray-operator/...` is KubeRay. RSS and CPU come from /proc of each pid.
 
 Prints a table and writes bench/results/controlplane.json (see --out): every verdict under `verdicts` with `key`,

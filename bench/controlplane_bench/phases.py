@@ -84,9 +84,9 @@ def llmops_phases(n, plane, kube, watches, audit, plane_pids, args, config: Path
     out: dict[str, Any] = {}
     try:
         t_up = time.time()
-        # /healthz answers before kopf's watchers start: wait for them, then for quiet
-        wait_until(lambda: any(r[1] == "kopf" and r[3] == "watch" for r in list(audit.records)), 120,
-                   "kopf's watch requests")
+        # /healthz answers before the operator's watches start: wait for them, then for quiet
+        wait_until(lambda: any(r[1] in OPERATOR and r[3] == "watch" for r in list(audit.records)), 120,
+                   "the operator's watch requests")
         audit.wait_quiet(OPERATOR, 3, 60, since=time.time())
         startup = audit.select(OPERATOR, 0, time.time())
         streams = sum(1 for r in startup if r[3] == "watch")
@@ -242,8 +242,8 @@ def handoff(n, plane, audit, operator, plane_pids, fts, jobs, clusters, created,
 
 
 def idle(n, plane, kube, audit, op, plane_pids, args) -> dict[str, Any]:
-    """Every request of the operator process over --idle seconds with everything at rest: kopf renews each
-    watch stream every settings.watching.server_timeout, so the window must span several renewals."""
+    """Every request of the operator process over --idle seconds with everything at rest: the operator renews
+    each watch stream every informers.SERVER_TIMEOUT_SECONDS, so the window must span several renewals."""
     wait_at_rest(audit, f"llmops-{n}", args)
     log(f"N={n}: idle: {args.idle:.0f}s with {n} FineTunes at rest")
     kuberay = {"kuberay": pid_of(plane, "kuberay-operator")} if kuberay_running(plane) else {}

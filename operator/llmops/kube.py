@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import ssl
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,24 @@ PLURALS = {
     ("gateway.envoyproxy.io/v1alpha1", "SecurityPolicy"): "securitypolicies",
     **{(f"{GROUP}/{VERSION}", k.kind): k.plural for k in KINDS.values()},
 }
+
+
+@contextmanager
+def collector_paused(freeze: bool = False):
+    """For work that makes many objects and no cycles (decoding JSON, indexing what it decoded): the cyclic
+    collector has nothing to find in it, and walking the heap as it grows costs more than the work (decoding a
+    list of 5000 RayJobs took 0.5-1.4 s with it, 0.18 s without). `freeze`: what exists at the end lives long
+    (a listing and its index): moved out of the collector's sight for good, so that no later collection walks
+    it (it is still freed when no longer referenced)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 class ApiError(Exception):
@@ -113,15 +133,16 @@ class Kube:
             if session is not None:
                 await session.close()
 
-    async def read(self, method: str, path: str, params: dict[str, str] | None = None, body: Any = None
-                   ) -> dict[str, Any]:
+    async def read(self, method: str, path: str, params: dict[str, str] | None = None, body: Any = None,
+                   keep: bool = False) -> dict[str, Any]:
         """A request that is not one of the operator's writes (lists, the leader lease): not counted in
-        `requests_by_verb`; no time limit but the server's, as a large list takes a while."""
+        `requests_by_verb`; no time limit but the server's, as a large list takes a while. `keep`: the answer
+        lives long (see `collector_paused`)."""
         session = await self.session()
         data = None if body is None else json.dumps(body)
         async with session.request(method, path, params=params, data=data, timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=30, sock_read=120), headers={"Content-Type": "application/json"}) as r:
-            return await self._answer(r)
+            return await self._answer(r, keep)
 
     async def stream(self, path: str, params: dict[str, str], read_timeout: float):
         """A watch: its events as the server sends them, one JSON object a line. Its own connections, so that long
@@ -141,7 +162,7 @@ class Kube:
                         yield json.loads(line)
 
     @staticmethod
-    async def _answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    async def _answer(response: aiohttp.ClientResponse, keep: bool = False) -> dict[str, Any]:
         text = await response.text()
         if response.status >= 400:
             try:
@@ -149,7 +170,8 @@ class Kube:
             except ValueError:
                 raise ApiError(response.status, text) from None
             raise ApiError(response.status, payload.get("message", text), payload.get("reason", ""))
-        return json.loads(text) if text else {}
+        with collector_paused(freeze=keep):
+            return json.loads(text) if text else {}
 
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                       params: dict[str, str] | None = None) -> dict[str, Any]:

@@ -43,7 +43,8 @@ class StreamingKube:
         self.streams = streams
         self.requests: list[tuple[str, dict]] = []
 
-    async def read(self, method: str, path: str, params: dict | None = None, body: Any = None) -> dict:
+    async def read(self, method: str, path: str, params: dict | None = None, body: Any = None,
+                   keep: bool = False) -> dict:
         self.requests.append(("list", dict(params or {})))
         return copy.deepcopy(self.lists.pop(0))
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import aiohttp
 
-from ..kube import ApiError, Kube
+from ..kube import ApiError, Kube, collector_paused
 
 log = logging.getLogger("llmops")
 
@@ -119,16 +119,17 @@ class Informer:
 
     async def list(self) -> list[dict]:
         """List into the index (no triggers): the objects listed, for the caller to trigger once all are in."""
-        listing = await self.kube.read("GET", self.path, self._params())
+        listing = await self.kube.read("GET", self.path, self._params(), keep=True)
         self.version = listing["metadata"]["resourceVersion"]
         items = listing.get("items") or []
         gone = set(self._known)
-        for body in items:
-            body.setdefault("apiVersion", self.watched.api_version)   # list items of built-in kinds carry neither
-            body.setdefault("kind", self.watched.kind)
-            uid = body["metadata"]["uid"]
-            gone.discard(uid)
-            self._put(body)
+        with collector_paused(freeze=True):
+            for body in items:
+                body.setdefault("apiVersion", self.watched.api_version)   # items of built-in kinds carry neither
+                body.setdefault("kind", self.watched.kind)
+                uid = body["metadata"]["uid"]
+                gone.discard(uid)
+                self._put(body)
         for uid in gone:   # went while no watch ran: deleted
             self.watched.index.drop(uid)
             stub = self._known.pop(uid)
