@@ -65,7 +65,7 @@ def test_a_new_finetune_builds_its_children_and_starts_creating():
     out = finetune.decide(finetune_obs(), CTX)
     assert "RayJob" in [c["kind"] for c in out.children]
     assert (out.verdict.phase, out.verdict.reason) == ("Pending", "Creating")
-    assert "startTime" not in out.verdict.fields and out.memo_key == memo(finetune_obs())
+    assert out.verdict.fields.start_time is None and out.memo_key == memo(finetune_obs())
 
 
 def test_children_applied_as_built_are_not_built_again():
@@ -74,8 +74,8 @@ def test_children_applied_as_built_are_not_built_again():
     assert finetune.decide(obs, CTX).children, "children never applied must be built"
     out = finetune.decide(applied, CTX)
     assert out.children == [] and out.verdict.reason == "JobRunning"
-    assert out.verdict.fields["startTime"] == "2027-01-01T00:00:00Z"
-    assert out.verdict.fields["rayClusterName"] == "viggo-ft-abc"
+    assert out.verdict.fields.start_time == "2027-01-01T00:00:00Z"
+    assert out.verdict.fields.ray_cluster_name == "viggo-ft-abc"
 
 
 def test_children_applied_by_a_differently_configured_operator_are_built_again():
@@ -92,7 +92,7 @@ def test_a_finished_run_keeps_its_status_and_is_never_started_again():
               "conditions": [READY], "adapter": {"uri": "s3://a"}}
     out = finetune.decide(finetune_obs(status=status), CTX)
     assert out.children == [] and (out.verdict.phase, out.verdict.reason) == ("Succeeded", "Succeeded")
-    assert out.verdict.fields == {"adapter": {"uri": "s3://a"}}
+    assert out.verdict.fields.wire() == {"adapter": {"uri": "s3://a"}}
 
 
 def test_a_new_generation_of_a_finished_run_is_judged_again():
@@ -108,9 +108,9 @@ def test_the_report_of_a_finished_job_makes_it_succeeded_with_its_adapter_and_fi
     out = finetune.decide(finetune_obs(ray=ray_job("Complete", "SUCCEEDED"), report=report,
                                        status={"startTime": "2027-01-01T00:00:00Z"}), CTX)
     assert (out.verdict.phase, out.verdict.state) == ("Succeeded", "ready")
-    assert out.verdict.fields["adapter"] == {"uri": "s3://llmops-demo/adapters/viggo", "rank": 8}
-    assert out.verdict.fields["metrics"] == {"trainLoss": 0.25}
-    assert out.verdict.fields["completionTime"] == rfc3339(NOW)
+    assert out.verdict.fields.adapter.wire() == {"uri": "s3://llmops-demo/adapters/viggo", "rank": 8}
+    assert out.verdict.fields.metrics.wire() == {"trainLoss": 0.25}
+    assert out.verdict.fields.completion_time == rfc3339(NOW)
 
 
 def test_a_started_job_whose_rayjob_is_gone_fails_once_the_api_server_confirms_it():
@@ -166,15 +166,15 @@ def test_a_succeeded_finetune_gives_the_job_its_base_model_and_adapter():
                          "adapter": {"uri": "s3://llmops-demo/adapters/viggo", "rank": 8}})
     out = batchinference.decide(batch_obs(ft), CTX)
     assert "RayJob" in [c["kind"] for c in out.children]
-    assert out.verdict.fields["modelSource"] == ft["spec"]["baseModel"]["source"]
-    assert out.verdict.fields["adapterURI"] == "s3://llmops-demo/adapters/viggo"
+    assert out.verdict.fields.model_source == ft["spec"]["baseModel"]["source"]
+    assert out.verdict.fields.adapter_uri == "s3://llmops-demo/adapters/viggo"
 
 
 def test_a_started_job_runs_on_the_adapter_it_resolved_even_once_its_finetune_is_gone():
     status = {"startTime": "2027-01-01T00:00:00Z", "modelSource": "Qwen/x", "adapterURI": "s3://old"}
     out = batchinference.decide(batch_obs(None, ray=ray_job(), status=status), CTX)
     assert out.verdict.reason == "JobRunning"
-    assert (out.verdict.fields["modelSource"], out.verdict.fields["adapterURI"]) == ("Qwen/x", "s3://old")
+    assert (out.verdict.fields.model_source, out.verdict.fields.adapter_uri) == ("Qwen/x", "s3://old")
 
 
 # ---- LLMService -----------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_a_suspended_service_removes_its_rayservice_and_what_it_exposed():
 def test_a_service_serves_the_base_while_its_adapter_cannot_be_served(fine_tunes, state):
     out = llmservice.decide(service_obs(fine_tunes=fine_tunes), CTX)
     assert out.ray_kind == "RayService" and "RayService" in [c["kind"] for c in out.children]
-    assert [a["state"] for a in out.verdict.fields["adapters"]] == [state]
+    assert [a.state for a in out.verdict.fields.adapters] == [state]
     assert out.requeue_after == (DEPENDENCY_RECHECK_SECONDS if state == "WaitingForFineTune" else None)
 
 
@@ -203,7 +203,7 @@ def test_exposure_without_the_gateway_api_stalls_and_exposes_nothing():
     out = llmservice.decide(service_obs(spec={"expose": {"hostnames": ["llm.example.com"],
                                                          "gateway": {"name": "gw"}}}, unserved=(HTTP_ROUTE,)), CTX)
     assert (out.verdict.reason, out.verdict.state) == ("GatewayAPIMissing", "stalled")
-    assert "HTTPRoute" not in [c["kind"] for c in out.children] and "routeName" not in out.verdict.fields
+    assert "HTTPRoute" not in [c["kind"] for c in out.children] and out.verdict.fields.route_name is None
 
 
 def test_decide_imports_no_engine_cache_or_client():
@@ -227,4 +227,4 @@ def test_a_retried_attempt_keeps_running_and_counts_its_retries():
                                        status={"startTime": "2027-01-01T00:00:00Z"},
                                        applied_for=memo(finetune_obs())), CTX)
     assert (out.verdict.phase, out.verdict.state) == ("Running", "progressing")
-    assert out.verdict.fields["retries"] == {"used": 1, "limit": 2}
+    assert out.verdict.fields.retries.wire() == {"used": 1, "limit": 2}

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from llmops.api.llmservice import LLMServiceStatus
 from llmops.builders import llmservice as builder
 from llmops.builders.common import BuildContext, Owner
 from llmops.builders.exposure import HTTP_ROUTE, SECURITY_POLICY
@@ -81,8 +80,8 @@ def test_route_points_at_the_serve_service_kuberay_creates():
     assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
     assert rule["backendRefs"] == [{"group": "", "kind": "Service", "name": "svc-llm-serve-svc", "port": 8000}]
     # the same Service and port as the in-cluster endpoint in status
-    assert outcome.verdict.fields["endpoint"].startswith("http://svc-llm-serve-svc.team.svc.")
-    assert ":8000/v1" in outcome.verdict.fields["endpoint"]
+    assert outcome.verdict.fields.endpoint.startswith("http://svc-llm-serve-svc.team.svc.")
+    assert ":8000/v1" in outcome.verdict.fields.endpoint
     ref = route["metadata"]["ownerReferences"][0]
     assert (ref["kind"], ref["uid"], ref["controller"]) == ("LLMService", "uid-1", True)
 
@@ -93,7 +92,7 @@ def test_gateway_in_the_same_namespace_and_every_listener_by_default():
     assert route["spec"]["parentRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"}]
     assert "hostnames" not in route["spec"]
     assert kinds(outcome) == ["HTTPRoute", "RayService"]   # no key asked for: no policy
-    assert outcome.verdict.fields["routeName"] == "svc-llm" and "apiKeyPolicyName" not in outcome.verdict.fields
+    assert outcome.verdict.fields.route_name == "svc-llm" and outcome.verdict.fields.api_key_policy_name is None
 
 
 def test_api_key_policy_names_the_secret_and_carries_no_value():
@@ -108,9 +107,9 @@ def test_api_key_policy_names_the_secret_and_carries_no_value():
         "extractFrom": [{"headers": ["x-api-key"]}]}
     text = json.dumps(outcome.children)
     assert SECRET_VALUE not in text and "stringData" not in text and '"data"' not in text
-    assert outcome.verdict.fields["apiKeyPolicyName"] == "svc-llm"
+    assert outcome.verdict.fields.api_key_policy_name == "svc-llm"
     # every status field written is one the CRD's status schema declares (server-side apply refuses others)
-    status = LLMServiceStatus.model_validate(outcome.verdict.fields)
+    status = outcome.verdict.fields
     assert (status.route_name, status.api_key_policy_name, status.routing) == ("svc-llm", "svc-llm", "default")
 
 
@@ -123,7 +122,7 @@ def test_the_policy_is_written_before_the_route_it_guards():
 def test_without_expose_nothing_is_exposed_and_no_api_is_looked_up():
     outcome, kube = decide(body(), {})
     assert kinds(outcome) == ["RayService"] and kube.reads == []
-    assert outcome.delete == [] and "routeName" not in outcome.verdict.fields
+    assert outcome.delete == [] and outcome.verdict.fields.route_name is None
 
 
 def test_render_without_a_cluster_shows_the_route():
@@ -146,7 +145,7 @@ def test_without_the_gateway_api_the_service_still_serves_but_is_stalled():
     assert "spec.expose needs HTTPRoute (gateway.networking.k8s.io/v1)" in v.message
     assert "install the Gateway API CRDs" in v.message
     assert outcome.requeue_after is not None   # looks again: CRDs installed later are picked up
-    assert "routeName" not in v.fields
+    assert v.fields.route_name is None
 
 
 def test_an_api_key_without_its_policy_api_exposes_nothing():
@@ -188,7 +187,7 @@ def test_suspending_removes_the_exposure_with_the_ray_service():
     assert outcome.delete == [("gateway.networking.k8s.io/v1", "HTTPRoute", "svc-llm"),
                               ("gateway.envoyproxy.io/v1alpha1", "SecurityPolicy", "svc-llm"),
                               ("ray.io/v1", "RayService", "svc-llm")]
-    assert "routeName" not in outcome.verdict.fields
+    assert outcome.verdict.fields.route_name is None
 
 
 # ---- discovery -----------------------------------------------------------------------------------------------

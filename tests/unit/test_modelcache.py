@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from llmops.api.common import ModelCache
+from llmops.api.common import ModelCache, ModelCacheStatus
 from llmops.builders import batchinference, finetune, llmservice, modelcache
 from llmops.builders.common import CACHE_ROLE, ROLE_LABEL, BuildContext, Owner, load_payloads
 from llmops.builders.serving import resolve_adapters
@@ -182,14 +182,14 @@ def test_download_verdicts(job, report, now, state, reason, words):
     assert (verdict.state, verdict.reason) == (state, reason) and words in verdict.message
     assert "Qwen/Qwen2.5-7B-Instruct into PersistentVolumeClaim svc-llm-cache (spec.model.cache)" in verdict.message
     if state == "stalled":
-        assert verdict.phase == "Failed" and verdict.fields["modelCache"]["state"] == "Failed"
+        assert verdict.phase == "Failed" and verdict.fields.model_cache.state == "Failed"
     else:
-        assert verdict.phase == "Pending" and verdict.fields["modelCache"]["state"] == "Downloading"
+        assert verdict.phase == "Pending" and verdict.fields.model_cache.state == "Downloading"
 
 
 def test_a_changed_source_does_not_read_the_old_cache():
-    recorded = {"state": "Cached", "claimName": "svc-llm-cache", "source": "Qwen/Qwen2.5-0.5B-Instruct",
-                "jobName": "svc-llm-cache"}
+    recorded = ModelCacheStatus.model_validate({"state": "Cached", "claimName": "svc-llm-cache",
+                                                "source": "Qwen/Qwen2.5-0.5B-Instruct", "jobName": "svc-llm-cache"})
     verdict, _ = decide(MODEL, "spec.model.cache", recorded, COMPLETE, SUCCEEDED, NOW)
     assert (verdict.state, verdict.reason) == ("stalled", "ModelCacheFailed")
     assert "holds Qwen/Qwen2.5-0.5B-Instruct, but the model is now Qwen/Qwen2.5-7B-Instruct" in verdict.message
@@ -205,7 +205,7 @@ def test_a_claim_that_never_binds_is_a_wait_then_stalled_with_the_fix():
     stalled, _ = decide(MODEL, "spec.model.cache", None, {"status": {}}, None, NOW + 3600, unbound)
     assert (stalled.state, stalled.reason, stalled.phase) == ("stalled", "Unschedulable", "Pending")
     assert "spec.model.cache.storageClassName" in stalled.message and "ReadWriteMany" in stalled.message
-    assert stalled.fields["modelCache"]["state"] == "Downloading"
+    assert stalled.fields.model_cache.state == "Downloading"
 
 
 def test_the_download_pod_is_not_a_ray_pod():
@@ -223,7 +223,7 @@ def test_the_download_pod_is_not_a_ray_pod():
 def test_cached_once_the_job_completed_and_reported():
     verdict, fields = decide(MODEL, "spec.model.cache", None, COMPLETE, SUCCEEDED, NOW)
     assert verdict is None
-    assert fields == {"state": "Cached", "claimName": "svc-llm-cache", "source": "Qwen/Qwen2.5-7B-Instruct",
+    assert fields.wire() == {"state": "Cached", "claimName": "svc-llm-cache", "source": "Qwen/Qwen2.5-7B-Instruct",
                       "jobName": "svc-llm-cache", "bytesDone": 2**30 * 15, "bytesTotal": 2**30 * 15, "files": 9}
     again, kept = decide(MODEL, "spec.model.cache", fields, None, None, NOW)   # the Job gone since: still cached
     assert again is None and kept == fields

@@ -12,10 +12,10 @@ from llmops.decide import batchinference, finetune
 @pytest.mark.parametrize("handler, metrics", [(finetune, SIMULATED_TRAIN_METRICS),
                                               (batchinference, SIMULATED_EVAL_METRICS)])
 def test_the_simulated_mark_reaches_status_and_nothing_else_sets_it(handler, metrics):
-    assert handler.result_fields({"metrics": {**metrics, "simulated": True}})["metrics"] == {**metrics,
-                                                                                              "simulated": True}
-    assert "simulated" not in handler.result_fields({"metrics": metrics})["metrics"]
-    assert "simulated" not in handler.result_fields({"metrics": {**metrics, "simulated": "no"}})["metrics"]
+    marked = handler.result_fields({"metrics": {**metrics, "simulated": True}})["metrics"]
+    assert marked.wire() == {**metrics, "simulated": True}
+    assert handler.result_fields({"metrics": metrics})["metrics"].simulated is None
+    assert handler.result_fields({"metrics": {**metrics, "simulated": "no"}})["metrics"].simulated is None
 
 
 @pytest.mark.parametrize("model", [TrainMetrics, BatchMetrics])

@@ -306,3 +306,18 @@ def test_a_failed_attempt_with_a_retry_left_reads_as_the_retry_to_come():
                           [], T0, retries=BUDGET)
     assert (verdict.phase, verdict.state, verdict.reason) == ("Running", "progressing", "Resuming")
     assert "attempt 1 failed (OOM)" in verdict.message and "0 of 2 retries used" in verdict.message
+
+
+def test_a_verdicts_fields_merge_into_the_more_specific_status_model():
+    from llmops.api.common import ModelCacheStatus, StatusBase
+    from llmops.api.finetune import FineTuneStatus
+    from llmops.status import Verdict
+
+    cache = ModelCacheStatus(state="Cached", claim_name="c", source="m", job_name="c")
+    job = Verdict("Running", "progressing", "JobRunning", "running", FineTuneStatus(ray_job_name="a"))
+    both = job.with_fields(StatusBase(model_cache=cache))
+    assert isinstance(both.fields, FineTuneStatus)
+    assert both.fields.wire() == {"rayJobName": "a", "modelCache": cache.wire()}
+    assert job.fields.model_cache is None   # verdicts are values: the first one is unchanged
+    later = both.with_fields(FineTuneStatus(ray_job_name="b"))
+    assert later.fields.ray_job_name == "b" and later.fields.model_cache == cache

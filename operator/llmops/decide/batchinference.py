@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .. import dependencies as deps
+from ..api.batchinference import BatchMetrics
 from ..api.finetune import FineTuneStatus
 from ..builders import batchinference as builder
 from ..builders.common import BuildContext
@@ -37,9 +38,9 @@ def result_fields(report: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(metrics, dict):
         numbers = {k: metrics[k] for k in METRIC_KEYS if isinstance(metrics.get(k), (int, float))}
         if numbers:
-            fields["metrics"] = {**numbers, **simulated_mark(metrics)}
+            fields["metrics"] = BatchMetrics.model_validate({**numbers, **simulated_mark(metrics)})
     if report.get("state") == "Succeeded" and report.get("outputURI"):
-        fields["outputURI"] = report["outputURI"]
+        fields["output_uri"] = report["outputURI"]
     return fields
 
 
@@ -86,7 +87,7 @@ def decide(obs: BatchInferenceObservation, ctx: BuildContext) -> Outcome:
                                                 spec, builder.image(spec, ctx), ctx, obs.now)
     if waiting is not None:
         return Outcome(children, waiting, requeue_after=waiting.recheck_after)
-    extra = {"modelSource": model.source, **({"adapterURI": model.adapter_uri} if model.adapter_uri else {})}
+    extra = {"model_source": model.source, **({"adapter_uri": model.adapter_uri} if model.adapter_uri else {})}
     return modelcache.with_cache_status(decide_job(
         obs, ctx, "BatchInference", builder.names(obs.owner).ray,
         lambda owner, spec, ctx: builder.build(owner, spec, ctx, model), result_fields, extra), cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..api.finetune import AdapterStatus, TrainMetrics
 from ..builders import finetune as builder
 from ..builders.common import BuildContext
 from . import modelcache
@@ -15,13 +16,14 @@ def result_fields(report: Mapping[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     adapter = report.get("adapter")
     if isinstance(adapter, dict) and adapter.get("uri"):
-        fields["adapter"] = {k: adapter[k] for k in ("uri", "baseModel", "rank") if adapter.get(k) is not None}
+        fields["adapter"] = AdapterStatus.model_validate(
+            {k: adapter[k] for k in ("uri", "baseModel", "rank") if adapter.get(k) is not None})
     metrics = report.get("metrics")
     if isinstance(metrics, dict):
         keys = ("trainLoss", "evalLoss", "trainRuntimeSeconds", "trainSamplesPerSecond")
         numbers = {k: metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))}
         if numbers:
-            fields["metrics"] = {**numbers, **simulated_mark(metrics)}
+            fields["metrics"] = TrainMetrics.model_validate({**numbers, **simulated_mark(metrics)})
     return fields
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..api.common import JobStatus, StatusBase
+from ..api.common import JobStatus, RetryBudget, StatusBase
 from ..builders.common import BuildContext, Owner, UnknownAccelerator, built_from
 from ..status import PodProblem, Retries, Verdict, job_verdict, queued_verdict, rfc3339, used_retries
 from .common import Observation, Outcome
@@ -36,10 +36,9 @@ def kept(status: JobStatus) -> Verdict:
     """A finished run's verdict, as its status already says."""
     ready = next((c for c in status.conditions or [] if c.type == "Ready"), None)
     phase = status.phase or "Failed"
-    fields = {k: v for k, v in status.wire().items()
-              if k not in ("phase", "conditions", "observedGeneration", "message")}
+    rest = status.model_copy(update={"phase": None, "conditions": None, "observed_generation": None, "message": None})
     return Verdict(phase, "ready" if phase == "Succeeded" else "stalled", ready.reason if ready else phase,
-                   status.message or "", fields)
+                   status.message or "", rest)
 
 
 def status_reason(status: StatusBase) -> str:
@@ -48,7 +47,8 @@ def status_reason(status: StatusBase) -> str:
 
 
 def simulated_mark(metrics: Mapping[str, Any]) -> dict[str, bool]:
-    """`{"simulated": True}` when the report's figures came from the local plane's simulator, so status says so."""
+    """`{"simulated": True}` when the report's figures came from the local plane's simulator, so status says so
+    (the report's keys: the metrics models read them as they are on the wire)."""
     return {"simulated": True} if metrics.get("simulated") is True else {}
 
 
@@ -56,7 +56,9 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
                build: Callable[[Owner, Any, BuildContext], list[dict[str, Any]]],
                result_fields: Callable[[Mapping[str, Any]], dict[str, Any]],
                extra_fields: dict[str, Any] | None = None) -> Outcome:
-    """The RayJob to have and the status it makes, for a job whose spec is valid and whose inputs are there."""
+    """The RayJob to have and the status it makes, for a job whose spec is valid and whose inputs are there.
+    `result_fields` gives the status fields the report makes, `extra_fields` the kind's own (both by field name,
+    as the kind's status model takes them)."""
     if obs.finished:
         return Outcome([], kept(obs.status))
     status, ray, report, spec = obs.status, obs.ray, obs.report, obs.spec
@@ -70,21 +72,21 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
     if obs.queued_on:
         verdict = queued_verdict(spec.queue_name, ray, obs.workload) or verdict
 
-    fields: dict[str, Any] = {"rayJobName": ray_name, **(extra_fields or {}),
-                              "retries": {"used": retries.used, "limit": retries.limit}}
+    fields: dict[str, Any] = {"ray_job_name": ray_name, **(extra_fields or {}),
+                              "retries": RetryBudget(used=retries.used, limit=retries.limit)}
     if current:
-        fields["rayClusterName"] = current
+        fields["ray_cluster_name"] = current
     dashboard = ((ray or {}).get("status") or {}).get("dashboardURL")
     if dashboard:
-        fields["dashboardURL"] = dashboard
+        fields["dashboard_url"] = dashboard
     if status.start_time or ray is not None:
-        fields["startTime"] = status.start_time or rfc3339(obs.now)
+        fields["start_time"] = status.start_time or rfc3339(obs.now)
     if verdict.phase in TERMINAL:
-        fields["completionTime"] = status.completion_time or rfc3339(obs.now)
+        fields["completion_time"] = status.completion_time or rfc3339(obs.now)
     if report.get("progress") and verdict.phase == "Running":
         fields["progress"] = report["progress"]
     fields.update(result_fields(report))
-    verdict = Verdict(verdict.phase, verdict.state, verdict.reason, verdict.message, fields, verdict.recheck_after)
+    verdict = verdict.with_fields(type(status)(**fields))
     if verdict.reason == "RayJobDeleted":
         # Never re-created: whoever deleted it stopped the run. Checked against the API server first, since
         # the decision is final and the watch may lag.

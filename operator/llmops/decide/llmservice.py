@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ..api.batchinference import BatchInferenceStatus
 from ..api.finetune import FineTuneStatus
-from ..api.llmservice import LLMServiceStatus
+from ..api.llmservice import AdapterState, LLMServiceStatus
 from ..builders import llmservice as builder
 from ..builders.common import BuildContext, UnknownAccelerator
 from ..builders.exposure import ABSENT_SECONDS, HTTP_ROUTE, SECURITY_POLICY, Api
@@ -15,9 +15,6 @@ from ..builders.serving import WAITING, ServeConfigError, resolve_adapters, rout
 from ..status import DEPENDENCY_RECHECK_SECONDS, SERVING, PodProblem, Verdict, ZeroScaling, service_verdict
 from . import modelcache
 from .common import Observation, Outcome, invalid_spec
-
-ROUTE_KEY = "routeName"
-POLICY_KEY = "apiKeyPolicyName"
 
 
 @dataclass(frozen=True)
@@ -62,31 +59,31 @@ def decide(obs: ServiceObservation, ctx: BuildContext) -> Outcome:
     names = builder.names(owner)
     adapters = spec.adapters or []
     plan = resolve_adapters(spec, obs.fine_tunes, obs.gates)
-    fields: dict[str, Any] = {"rayServiceName": names.ray, "adapters": plan.states,
-                              "endpoint": builder.endpoint(owner, ctx.settings), "models": plan.models,
-                              "routing": routing(spec)}
-    if not adapters:
-        del fields["adapters"]
+    fields: dict[str, Any] = {"ray_service_name": names.ray, "models": plan.models, "routing": routing(spec)}
+    if adapters:
+        fields["adapters"] = [AdapterState.model_validate(state) for state in plan.states]
     if spec.suspend:
         return Outcome([], Verdict("Suspended", "suspended", "Suspended",
                                    "spec.suspend is true: the RayService is removed; set it to false to serve again",
-                                   {k: v for k, v in fields.items() if k != "endpoint"}),
+                                   LLMServiceStatus(**fields)),
                        ray_kind="RayService", delete=[*_removals(status, False, False),
                                                       ("ray.io/v1", "RayService", names.ray)])
     waiting, cache_children, cache = modelcache.stage(obs.cache, owner, status, builder.cached_model(owner, spec),
                                                       "spec.model.cache", spec, builder.image(spec, ctx), ctx,
                                                       obs.now)
     if waiting is not None:
-        waiting.fields.update({k: v for k, v in fields.items() if k != "endpoint"})
+        waiting = waiting.with_fields(LLMServiceStatus(**fields))
         return Outcome(cache_children, waiting, ray_kind="RayService", requeue_after=waiting.recheck_after)
-    fields.update(cache)
+    fields["endpoint"] = builder.endpoint(owner, ctx.settings)
+    if cache is not None:
+        fields["model_cache"] = cache
     missing = _missing(obs.unserved)
     exposed = spec.expose is not None and missing is None
     if exposed:
-        fields[ROUTE_KEY] = names.ray
+        fields["route_name"] = names.ray
         if spec.expose.api_key is not None:
-            fields[POLICY_KEY] = names.ray
-    removals = _removals(status, ROUTE_KEY in fields, POLICY_KEY in fields)
+            fields["api_key_policy_name"] = names.ray
+    removals = _removals(status, "route_name" in fields, "api_key_policy_name" in fields)
     try:
         children = builder.build(owner, spec, ctx, plan, expose=exposed)
     except UnknownAccelerator as e:
@@ -97,12 +94,13 @@ def decide(obs: ServiceObservation, ctx: BuildContext) -> Outcome:
     reason = verdict.reason
     if verdict.reason == SERVING and any(s["state"] != "Serving" for s in plan.states):
         reason = "ServingWithAdaptersPending"
+    served = LLMServiceStatus(**fields)
     if missing is not None:
         return Outcome(children, Verdict(missing.phase, missing.state, missing.reason,
-                                         f"{missing.message} ({verdict.message})", fields),
+                                         f"{missing.message} ({verdict.message})", served),
                        ray_kind="RayService", delete=removals, requeue_after=missing.recheck_after)
     recheck = verdict.recheck_after
     if any(s["state"] in WAITING for s in plan.states):
         recheck = min(recheck or DEPENDENCY_RECHECK_SECONDS, DEPENDENCY_RECHECK_SECONDS)
-    return Outcome(children, Verdict(verdict.phase, verdict.state, reason, verdict.message, fields),
+    return Outcome(children, Verdict(verdict.phase, verdict.state, reason, verdict.message, served),
                    ray_kind="RayService", delete=removals, requeue_after=recheck)

@@ -387,7 +387,9 @@ def _namespace_ending(e: ApiError) -> bool:
 
 def _attempt(outcome: Outcome, body: dict[str, Any]) -> str:
     """What a reconcile tried to write: a refused attempt is not repeated until something in it changes."""
-    return short_hash([identity(outcome.children), outcome.verdict.__dict__, meta_generation(body)], 16)
+    verdict = outcome.verdict
+    said = {**vars(verdict), "fields": verdict.fields.wire() if verdict.fields is not None else None}
+    return short_hash([identity(outcome.children), said, meta_generation(body)], 16)
 
 
 def meta_generation(body: dict[str, Any]) -> int:

@@ -33,8 +33,9 @@ def now_rfc3339() -> str:
 def status_for(body: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
     """The status a verdict makes for `body`, its conditions carried over from the current status."""
     generation = body["metadata"].get("generation", 1)
+    fields = verdict.fields.wire() if verdict.fields is not None else {}
     status: dict[str, Any] = without_none({"phase": verdict.phase, "observedGeneration": generation,
-                                           "message": verdict.message, **verdict.fields})
+                                           "message": verdict.message, **fields})
     status["conditions"] = conditions_for(verdict, generation, (body.get("status") or {}).get("conditions"),
                                           now_rfc3339())
     return typed_status(body["kind"], status)

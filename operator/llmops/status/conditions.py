@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from ..api.common import StatusBase
 
 READY, RECONCILING, STALLED, SUSPENDED = "Ready", "Reconciling", "Stalled", "Suspended"
 
@@ -19,8 +22,23 @@ class Verdict:
     state: str  # "ready" | "progressing" | "stalled" | "suspended"
     reason: str
     message: str
-    fields: dict[str, Any] = field(default_factory=dict)  # extra status fields (metrics, adapter, ...)
+    fields: StatusBase | None = None   # the rest of the status it makes (the kind's model, only what it sets)
     recheck_after: float | None = None   # decide again after this many seconds (a grace period ends)
+
+    def with_fields(self, fields: StatusBase) -> Verdict:
+        """This verdict, its status also setting what `fields` sets (that wins over what it set already)."""
+        return replace(self, fields=merged(self.fields, fields))
+
+
+def merged(first: StatusBase | None, then: StatusBase) -> StatusBase:
+    """What both statuses set, `then`'s values winning, in the more specific of their two models (a model cache's
+    part is a StatusBase, a FineTune's status a subclass of it)."""
+    if first is None:
+        return then
+    model = type(first) if isinstance(first, type(then)) else type(then)
+    values = {name: getattr(first, name) for name in first.model_fields_set}
+    values.update((name, getattr(then, name)) for name in then.model_fields_set)
+    return model(**values)
 
 
 def conditions_for(verdict: Verdict, generation: int, previous: list[dict] | None, now: str) -> list[dict]:
