@@ -303,3 +303,24 @@ def test_the_lease_namespace_comes_from_the_flag_then_the_pod(monkeypatch, env, 
     monkeypatch.setattr(main, "SERVICE_ACCOUNT_NAMESPACE", main.Path("/nonexistent"))
     assert main.lease_namespace({"lease_namespace": "flag"}) == "flag"
     assert main.lease_namespace({}) == expected
+
+
+def test_a_watch_refused_as_gone_lists_again_rather_than_retrying_the_same_version():
+    class GoneKube(StreamingKube):
+        async def stream(self, path, params, read_timeout):
+            self.requests.append(("watch", dict(params)))
+            if params["resourceVersion"] == "10":
+                raise ApiError(410, "too old resource version", "Expired")
+            await asyncio.Event().wait()
+            yield {}
+
+    seen = Seen()
+    kube = GoneKube([listing("10", obj("a", "5")), listing("20", obj("a", "15"))], [])
+
+    async def go():
+        task = asyncio.create_task(Informers(kube, [watched(seen)], None).run())
+        await until(lambda: len(kube.requests) == 4)
+        task.cancel()
+    run(go())
+    assert [(what, p.get("resourceVersion")) for what, p in kube.requests] == [
+        ("list", None), ("watch", "10"), ("list", None), ("watch", "20")]

@@ -159,15 +159,18 @@ class Informer:
         """Follow the stream from the last version seen until the server ends it."""
         params = {**self._params(), "watch": "true", "allowWatchBookmarks": "true",
                   "resourceVersion": self.version, "timeoutSeconds": str(SERVER_TIMEOUT_SECONDS)}
-        async for event in self.kube.stream(self.path, params, SERVER_TIMEOUT_SECONDS + 60):
-            kind, body = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                if body.get("code") == 410:
-                    raise Expired(body.get("message", ""))
-                raise ApiError(body.get("code") or 500, body.get("message", ""), body.get("reason", ""))
-            self.version = (body.get("metadata") or {}).get("resourceVersion") or self.version
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self.handle(kind, body)
+        try:
+            async for event in self.kube.stream(self.path, params, SERVER_TIMEOUT_SECONDS + 60):
+                kind, body = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    raise ApiError(body.get("code") or 500, body.get("message", ""), body.get("reason", ""))
+                self.version = (body.get("metadata") or {}).get("resourceVersion") or self.version
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self.handle(kind, body)
+        except ApiError as e:
+            if e.status == 410:   # as an event in the stream, or as the answer to the request
+                raise Expired(e.message) from e
+            raise
 
     async def follow(self) -> None:
         """Watch for as long as the operator runs: resume, relist on 410, back off on errors."""
