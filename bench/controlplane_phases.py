@@ -1,0 +1,206 @@
+"""Where the operator's time goes, phase by phase, on a plane `bench/controlplane.py --keep` left running.
+
+    .venv/bin/python bench/controlplane_phases.py restart PLANE [--runs 5]   # a start with N at rest + 1 new
+    .venv/bin/python bench/controlplane_phases.py burst PLANE [--n 100]     # one burst of new FineTunes
+
+A copy of operator/ gets timing lines at its phase boundaries (the process start, its start-up hook, each listing,
+the triggers, and per FineTune: watch event, reconcile start, reconcile slot, first round applied, the rest
+applied), runs against PLANE as the
+bench runs it (its ServiceAccount's kubeconfig), and the phases are printed and written to --out. The copy's
+lines write to stderr only; the operator's decisions are untouched. The kept plane must have a namespace
+`llmops-N` of the bench's FineTunes (the restart) or room for a new namespace (the burst).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests"), str(REPO / "bench")]
+
+from controlplane_bench.plane import collection_path, create_all, ensure_namespace, fine_tunes, run_async  # noqa: E402
+from llmops.kube import Credentials, Kube  # noqa: E402
+
+# (file, a line of it, what to write after it): `{at}` is the moment, `{name}` what it is about.
+PROBES = [
+    ("cli.py", "def main(argv: list[str] | None = None) -> int:",
+     '    import time as _t; sys.stderr.write(f"PHASE main - {_t.time():.3f}\\n")'),
+    ("handlers/main.py", '    options = memo.get("options", {})',
+     '    import sys as _s, time as _t; _s.stderr.write(f"PHASE startup - {_t.time():.3f}\\n")'),
+    ("handlers/informers.py", "        self.synced.set()",
+     '        import sys as _s, time as _t; _s.stderr.write(f"PHASE triggered - {_t.time():.3f}\\n")'),
+    ("handlers/informers.py", "        listed = await asyncio.gather(*(i.list_until_done() for i in self.informers))",
+     '        import sys as _s, time as _t; _s.stderr.write(f"PHASE listed - {_t.time():.3f}\\n")'),
+    ("handlers/main.py", '    key = (kind, meta["namespace"], meta["name"])',
+     '    import sys as _s, time as _t; _s.stderr.write(f"PHASE event {meta[\'name\']} {_t.time():.3f}\\n")'),
+    ("handlers/engine.py", '        attempt = ""   # what this reconcile set out to write, fingerprinted before the plan annotates it',
+     '        import sys as _s; _s.stderr.write(f"PHASE reconcile {key[2]} {time.time():.3f}\\n")'),
+    ("handlers/engine.py", "            async with self._slots.slot(later=key in self._later):",
+     '                _s.stderr.write(f"PHASE slot {key[2]} {time.time():.3f}\\n")'),
+    ("handlers/engine.py", "                        await self._apply_first(plan)",
+     '                        _s.stderr.write(f"PHASE first_applied {key[2]} {time.time():.3f}\\n")'),
+    ("handlers/engine.py", "                await self._apply_rest(plan)",
+     '                _s.stderr.write(f"PHASE rest_applied {key[2]} {time.time():.3f}\\n")'),
+]
+
+
+def probed_copy(into: Path) -> Path:
+    shutil.copytree(REPO / "operator" / "llmops", into / "llmops")
+    shutil.copytree(REPO / "operator" / "payloads", into / "payloads")
+    for file, anchor, probe in PROBES:
+        path = into / "llmops" / file
+        text = path.read_text()
+        if anchor not in text:
+            raise SystemExit(f"{file} no longer has the line the probe follows: {anchor!r}")
+        path.write_text(text.replace(anchor, f"{anchor}\n{probe}", 1))
+    return into
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin(plane: Path) -> Kube:
+    config = json.loads((plane / "kubeconfig").read_text())
+    cluster = config["clusters"][0]["cluster"]
+    token = (plane / "pki" / "tokens.csv").read_text().split(",", 1)[0]
+    return Kube(Credentials(server=cluster["server"], token=token, ca_path=cluster["certificate-authority"]),
+                "llmops-bench", user_agent="llmops-bench")
+
+
+def start(plane: Path, src: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "KUBECONFIG": str(plane / "operator.kubeconfig"), "PYTHONPATH": str(src)}
+    return subprocess.Popen([sys.executable, "-m", "llmops.cli", "run", f"--probe-port={free_port()}",
+                             "--metrics-port=0", "--log-format=plain"], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def phases(log: Path, since: float) -> dict[str, dict[str, float]]:
+    """what -> name -> the first moment at or after `since`."""
+    out: dict[str, dict[str, float]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "PHASE" and float(parts[3]) >= since:
+            out.setdefault(parts[1], {}).setdefault(parts[2], float(parts[3]))
+    return out
+
+
+def exists(kube: Kube, path: str) -> bool:
+    async def get() -> bool:
+        try:
+            from llmops.kube import ApiError
+            try:
+                await kube.request("GET", path)
+                return True
+            except ApiError as e:
+                if e.status == 404:
+                    return False
+                raise
+        finally:
+            await kube.close()
+    return run_async(get())
+
+
+def restart(args: argparse.Namespace, src: Path) -> list[dict[str, float]]:
+    """A start with the plane's FineTunes at rest; one FineTune created as the process starts, as the bench does."""
+    namespace = f"llmops-{args.at_rest}"
+    runs = []
+    for i in range(args.runs):
+        name = f"phases-{int(time.time())}-{i}"
+        log = args.logs / f"restart-{i}.log"
+        t0 = time.time()
+        proc = start(args.plane, src, log)
+        body = fine_tunes(1, namespace)[0]
+        body["metadata"]["name"] = name
+        run_async(create_all(admin(args.plane), [body], collection_path))
+        created = time.time()
+        rayjob = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs/{name}-ft"
+        while not exists(admin(args.plane), rayjob):
+            time.sleep(0.05)
+            if time.time() - created > 120:
+                raise SystemExit(f"no RayJob for {name} after 120 s; see {log}")
+        done = time.time()
+        stop(proc)
+        seen = phases(log, t0)
+        runs.append({"process_to_startup_s": seen["startup"]["-"] - t0,
+                     "listing_s": seen["listed"]["-"] - seen["startup"]["-"],
+                     "triggers_s": seen["triggered"]["-"] - seen["listed"]["-"],
+                     "creation_to_rayjob_s": done - created})
+        time.sleep(args.pause)
+    return runs
+
+
+def burst(args: argparse.Namespace, src: Path) -> dict[str, dict[str, float]]:
+    """One burst of new FineTunes in a new namespace: each one's steps, from the moment its create returned."""
+    log = args.logs / "burst.log"
+    proc = start(args.plane, src, log)
+    time.sleep(args.pause)
+    namespace = f"phases-{int(time.time())}"
+    run_async(ensure_namespace(admin(args.plane), namespace))
+    time.sleep(1)
+    made = run_async(create_all(admin(args.plane), fine_tunes(args.n, namespace), collection_path))
+    time.sleep(args.pause)
+    stop(proc)
+    seen = phases(log, min(sent for sent, _, _ in made.values()))
+    out = {}
+    for step in ("event", "reconcile", "slot", "first_applied", "rest_applied"):
+        after = [seen.get(step, {}).get(name, float("nan")) - returned for name, (_, returned, _) in made.items()]
+        after = sorted(x for x in after if x == x)
+        if after:
+            out[step] = {"count": len(after), "p50_s": after[len(after) // 2],
+                         "p99_s": after[min(len(after) - 1, int(0.99 * len(after)))], "max_s": after[-1]}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("restart", "burst"))
+    p.add_argument("plane", type=Path, help="the kept plane's folder (/tmp/llmops-bench-N-...)")
+    p.add_argument("--runs", type=int, default=5, help="restart: how many starts")
+    p.add_argument("--at-rest", type=int, default=5000, help="restart: the N of the plane's llmops-N namespace")
+    p.add_argument("--n", type=int, default=100, help="burst: how many FineTunes")
+    p.add_argument("--pause", type=float, default=6.0, help="seconds to let the operator settle around each step")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "controlplane_phases.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        args.logs = Path(tmp)
+        src = probed_copy(Path(tmp) / "src")
+        result = restart(args, src) if args.what == "restart" else burst(args, src)
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    report[args.what] = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                         "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                                  capture_output=True, text=True).stdout.strip(),
+                         "command": " ".join(sys.argv[1:]), "result": result}
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.what == "restart":
+        for key in result[0]:
+            values = [r[key] for r in result]
+            print(f"{key:22s} min {min(values):.2f}  median {statistics.median(values):.2f}  max {max(values):.2f}")
+    else:
+        for step, figures in result.items():
+            print(f"{step:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in figures.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
