@@ -140,10 +140,10 @@ def restart(args: argparse.Namespace, src: Path) -> list[dict[str, float]]:
         done = time.time()
         stop(proc)
         seen = phases(log, t0)
-        runs.append({"process_to_startup_s": seen["startup"]["-"] - t0,
-                     "listing_s": seen["listed"]["-"] - seen["startup"]["-"],
-                     "triggers_s": seen["triggered"]["-"] - seen["listed"]["-"],
-                     "creation_to_rayjob_s": done - created})
+        runs.append({"process_to_startup_s": round(seen["startup"]["-"] - t0, 3),
+                     "listing_s": round(seen["listed"]["-"] - seen["startup"]["-"], 3),
+                     "triggers_s": round(seen["triggered"]["-"] - seen["listed"]["-"], 3),
+                     "creation_to_rayjob_s": round(done - created, 3)})
         time.sleep(args.pause)
     return runs
 
@@ -165,8 +165,9 @@ def burst(args: argparse.Namespace, src: Path) -> dict[str, dict[str, float]]:
         after = [seen.get(step, {}).get(name, float("nan")) - returned for name, (_, returned, _) in made.items()]
         after = sorted(x for x in after if x == x)
         if after:
-            out[step] = {"count": len(after), "p50_s": after[len(after) // 2],
-                         "p99_s": after[min(len(after) - 1, int(0.99 * len(after)))], "max_s": after[-1]}
+            out[step] = {"count": len(after), "p50_s": round(after[len(after) // 2], 3),
+                         "p99_s": round(after[min(len(after) - 1, int(0.99 * len(after)))], 3),
+                         "max_s": round(after[-1], 3)}
     return out
 
 
@@ -188,7 +189,7 @@ def main() -> int:
     report[args.what] = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                          "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                   capture_output=True, text=True).stdout.strip(),
-                         "command": " ".join(sys.argv[1:]), "result": result}
+                         "command": f"{args.what} PLANE " + " ".join(sys.argv[3:]), "result": result}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     if args.what == "restart":
         for key in result[0]:
