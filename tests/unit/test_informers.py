@@ -324,3 +324,44 @@ def test_a_watch_refused_as_gone_lists_again_rather_than_retrying_the_same_versi
     run(go())
     assert [(what, p.get("resourceVersion")) for what, p in kube.requests] == [
         ("list", None), ("watch", "10"), ("list", None), ("watch", "20")]
+
+
+def test_an_operator_that_loses_the_lease_stops_writing_and_exits_non_zero():
+    import kopf
+
+    from llmops.handlers import main
+
+    class Closing:
+        closed = False
+
+        async def close(self):
+            self.closed = True
+
+    class Engine:
+        kube = Closing()
+
+    class LosingLeader:
+        async def acquire(self):
+            pass
+
+        async def keep(self):   # renewing failed: leadership lost at once
+            pass
+
+    class Watching:
+        cancelled = False
+
+        async def run(self):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                Watching.cancelled = True
+                raise
+
+    async def go():
+        memo = kopf.Memo(stop=asyncio.Event(), outcome={"exit_code": 0})
+        await main.operate(Engine(), Watching(), LosingLeader(), memo)
+        await asyncio.sleep(0)
+        return memo
+    memo = run(go())
+    assert memo.stop.is_set() and memo.outcome["exit_code"] == 1
+    assert Engine.kube.closed and Watching.cancelled

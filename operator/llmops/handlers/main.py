@@ -79,7 +79,10 @@ async def operate(eng: Engine, informers: Informers, leader: Leader | None, memo
             watching.cancel()
             if keeping.done():   # lost the Lease: stop writing now, then stop the operator (its pod restarts)
                 await eng.kube.close()
-                raise RuntimeError("lost the leader Lease")
+                log.error("no longer leading: the operator stops, to wait for the Lease again as a new process")
+                memo.outcome["exit_code"] = 1
+                memo.stop.set()
+                return
             keeping.cancel()
             watching.result()
         else:
