@@ -138,11 +138,8 @@ class Kube:
         """A request that is not one of the operator's writes (lists, the leader lease): not counted in
         `requests_by_verb`; no time limit but the server's, as a large list takes a while. `keep`: the answer
         lives long (see `collector_paused`)."""
-        session = await self.session()
-        data = None if body is None else json.dumps(body)
-        async with session.request(method, path, params=params, data=data, timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=30, sock_read=120), headers={"Content-Type": "application/json"}) as r:
-            return await self._answer(r, keep)
+        return await self._send(method, path, body, "application/json", params, keep,
+                                aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120))
 
     async def stream(self, path: str, params: dict[str, str], read_timeout: float):
         """A watch: its events as the server sends them, one JSON object a line. Its own connections, so that long
@@ -175,12 +172,17 @@ class Kube:
 
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                       params: dict[str, str] | None = None) -> dict[str, Any]:
-        session = await self.session()
         self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
+        return await self._send(method, path, body, content_type, params)
+
+    async def _send(self, method: str, path: str, body: Any, content_type: str, params: dict[str, str] | None,
+                    keep: bool = False, timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any]:
+        session = await self.session()
         data = None if body is None else json.dumps(body)
-        async with session.request(method, path, data=data, params=params,
-                                   headers={"Content-Type": content_type}) as response:
-            return await self._answer(response)
+        extra = {"timeout": timeout} if timeout is not None else {}   # else the session's
+        async with session.request(method, path, data=data, params=params, headers={"Content-Type": content_type},
+                                   **extra) as response:
+            return await self._answer(response, keep)
 
     async def apply(self, obj: dict[str, Any], subresource: str = "") -> dict[str, Any]:
         """Server-side apply under the operator's field manager (force: the operator owns its children)."""

@@ -13,11 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from llmops.api import KINDS
 from llmops.builders import finetune as finetune_builder
 from llmops.builders.common import ROLE_LABEL, BuildContext
 from llmops.handlers import main
-from llmops.handlers.caches import bind
 from llmops.handlers.engine import Engine, Outcome
 from llmops.builders.common import load_payloads
 from llmops.kube import ApiError
@@ -119,7 +117,6 @@ class Watches:
     def catch_up(self) -> None:
         """Every index rebuilt from the store."""
         watches = main.watched(self.engine)
-        bind(self.engine.caches, [w.index for w in watches[:len(KINDS)]], *(w.index for w in watches[len(KINDS):]))
         by_kind = {w.kind: w for w in watches}
         for (kind, _, _), obj in self.kube.objects.items():
             labels = obj["metadata"].get("labels") or {}

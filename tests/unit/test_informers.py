@@ -74,7 +74,7 @@ class Seen:
 
 
 def watched(trigger, selector: str = "app=x") -> Watched:
-    return Watched("v1", "ConfigMap", "configmaps", lambda body: {body["metadata"]["name"]: body["metadata"].get(
+    return Watched("v1", "ConfigMap", lambda body: {body["metadata"]["name"]: body["metadata"].get(
         "resourceVersion")}, selector, trigger)
 
 
@@ -92,7 +92,7 @@ async def until(condition, timeout: float = 1.0) -> None:
 def test_no_trigger_before_every_resource_is_listed_and_listed_objects_carry_their_kind():
     children = watched(None)
     owners_seen = Seen(children.index)
-    owners = Watched("llmops.dev/v1alpha1", "FineTune", "finetunes", lambda b: {"owner": b["metadata"]["name"]},
+    owners = Watched("llmops.dev/v1alpha1", "FineTune", lambda b: {"owner": b["metadata"]["name"]},
                      trigger=owners_seen)
     kube = StreamingKube([listing("10", obj("ft", "9")), listing("20", obj("child", "19"))], [])
 
@@ -168,7 +168,7 @@ def test_one_informer_per_watched_namespace_or_one_for_all():
     w = watched(None)
     assert [i.path for i in Informers(None, [w], ["a", "b"]).informers] == [
         "/api/v1/namespaces/a/configmaps", "/api/v1/namespaces/b/configmaps"]
-    assert Informer(None, Watched("ray.io/v1", "RayJob", "rayjobs", dict), None).path == "/apis/ray.io/v1/rayjobs"
+    assert Informer(None, Watched("ray.io/v1", "RayJob", dict), None).path == "/apis/ray.io/v1/rayjobs"
 
 
 # ---- the Lease ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ PAYLOADS_ROLE = "payloads"   # the namespace's shared ConfigMap of payload sourc
 OWNER_KIND_LABEL = f"{LABEL_PREFIX}/owner-kind"
 OWNER_UID_LABEL = f"{LABEL_PREFIX}/owner-uid"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llmops"}   # on every child; the watches select by it
+MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())   # ... as a label selector
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"   # a RayJob's Kueue LocalQueue: Kueue manages the jobs that carry it
 WORKLOAD_API = "kueue.x-k8s.io/v1beta2"      # Kueue's Workload: one per queued job, it holds why the job waits
 WORKLOAD_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"   # on a Workload: the uid of the job it was made for

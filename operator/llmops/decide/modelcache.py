@@ -43,7 +43,8 @@ def where(model: modelcache.CachedModel, field: str) -> str:
 def decide(model: modelcache.CachedModel, field: str, recorded: ModelCacheStatus | None,
            job: Mapping[str, Any] | None, report_data: Mapping[str, str] | None, now: float,
            problems: list[PodProblem] | None = None) -> tuple[Verdict | None, ModelCacheStatus | None]:
-    """(None, status) once the model is cached; else (the verdict while it downloads or after it failed, status).
+    """(None, the cache's status) once the model is cached; else (the verdict while it downloads or after it
+    failed, carrying the cache's status, None).
     Pure: the Job's status, the download's report and its pod's problems in, the decision out."""
     if recorded and recorded.source not in (None, model.source):
         return Verdict("Failed", "stalled", "ModelCacheFailed", (

@@ -40,10 +40,9 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from payloads.report import ReportError
 
-from ..builders.common import MANAGED_BY, OWNER_KIND_LABEL
+from ..builders.common import MANAGED_BY, MANAGED_SELECTOR, OWNER_KIND_LABEL
 from ..builders.sizing import BYTES_PER_PARAM, model_params_b
 
-MANAGED = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())   # a label selector
 
 # Figures the simulator reports by default: only those the reference run printed (its training run's
 # all_results.json; exact match 745/1083 over ViGGO's test split). The reference computed no other metric.
@@ -105,9 +104,10 @@ class Simulator:
         finished = self._play_downloads()
         if self.namespace:
             jobs = self.custom.list_namespaced_custom_object("ray.io", "v1", self.namespace, "rayjobs",
-                                                             label_selector=MANAGED)["items"]
+                                                             label_selector=MANAGED_SELECTOR)["items"]
         else:
-            jobs = self.custom.list_cluster_custom_object("ray.io", "v1", "rayjobs", label_selector=MANAGED)["items"]
+            jobs = self.custom.list_cluster_custom_object("ray.io", "v1", "rayjobs",
+                                                          label_selector=MANAGED_SELECTOR)["items"]
         self._running_workers = None   # listed once per pass, when a running job first needs them
         for job in jobs:
             if job["metadata"].get("deletionTimestamp"):
@@ -150,8 +150,8 @@ class Simulator:
     def _play_downloads(self) -> int:
         """First pass over a download Job: a Running report with half the bytes; the next one: the whole model
         reported (or the plan's failure), then its claim bound, so the Job's pod runs and completes."""
-        jobs = (self.batch.list_namespaced_job(self.namespace, label_selector=MANAGED) if self.namespace
-                else self.batch.list_job_for_all_namespaces(label_selector=MANAGED)).items
+        jobs = (self.batch.list_namespaced_job(self.namespace, label_selector=MANAGED_SELECTOR) if self.namespace
+                else self.batch.list_job_for_all_namespaces(label_selector=MANAGED_SELECTOR)).items
         finished = 0
         for job in jobs:
             key = (job.metadata.namespace, job.metadata.name)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import aiohttp
 
-from ..kube import ApiError, Kube, collector_paused
+from ..kube import PLURALS, ApiError, Kube, collector_paused, path_of
 
 log = logging.getLogger("llmops")
 
@@ -28,6 +28,11 @@ Trigger = Callable[["str | None", dict], None]   # (ADDED, MODIFIED, DELETED or 
 
 SERVER_TIMEOUT_SECONDS = 900    # a watch stream is renewed this often: the only requests of an idle operator
 ERROR_BACKOFFS = (1, 2, 5, 10, 30)
+
+
+def backoff(failures: int) -> int:
+    """Seconds to wait after this many failures in a row."""
+    return ERROR_BACKOFFS[min(failures, len(ERROR_BACKOFFS) - 1)]
 
 
 class Expired(Exception):
@@ -82,15 +87,20 @@ class Watched:
 
     api_version: str
     kind: str
-    plural: str
     entries: Entries
     selector: str = ""
     trigger: Trigger | None = None
     index: Index = field(default_factory=Index)
 
-    def path(self, namespace: str | None) -> str:
-        base = f"/api/{self.api_version}" if "/" not in self.api_version else f"/apis/{self.api_version}"
-        return f"{base}/namespaces/{namespace}/{self.plural}" if namespace else f"{base}/{self.plural}"
+    @property
+    def plural(self) -> str:
+        return PLURALS[(self.api_version, self.kind)]
+
+    def typed(self, body: dict) -> dict:
+        """The object with its apiVersion and kind, which the items of a built-in kind's list carry neither of."""
+        body.setdefault("apiVersion", self.api_version)
+        body.setdefault("kind", self.kind)
+        return body
 
 
 def _stub(body: Mapping[str, Any]) -> dict:
@@ -107,7 +117,7 @@ class Informer:
         self.kube = kube
         self.watched = watched
         self.namespace = namespace
-        self.path = watched.path(namespace)
+        self.path = path_of(watched.api_version, watched.kind, namespace)
         self.version = ""
         self._known: dict[str, dict] = {}    # uid -> its stub
 
@@ -125,11 +135,8 @@ class Informer:
         gone = set(self._known)
         with collector_paused(freeze=True):
             for body in items:
-                body.setdefault("apiVersion", self.watched.api_version)   # items of built-in kinds carry neither
-                body.setdefault("kind", self.watched.kind)
-                uid = body["metadata"]["uid"]
-                gone.discard(uid)
-                self._put(body)
+                gone.discard(body["metadata"]["uid"])
+                self._put(self.watched.typed(body))
         for uid in gone:   # went while no watch ran: deleted
             self.watched.index.drop(uid)
             stub = self._known.pop(uid)
@@ -144,8 +151,7 @@ class Informer:
 
     def handle(self, kind: str, body: dict) -> None:
         """One watch event: the index first, then the trigger (a reconcile reads the index)."""
-        body.setdefault("apiVersion", self.watched.api_version)
-        body.setdefault("kind", self.watched.kind)
+        self.watched.typed(body)
         uid = body["metadata"]["uid"]
         if kind == "DELETED":
             self.watched.index.drop(uid)
@@ -185,7 +191,7 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-                delay = ERROR_BACKOFFS[min(failures, len(ERROR_BACKOFFS) - 1)]
+                delay = backoff(failures)
                 failures += 1
                 log.warning("watch of %s failed (%s): again in %s s", self, e, delay)
                 await asyncio.sleep(delay)
@@ -203,7 +209,7 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-                delay = ERROR_BACKOFFS[min(failures, len(ERROR_BACKOFFS) - 1)]
+                delay = backoff(failures)
                 failures += 1
                 refused = isinstance(e, ApiError) and not e.transient
                 hint = " (the operator's RBAC must allow list and watch)" if refused and e.status == 403 else ""

@@ -18,8 +18,8 @@ from typing import Any
 import kopf
 
 from ..api import GROUP, KINDS, VERSION
-from ..builders.common import (CACHE_ROLE, MANAGED_BY, OWNER_UID_LABEL, PAYLOADS_ROLE, RESULT_ROLE, ROLE_LABEL,
-                               BuildContext, load_payloads)
+from ..builders.common import (CACHE_ROLE, MANAGED_SELECTOR, OWNER_UID_LABEL, PAYLOADS_ROLE, RESULT_ROLE,
+                               ROLE_LABEL, BuildContext, load_payloads)
 from ..kube import Credentials, Kube
 from ..settings import Settings
 from .caches import (bind, configmap_entries, controller, job_entries, lost_pod, owner_entries, owner_uid_label,
@@ -56,9 +56,7 @@ async def startup(settings: kopf.OperatorSettings, logger: Any, memo: kopf.Memo,
                               insecure=bool(info.insecure))
     kube = Kube(credentials, llmops_settings.field_manager)
     eng = Engine(kube, BuildContext(settings=llmops_settings, payloads=load_payloads()))
-    watches = watched(eng)
-    bind(eng.caches, [w.index for w in watches[:len(KINDS)]], *(w.index for w in watches[len(KINDS):]))
-    informers = Informers(kube, watches, options.get("namespaces") or None)
+    informers = Informers(kube, watched(eng), options.get("namespaces") or None)
     leader = None
     if options.get("leader_election"):
         leader = Leader(kube, options["leader_election"], lease_namespace(options), identity())
@@ -123,20 +121,23 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 # ---- what is watched: one index per resource, its keys tagged by what they answer --------------------------
 def watched(eng: Engine) -> list[Watched]:
-    """Our kinds (in KINDS' order), then the children's: RayJobs, RayServices, ConfigMaps, Pods, Jobs (bind's
-    order). Server-side label selectors: the API server sends only our children, not every ConfigMap and Pod."""
-    managed = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+    """Every watched resource, the engine's caches pointed at their indexes. Server-side label selectors: the API
+    server sends only our children, not every ConfigMap and Pod."""
+    managed = MANAGED_SELECTOR
     child = partial(on_child, eng)
-    return [
-        *(Watched(f"{GROUP}/{VERSION}", k.kind, k.plural, partial(owner_entries, k.kind),
+    watches = [
+        *(Watched(f"{GROUP}/{VERSION}", k.kind, partial(owner_entries, k.kind),
                   trigger=partial(on_owner, eng, k.kind)) for k in KINDS.values()),
-        Watched("ray.io/v1", "RayJob", "rayjobs", partial(ray_entries, "RayJob"), managed, child),
-        Watched("ray.io/v1", "RayService", "rayservices", partial(ray_entries, "RayService"), managed, child),
-        Watched("v1", "ConfigMap", "configmaps", configmap_entries,
+        Watched("ray.io/v1", "RayJob", partial(ray_entries, "RayJob"), managed, child),
+        Watched("ray.io/v1", "RayService", partial(ray_entries, "RayService"), managed, child),
+        Watched("v1", "ConfigMap", configmap_entries,
                 f"{managed},{ROLE_LABEL} in ({RESULT_ROLE},{PAYLOADS_ROLE},{CACHE_ROLE})", child),
-        Watched("v1", "Pod", "pods", pod_entries, OWNER_UID_LABEL, child),
-        Watched("batch/v1", "Job", "jobs", job_entries, managed, child),
+        Watched("v1", "Pod", pod_entries, OWNER_UID_LABEL, child),
+        Watched("batch/v1", "Job", job_entries, managed, child),
     ]
+    # our kinds in KINDS' order, then the children's in bind's: RayJobs, RayServices, ConfigMaps, Pods, Jobs
+    bind(eng.caches, [w.index for w in watches[:len(KINDS)]], *(w.index for w in watches[len(KINDS):]))
+    return watches
 
 
 # ---- triggers ---------------------------------------------------------------------------------------------
