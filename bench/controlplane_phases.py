@@ -8,7 +8,9 @@ the triggers, and per FineTune: watch event, reconcile start, reconcile slot, fi
 applied), runs against PLANE as the
 bench runs it (its ServiceAccount's kubeconfig), and the phases are printed and written to --out. The copy's
 lines write to stderr only; the operator's decisions are untouched. The kept plane must have a namespace
-`llmops-N` of the bench's FineTunes (the restart) or room for a new namespace (the burst).
+`llmops-N` of the bench's FineTunes (the restart) or room for a new namespace (the burst, deleted afterwards so
+that the next start does not list it). `--operator-src` probes another copy of the operator (an A/B on one plane:
+alternate the two, as a start with changed code marks every set it finds once).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests"), str(REPO / "bench")]
 
-from controlplane_bench.plane import collection_path, create_all, ensure_namespace, fine_tunes, run_async  # noqa: E402
+from controlplane_bench.plane import (collection_path, create_all, delete_namespaces, ensure_namespace,  # noqa: E402
+                                     fine_tunes, run_async)
 from llmops.kube import Credentials, Kube  # noqa: E402
 
 # (file, a line of it, what to write after it): `{at}` is the moment, `{name}` what it is about.
@@ -43,21 +46,21 @@ PROBES = [
     ("handlers/informers.py", "        listed = await asyncio.gather(*(i.list_until_done() for i in self.informers))",
      '        import sys as _s, time as _t; _s.stderr.write(f"PHASE listed - {_t.time():.3f}\\n")'),
     ("handlers/main.py", '    key = (kind, meta["namespace"], meta["name"])',
-     '    import sys as _s, time as _t; _s.stderr.write(f"PHASE event {meta[\'name\']} {_t.time():.3f}\\n")'),
+     '    import sys as _s, time as _t; _s.stderr.write(f"PHASE event {meta[\'namespace\']}/{meta[\'name\']} {_t.time():.3f}\\n")'),
     ("handlers/engine.py", '        attempt = ""   # what this reconcile set out to write, fingerprinted before the plan annotates it',
-     '        import sys as _s; _s.stderr.write(f"PHASE reconcile {key[2]} {time.time():.3f}\\n")'),
+     '        import sys as _s; _s.stderr.write(f"PHASE reconcile {key[1]}/{key[2]} {time.time():.3f}\\n")'),
     ("handlers/engine.py", "            async with self._slots.slot(later=key in self._later):",
-     '                _s.stderr.write(f"PHASE slot {key[2]} {time.time():.3f}\\n")'),
+     '                _s.stderr.write(f"PHASE slot {key[1]}/{key[2]} {time.time():.3f}\\n")'),
     ("handlers/engine.py", "                        await self._apply_first(plan)",
-     '                        _s.stderr.write(f"PHASE first_applied {key[2]} {time.time():.3f}\\n")'),
+     '                        _s.stderr.write(f"PHASE first_applied {key[1]}/{key[2]} {time.time():.3f}\\n")'),
     ("handlers/engine.py", "                await self._apply_rest(plan)",
-     '                _s.stderr.write(f"PHASE rest_applied {key[2]} {time.time():.3f}\\n")'),
+     '                _s.stderr.write(f"PHASE rest_applied {key[1]}/{key[2]} {time.time():.3f}\\n")'),
 ]
 
 
-def probed_copy(into: Path) -> Path:
-    shutil.copytree(REPO / "operator" / "llmops", into / "llmops")
-    shutil.copytree(REPO / "operator" / "payloads", into / "payloads")
+def probed_copy(into: Path, source: Path = REPO / "operator") -> Path:
+    shutil.copytree(source / "llmops", into / "llmops")
+    shutil.copytree(source / "payloads", into / "payloads")
     for file, anchor, probe in PROBES:
         path = into / "llmops" / file
         text = path.read_text()
@@ -157,10 +160,18 @@ def burst(args: argparse.Namespace, src: Path) -> dict[str, dict[str, float]]:
     run_async(ensure_namespace(admin(args.plane), namespace))
     time.sleep(1)
     made = run_async(create_all(admin(args.plane), fine_tunes(args.n, namespace), collection_path))
+    made = {f"{namespace}/{name}": times for name, times in made.items()}
     time.sleep(args.pause)
     stop(proc)
+    # gone before the next start, which would otherwise list them and, for another operator's code, mark them again
+    run_async(delete_namespaces(admin(args.plane), [namespace], 300))
     seen = phases(log, min(sent for sent, _, _ in made.values()))
-    out = {}
+    out: dict = {}
+    if args.timeline:   # each FineTune's steps from the burst's first create, in the order they were created
+        t0 = min(sent for sent, _, _ in made.values())
+        out["timeline"] = [[name, round(returned - t0, 3), *(round(seen.get(step, {}).get(name, float("nan")) - t0, 3)
+                                                             for step in ("slot", "first_applied", "rest_applied"))]
+                           for name, (_, returned, _) in sorted(made.items(), key=lambda kv: kv[1][1])]
     for step in ("event", "reconcile", "slot", "first_applied", "rest_applied"):
         after = [seen.get(step, {}).get(name, float("nan")) - returned for name, (_, returned, _) in made.items()]
         after = sorted(x for x in after if x == x)
@@ -178,12 +189,16 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=5, help="restart: how many starts")
     p.add_argument("--at-rest", type=int, default=5000, help="restart: the N of the plane's llmops-N namespace")
     p.add_argument("--n", type=int, default=100, help="burst: how many FineTunes")
+    p.add_argument("--timeline", action="store_true", help="burst: also each FineTune's steps (created, slot, "
+                   "first round, rest) from the burst's first create")
+    p.add_argument("--operator-src", type=Path, default=REPO / "operator",
+                   help="the operator's source folder to probe (default: this checkout's)")
     p.add_argument("--pause", type=float, default=6.0, help="seconds to let the operator settle around each step")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "controlplane_phases.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         args.logs = Path(tmp)
-        src = probed_copy(Path(tmp) / "src")
+        src = probed_copy(Path(tmp) / "src", args.operator_src)
         result = restart(args, src) if args.what == "restart" else burst(args, src)
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     report[args.what] = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -197,6 +212,8 @@ def main() -> int:
             print(f"{key:22s} min {min(values):.2f}  median {statistics.median(values):.2f}  max {max(values):.2f}")
     else:
         for step, figures in result.items():
+            if step == "timeline":
+                continue
             print(f"{step:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in figures.items()))
     print(f"wrote {args.out}")
