@@ -33,6 +33,7 @@ PLURALS = {
     ("ray.io/v1", "RayService"): "rayservices",
     ("ray.io/v1", "RayCluster"): "rayclusters",
     ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
     ("gateway.envoyproxy.io/v1alpha1", "SecurityPolicy"): "securitypolicies",
     **{(f"{GROUP}/{VERSION}", k.kind): k.plural for k in KINDS.values()},

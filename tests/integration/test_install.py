@@ -143,8 +143,26 @@ def test_operator_runs_a_finetune_with_the_charts_rights(chart_operator, release
     assert lease.spec.holder_identity == "chart-operator"
     lease_requests = {(r["verb"], r["objectRef"].get("name")) for r in records
                       if (r.get("objectRef") or {}).get("resource") == "leases"}
-    assert lease_requests and {verb for verb, _ in lease_requests} <= {"get", "create", "update"}, lease_requests
+    assert lease_requests and {verb for verb, _ in lease_requests} <= {"get", "create", "update", "list", "watch"}, \
+        lease_requests
     assert {name for _, name in lease_requests} <= {"llmops", None}, lease_requests
+    # A second replica with the same rights waits, watching that Lease by name (no refusal: it never falls back to
+    # reading it at intervals), and writes nothing.
+    standby = OperatorProcess(plane, chart_operator.log_path.with_name("standby.log"),
+                              env_extra={**chart_operator.env_extra, "POD_NAME": "chart-standby"},
+                              args=chart_operator.args).start()
+    try:
+        wait_for(lambda: "waiting to lead" in standby.log(), timeout=30, what="the standby replica to wait")
+        wait_for(lambda: any(r["verb"] == "watch" and (r.get("objectRef") or {}).get("resource") == "leases"
+                             for r in audit_records(plane, release.account)), timeout=30,
+                 what="the standby replica to watch the Lease")
+        assert "cannot watch the Lease" not in standby.log(), standby.log()[-3000:]
+    finally:
+        standby.stop()
+    watched = [r for r in audit_records(plane, release.account)
+               if (r.get("objectRef") or {}).get("resource") == "leases" and r["verb"] in ("list", "watch")]
+    assert watched and all(r["objectRef"].get("name") == "llmops" and r["responseStatus"]["code"] < 400
+                           for r in watched), watched
     # The operator writes only status: a GitOps tool's server-side diff of the manifest finds nothing to change.
     diff = plane.kubectl("diff", "--server-side", "-f", "-", input=manifest, check=False, quiet=True)
     assert diff.returncode == 0, diff.stdout + diff.stderr
@@ -206,11 +224,13 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
     # Leader election: the one Lease in the release namespace, nothing else of Leases, nowhere else.
     lease = ("leases", "coordination.k8s.io")
     assert can("create", *lease, namespace=release.namespace)
-    for verb in ("get", "update"):
+    for verb in ("get", "list", "watch", "update"):   # list and watch: by name (a field selector on it)
         assert can(verb, *lease, namespace=release.namespace, name="llmops"), verb
         assert not can(verb, *lease, namespace=release.namespace, name="someone-else"), verb
         assert not can(verb, *lease, namespace=ns, name="llmops"), verb
-    for verb in ("list", "watch", "patch", "delete"):
+    for verb in ("list", "watch"):   # ... never every Lease
+        assert not can(verb, *lease, namespace=release.namespace), verb
+    for verb in ("patch", "delete"):
         assert not can(verb, *lease, namespace=release.namespace, name="llmops"), verb
     assert not can("create", *lease, namespace=ns)
 

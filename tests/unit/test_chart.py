@@ -116,13 +116,14 @@ def test_rbac_is_least_privilege(helm):
 
 LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["llmops"],
-                "verbs": ["get", "update"]}]
+                "verbs": ["get", "list", "watch", "update"]}]
 
 
 @pytest.mark.parametrize("variant", [["--set", "leaderElection.enabled=true"], VARIANTS["namespaced"]],
                          ids=["cluster-wide", "namespaced"])
 def test_leader_election_gets_its_lease_and_nothing_more(helm, variant):
-    """One Role in the release namespace, in either mode: get/update on the one Lease, create; no list or watch."""
+    """One Role in the release namespace, in either mode: get/list/watch/update on the one Lease (by name), create;
+    no other Lease."""
     rendered = objects(template(helm, *variant))
     lease_roles = [o for o in rendered if o["kind"] in ("ClusterRole", "Role")
                    and any("leases" in rule["resources"] for rule in o["rules"])]

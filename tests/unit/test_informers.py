@@ -173,31 +173,48 @@ def test_one_informer_per_watched_namespace_or_one_for_all():
 
 # ---- the Lease ------------------------------------------------------------------------------------------------
 class LeaseServer:
-    """One Lease with the API server's optimistic concurrency (a PUT of a stale resourceVersion conflicts)."""
+    """One Lease with the API server's optimistic concurrency (a PUT of a stale resourceVersion conflicts), listed
+    and watched by name as the API server serves it."""
 
     def __init__(self) -> None:
         self.lease: dict | None = None
         self.version = 0
         self.requests: list[tuple[str, str]] = []   # (verb, who)
+        self.history: list[dict] = []               # every watch event so far
+        self.changed = asyncio.Condition()
 
     def client(self, who: str) -> "LeaseClient":
         return LeaseClient(self, who)
 
     def store(self, body: dict) -> dict:
         self.version += 1
+        event = "ADDED" if self.lease is None else "MODIFIED"
         self.lease = copy.deepcopy(body)
         self.lease["metadata"]["resourceVersion"] = str(self.version)
+        self.lease["metadata"].setdefault("uid", "lease-uid")
+        self.history.append({"type": event, "object": copy.deepcopy(self.lease)})
+        asyncio.get_running_loop().create_task(self._notify())
         return copy.deepcopy(self.lease)
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
 
 
 class LeaseClient:
     def __init__(self, server: LeaseServer, who: str):
         self.server, self.who, self.down = server, who, False
 
-    async def read(self, method: str, path: str, params: dict | None = None, body: Any = None) -> dict:
+    async def read(self, method: str, path: str, params: dict | None = None, body: Any = None,
+                   keep: bool = False) -> dict:
         if self.down:
             raise ApiError(503, "unavailable")
         server = self.server
+        if method == "GET" and path.endswith("/leases"):   # the list, by name
+            assert params == {"fieldSelector": "metadata.name=llmops"}, params
+            server.requests.append(("LIST", self.who))
+            return {"metadata": {"resourceVersion": str(server.version)},
+                    "items": [copy.deepcopy(server.lease)] if server.lease else []}
         server.requests.append((method, self.who))
         if method == "GET":
             if server.lease is None:
@@ -210,6 +227,18 @@ class LeaseClient:
         if body["metadata"].get("resourceVersion") != server.lease["metadata"]["resourceVersion"]:
             raise ApiError(409, "conflict", "Conflict")
         return server.store(body)
+
+    async def stream(self, path: str, params: dict, read_timeout: float):
+        server = self.server
+        assert params["fieldSelector"] == "metadata.name=llmops", params
+        server.requests.append(("WATCH", self.who))
+        seen = int(params["resourceVersion"])
+        while True:
+            for event in server.history[seen:]:
+                seen += 1
+                yield copy.deepcopy(event)
+            async with server.changed:
+                await server.changed.wait()
 
 
 def leader(server: LeaseServer, who: str, lease: float = 0.3, renew: float = 0.05) -> Leader:
@@ -231,8 +260,8 @@ def test_one_replica_leads_and_the_other_waits_while_it_renews():
         waiting.cancel()
     run(go())
     assert server.lease["spec"]["holderIdentity"] == "a"
-    assert [v for v, who in server.requests if who == "b"] == ["GET"] * len([1 for _, w in server.requests
-                                                                              if w == "b"])
+    # the waiting replica looked once, then watched: no request of its own while a renewed it again and again
+    assert [v for v, who in server.requests if who == "b"] == ["GET", "LIST", "WATCH"]
     renewals = [v for v, who in server.requests if who == "a"]
     assert renewals[0] == "GET" and renewals[1] == "POST" and set(renewals[2:]) == {"PUT"}   # no read to renew
 
@@ -263,6 +292,27 @@ def test_a_graceful_stop_releases_the_lease_and_the_other_takes_over_at_once():
         await asyncio.wait_for(waiting, 0.5)   # far sooner than the 30 s lease
         assert b.leading and not a.leading
     run(go())
+
+
+def test_a_replica_not_allowed_to_watch_the_lease_reads_it_at_intervals_instead():
+    server = LeaseServer()
+
+    class Unwatchable(LeaseClient):   # a Role without list and watch on the Lease
+        async def read(self, method: str, path: str, params: dict | None = None, body: Any = None,
+                       keep: bool = False) -> dict:
+            if path.endswith("/leases") and method == "GET":
+                raise ApiError(403, "leases is forbidden", "Forbidden")
+            return await super().read(method, path, params, body)
+
+    async def go():
+        a = leader(server, "a")
+        b = Leader(Unwatchable(server, "b"), "llmops", "ns", "b", lease_seconds=0.3, renew_seconds=0.05,
+                   deadline_seconds=0.2, retry_seconds=0.05)
+        await a.acquire()
+        await b.acquire()   # a never renews: b takes over once the record has stood for a lease duration
+        assert b.leading
+    run(go())
+    assert len([v for v, who in server.requests if who == "b" and v == "GET"]) > 3
 
 
 def test_a_leader_that_cannot_renew_until_its_deadline_stops_leading_before_anyone_takes_over():

@@ -109,8 +109,8 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
 
 {{/*
 Leader election (`llmops run --leader-election NAME`): the operator reads and renews the one Lease of that name in
-its own namespace, and creates it the first time (RBAC cannot restrict `create` by name). It never lists or
-watches Leases.
+its own namespace, and creates it the first time (RBAC cannot restrict `create` by name). A waiting replica lists
+and watches that Lease by name (a field selector on metadata.name, which RBAC checks against resourceNames).
 */}}
 {{- define "llmops.leaderElectionRules" -}}
 - apiGroups: [coordination.k8s.io]
@@ -119,5 +119,5 @@ watches Leases.
 - apiGroups: [coordination.k8s.io]
   resources: [leases]
   resourceNames: [{{ .Values.leaderElection.name }}]
-  verbs: [get, update]
+  verbs: [get, list, watch, update]
 {{- end -}}

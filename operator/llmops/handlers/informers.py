@@ -88,9 +88,10 @@ class Watched:
     api_version: str
     kind: str
     entries: Entries
-    selector: str = ""
+    selector: str = ""          # a label selector
     trigger: Trigger | None = None
     index: Index = field(default_factory=Index)
+    fields: str = ""            # a field selector
 
     @property
     def plural(self) -> str:
@@ -125,7 +126,10 @@ class Informer:
         return f"{self.watched.plural} in {self.namespace or 'all namespaces'}"
 
     def _params(self) -> dict[str, str]:
-        return {"labelSelector": self.watched.selector} if self.watched.selector else {}
+        params = {"labelSelector": self.watched.selector} if self.watched.selector else {}
+        if self.watched.fields:
+            params["fieldSelector"] = self.watched.fields
+        return params
 
     async def list(self) -> list[dict]:
         """List into the index (no triggers): the objects listed, for the caller to trigger once all are in."""

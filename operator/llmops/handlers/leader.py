@@ -2,13 +2,17 @@
 
 One replica holds the Lease and reconciles; the others wait. The holder renews it; a waiting replica takes it
 over once it has seen the same record, unrenewed, for a whole lease duration (its own clock: the holder's clock
-is never compared with ours), or at once when the holder released it on a graceful stop. A holder that could not
-renew for the renew deadline stops leading (the process exits, and its pod comes back as a waiting replica).
+is never compared with ours), or at once when the holder released it on a graceful stop. A waiting replica
+watches the Lease rather than reading it over and over: it sends no request while it waits, and acts on a release
+as soon as the watch shows it. A holder that could not renew for the renew deadline stops leading (the process
+exits, and its pod comes back as a waiting replica).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
 import time
 from datetime import datetime, timezone
@@ -17,12 +21,14 @@ from typing import Any
 import aiohttp
 
 from ..kube import ApiError, Kube
+from .informers import Informer, Watched
 
 log = logging.getLogger("llmops")
 
 LEASE_SECONDS = 60           # how long a record unrenewed means its holder is gone
 RENEW_SECONDS = 20           # how often the holder renews
-RETRY_SECONDS = 5            # how often a waiting replica looks again (a released Lease is taken this soon)
+RETRY_SECONDS = 5            # how soon a waiting replica looks again when its watch of the Lease fails
+READ = object()              # _try's default: read the Lease first
 RENEW_DEADLINE_SECONDS = 45  # a holder that could not renew for this long stops leading (before others take over)
 
 
@@ -50,14 +56,42 @@ class Leader:
 
     async def acquire(self) -> None:
         """Return once this replica holds the Lease."""
-        waiting_logged = False
-        while not await self._try():
-            if not waiting_logged:
-                log.info("waiting to lead: Lease %s/%s is held by %s", self.namespace, self.name,
-                         self._observed[0][0] if self._observed[0] else "?")
-                waiting_logged = True
-            await asyncio.sleep(self.retry_seconds)
+        if not await self._try():
+            log.info("waiting to lead: Lease %s/%s is held by %s", self.namespace, self.name,
+                     self._observed[0][0] if self._observed[0] else "?")
+            await self._wait_to_lead()
         log.info("leading: holding Lease %s/%s as %s", self.namespace, self.name, self.identity)
+
+    async def _wait_to_lead(self) -> None:
+        """Watch the Lease while another holds it: each change is looked at as it comes, and the record is taken
+        over once it has stood unrenewed for its duration."""
+        changed = asyncio.Event()
+        lease = Watched("coordination.k8s.io/v1", "Lease", lambda body: {"lease": body},
+                        trigger=lambda _, __: changed.set(), fields=f"metadata.name={self.name}")
+        informer = Informer(self.kube, lease, self.namespace)
+        try:
+            await informer.list()
+        except ApiError as e:   # e.g. a chart from before the watch, whose Role grants no list and watch
+            log.warning("cannot watch the Lease %s/%s (%s): reading it every %s s instead", self.namespace,
+                        self.name, e, self.retry_seconds)
+            while not await self._try():
+                await asyncio.sleep(self.retry_seconds)
+            return
+        following = asyncio.create_task(informer.follow())
+        try:
+            while not await self._try((lease.index.get("lease") or (None,))[0]):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self._until_expired())
+                changed.clear()
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+
+    def _until_expired(self) -> float:
+        """Seconds until the record we last saw has stood unrenewed for its duration (then it is ours to take)."""
+        record, since = self._observed
+        duration = float((record or (None, None, None))[2] or self.lease_seconds)
+        return max(0.0, since + duration - time.monotonic()) + self.retry_seconds / 100
 
     async def keep(self) -> None:
         """Renew while leading; return when leadership is lost (another holder, or no renewal for the deadline)."""
@@ -99,17 +133,18 @@ class Leader:
                 return None
             raise
 
-    async def _try(self) -> bool:
-        """One look at the Lease: take it or renew it where that is ours to do. True while this replica leads.
-        A leader renews the record it wrote last without reading it first; a conflict means somebody else wrote
-        it since, and it is read again."""
+    async def _try(self, seen: Any = READ) -> bool:
+        """One look at the Lease (as `seen` by the watch, None: not there; else read now): take it or renew it
+        where that is ours to do. True while this replica leads. A leader renews the record it wrote last without
+        reading it first; a conflict means somebody else wrote it since, and it is read again."""
         stamp = now_micro()
         if self._mine is not None:
             mine, self._mine = self._mine, None
             mine["spec"]["renewTime"] = stamp
             if await self._write("PUT", f"{self.path}/{self.name}", mine):
                 return True
-        lease = await self._get()
+            seen = READ
+        lease = await self._get() if seen is READ else copy.deepcopy(seen)
         if lease is None:
             return await self._write("POST", self.path, {
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
