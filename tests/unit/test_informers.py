@@ -196,6 +196,13 @@ class LeaseServer:
         asyncio.get_running_loop().create_task(self._notify())
         return copy.deepcopy(self.lease)
 
+    def delete(self) -> None:
+        self.version += 1
+        gone, self.lease = self.lease, None
+        gone["metadata"]["resourceVersion"] = str(self.version)
+        self.history.append({"type": "DELETED", "object": gone})
+        asyncio.get_running_loop().create_task(self._notify())
+
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
@@ -292,6 +299,22 @@ def test_a_graceful_stop_releases_the_lease_and_the_other_takes_over_at_once():
         await asyncio.wait_for(waiting, 0.5)   # far sooner than the 30 s lease
         assert b.leading and not a.leading
     run(go())
+
+
+def test_a_waiting_replica_whose_watch_shows_the_lease_deleted_creates_it_and_leads():
+    server = LeaseServer()
+
+    async def go():
+        a, b = leader(server, "a", lease=30), leader(server, "b", lease=30)
+        await a.acquire()
+        waiting = asyncio.create_task(b.acquire())
+        await until(lambda: ("WATCH", "b") in server.requests)
+        server.delete()   # by hand, say: nobody holds it now
+        await asyncio.wait_for(waiting, 0.5)   # far sooner than the 30 s lease
+        assert b.leading
+    run(go())
+    assert server.lease["spec"]["holderIdentity"] == "b"
+    assert [v for v, who in server.requests if who == "b"] == ["GET", "LIST", "WATCH", "POST"]
 
 
 def test_a_replica_not_allowed_to_watch_the_lease_reads_it_at_intervals_instead():
