@@ -317,6 +317,23 @@ def test_a_waiting_replica_whose_watch_shows_the_lease_deleted_creates_it_and_le
     assert [v for v, who in server.requests if who == "b"] == ["GET", "LIST", "WATCH", "POST"]
 
 
+def test_a_waiting_replica_rides_out_an_api_server_that_does_not_answer_for_a_while():
+    server = LeaseServer()
+
+    async def go():
+        a, b = leader(server, "a"), leader(server, "b")
+        await a.acquire()                      # then it crashes: no renewal, no release
+        b.kube.down = True
+        waiting = asyncio.create_task(b.acquire())
+        await asyncio.sleep(0.5)               # past the lease duration: b tries, and is not answered
+        assert not waiting.done() and not b.leading
+        b.kube.down = False
+        await asyncio.wait_for(waiting, 1.0)
+        assert b.leading
+    run(go(), timeout=3.0)
+    assert server.lease["spec"]["holderIdentity"] == "b"
+
+
 def test_a_replica_not_allowed_to_watch_the_lease_reads_it_at_intervals_instead():
     server = LeaseServer()
 

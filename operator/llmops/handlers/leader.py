@@ -27,7 +27,7 @@ log = logging.getLogger("llmops")
 
 LEASE_SECONDS = 60           # how long a record unrenewed means its holder is gone
 RENEW_SECONDS = 20           # how often the holder renews
-RETRY_SECONDS = 5            # how soon a waiting replica looks again when its watch of the Lease fails
+RETRY_SECONDS = 5            # how often a waiting replica not allowed to watch the Lease reads it instead
 READ = object()              # _try's default: read the Lease first
 RENEW_DEADLINE_SECONDS = 45  # a holder that could not renew for this long stops leading (before others take over)
 
@@ -56,7 +56,7 @@ class Leader:
 
     async def acquire(self) -> None:
         """Return once this replica holds the Lease."""
-        if not await self._try():
+        if not await self._look():
             log.info("waiting to lead: Lease %s/%s is held by %s", self.namespace, self.name,
                      self._observed[0][0] if self._observed[0] else "?")
             await self._wait_to_lead()
@@ -64,22 +64,19 @@ class Leader:
 
     async def _wait_to_lead(self) -> None:
         """Watch the Lease while another holds it: each change is looked at as it comes, and the record is taken
-        over once it has stood unrenewed for its duration."""
+        over once it has stood unrenewed for its duration. An API server that does not answer for a while is
+        waited out, not a reason to stop."""
         changed = asyncio.Event()
         lease = Watched("coordination.k8s.io/v1", "Lease", lambda body: {"lease": body},
                         trigger=lambda _, __: changed.set(), fields=f"metadata.name={self.name}")
         informer = Informer(self.kube, lease, self.namespace)
-        try:
-            await informer.list()
-        except ApiError as e:   # e.g. a chart from before the watch, whose Role grants no list and watch
-            log.warning("cannot watch the Lease %s/%s (%s): reading it every %s s instead", self.namespace,
-                        self.name, e, self.retry_seconds)
-            while not await self._try():
+        if not await self._listed(informer):   # e.g. a chart from before the watch: no list and watch granted
+            while not await self._look():
                 await asyncio.sleep(self.retry_seconds)
             return
         following = asyncio.create_task(informer.follow())
         try:
-            while not await self._try((lease.index.get("lease") or (None,))[0]):
+            while not await self._look((lease.index.get("lease") or (None,))[0]):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), self._until_expired())
                 changed.clear()
@@ -87,11 +84,43 @@ class Leader:
             following.cancel()
             await asyncio.gather(following, return_exceptions=True)
 
+    async def _listed(self, informer: Informer) -> bool:
+        """List the Lease for the watch to start from; False when that is refused (then it is read at intervals)."""
+        while True:
+            try:
+                await informer.list()
+                return True
+            except ApiError as e:
+                if e.status == 403:
+                    log.warning("cannot watch the Lease %s/%s (%s): reading it every %s s instead",
+                                self.namespace, self.name, e.message, self.retry_seconds)
+                    return False
+                if not e.transient:
+                    raise
+                log.warning("listing the Lease %s/%s failed (%s): again in %s s", self.namespace, self.name, e,
+                            self.retry_seconds)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                log.warning("listing the Lease %s/%s failed (%s): again in %s s", self.namespace, self.name, e,
+                            self.retry_seconds)
+            await asyncio.sleep(self.retry_seconds)
+
+    async def _look(self, seen: Any = READ) -> bool:
+        """`_try`, with a moment of the API server not answering counted as not leading yet."""
+        try:
+            return await self._try(seen)
+        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if isinstance(e, ApiError) and not e.transient:
+                raise
+            log.warning("looking at the Lease %s/%s failed (%s): again in %s s", self.namespace, self.name, e,
+                        self.retry_seconds)
+            await asyncio.sleep(self.retry_seconds)
+            return False
+
     def _until_expired(self) -> float:
         """Seconds until the record we last saw has stood unrenewed for its duration (then it is ours to take)."""
         record, since = self._observed
         duration = float((record or (None, None, None))[2] or self.lease_seconds)
-        return max(0.0, since + duration - time.monotonic()) + self.retry_seconds / 100
+        return max(0.0, since + duration - time.monotonic()) + 0.01   # just past it: _expired asks for more
 
     async def keep(self) -> None:
         """Renew while leading; return when leadership is lost (another holder, or no renewal for the deadline)."""
