@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from ..kube import ApiError, Kube
+from ..kube import ApiError, Kube, path_of
 from .informers import Informer, Watched
 
 log = logging.getLogger("llmops")
@@ -29,6 +29,7 @@ LEASE_SECONDS = 60           # how long a record unrenewed means its holder is g
 RENEW_SECONDS = 20           # how often the holder renews
 RETRY_SECONDS = 5            # how often a waiting replica not allowed to watch the Lease reads it instead
 READ = object()              # _try's default: read the Lease first
+LEASE_API = "coordination.k8s.io/v1"
 RENEW_DEADLINE_SECONDS = 45  # a holder that could not renew for this long stops leading (before others take over)
 
 
@@ -48,7 +49,8 @@ class Leader:
         self.renew_seconds = renew_seconds
         self.deadline_seconds = deadline_seconds
         self.retry_seconds = retry_seconds
-        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        self.path = path_of(LEASE_API, "Lease", namespace)            # where a Lease is created
+        self.lease_path = path_of(LEASE_API, "Lease", namespace, name)  # ours
         self.leading = False
         self._observed: tuple[Any, float] = (None, 0.0)   # the other holder's record, when we first saw it
         self._mine: dict | None = None                    # the record as we last wrote it, while leading
@@ -67,7 +69,7 @@ class Leader:
         over once it has stood unrenewed for its duration. An API server that does not answer for a while is
         waited out, not a reason to stop."""
         changed = asyncio.Event()
-        lease = Watched("coordination.k8s.io/v1", "Lease", lambda body: {"lease": body},
+        lease = Watched(LEASE_API, "Lease", lambda body: {"lease": body},
                         trigger=lambda _, __: changed.set(), fields=f"metadata.name={self.name}")
         informer = Informer(self.kube, lease, self.namespace)
         if not await self._listed(informer):   # e.g. a chart from before the watch: no list and watch granted
@@ -90,36 +92,33 @@ class Leader:
             try:
                 await informer.list()
                 return True
-            except ApiError as e:
-                if e.status == 403:
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                if isinstance(e, ApiError) and e.status == 403:
                     log.warning("cannot watch the Lease %s/%s (%s): reading it every %s s instead",
                                 self.namespace, self.name, e.message, self.retry_seconds)
                     return False
-                if not e.transient:
-                    raise
-                log.warning("listing the Lease %s/%s failed (%s): again in %s s", self.namespace, self.name, e,
-                            self.retry_seconds)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                log.warning("listing the Lease %s/%s failed (%s): again in %s s", self.namespace, self.name, e,
-                            self.retry_seconds)
-            await asyncio.sleep(self.retry_seconds)
+                await self._after_failure("listing", e)
 
     async def _look(self, seen: Any = READ) -> bool:
         """`_try`, with a moment of the API server not answering counted as not leading yet."""
         try:
             return await self._try(seen)
         except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
-            if isinstance(e, ApiError) and not e.transient:
-                raise
-            log.warning("looking at the Lease %s/%s failed (%s): again in %s s", self.namespace, self.name, e,
-                        self.retry_seconds)
-            await asyncio.sleep(self.retry_seconds)
+            await self._after_failure("looking at", e)
             return False
+
+    async def _after_failure(self, doing: str, e: Exception) -> None:
+        """A request on the Lease failed: raise a refusal; wait out an API server that did not answer."""
+        if isinstance(e, ApiError) and not e.transient:
+            raise e
+        log.warning("%s the Lease %s/%s failed (%s): again in %s s", doing, self.namespace, self.name, e,
+                    self.retry_seconds)
+        await asyncio.sleep(self.retry_seconds)
 
     def _until_expired(self) -> float:
         """Seconds until the record we last saw has stood unrenewed for its duration (then it is ours to take)."""
         record, since = self._observed
-        duration = float((record or (None, None, None))[2] or self.lease_seconds)
+        duration = self._duration(record[2] if record else None)
         return max(0.0, since + duration - time.monotonic()) + 0.01   # just past it: _expired asks for more
 
     async def keep(self) -> None:
@@ -149,14 +148,14 @@ class Leader:
             return
         lease["spec"].update({"holderIdentity": None, "leaseDurationSeconds": 1, "renewTime": now_micro()})
         try:
-            await self.kube.read("PUT", f"{self.path}/{self.name}", body=lease)
+            await self.kube.read("PUT", self.lease_path, body=lease)
             log.info("released the Lease %s/%s", self.namespace, self.name)
         except ApiError as e:
             log.warning("could not release the Lease %s/%s: %s", self.namespace, self.name, e)
 
     async def _get(self) -> dict | None:
         try:
-            return await self.kube.read("GET", f"{self.path}/{self.name}")
+            return await self.kube.read("GET", self.lease_path)
         except ApiError as e:
             if e.status == 404:
                 return None
@@ -170,13 +169,13 @@ class Leader:
         if self._mine is not None:
             mine, self._mine = self._mine, None
             mine["spec"]["renewTime"] = stamp
-            if await self._write("PUT", f"{self.path}/{self.name}", mine):
+            if await self._write("PUT", self.lease_path, mine):
                 return True
             seen = READ
         lease = await self._get() if seen is READ else copy.deepcopy(seen)
         if lease is None:
             return await self._write("POST", self.path, {
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "apiVersion": LEASE_API, "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": self._spec(stamp, stamp, 0)})
         spec = lease.get("spec") or {}
@@ -188,7 +187,7 @@ class Leader:
         transitions = int(spec.get("leaseTransitions") or 0) + (holder != self.identity)
         acquired = spec.get("acquireTime") if holder == self.identity else stamp
         lease["spec"] = self._spec(acquired or stamp, stamp, transitions)
-        return await self._write("PUT", f"{self.path}/{self.name}", lease)
+        return await self._write("PUT", self.lease_path, lease)
 
     def _expired(self, spec: dict) -> bool:
         """The other holder's record unchanged for a whole lease duration, by our clock."""
@@ -196,8 +195,11 @@ class Leader:
         if record != self._observed[0]:
             self._observed = (record, time.monotonic())
             return False
-        duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
-        return time.monotonic() - self._observed[1] > duration
+        return time.monotonic() - self._observed[1] > self._duration(spec.get("leaseDurationSeconds"))
+
+    def _duration(self, written: Any) -> float:
+        """A record's lease duration: as its holder wrote it, else ours."""
+        return float(written or self.lease_seconds)
 
     def _spec(self, acquired: str, renewed: str, transitions: int) -> dict:
         return {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.lease_seconds),
