@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests"), str(REPO / "bench")
 
 from controlplane_bench.plane import (collection_path, create_all, delete_namespaces, ensure_namespace,  # noqa: E402
                                      fine_tunes, run_async)
+from llmops.dev.processes import free_port  # noqa: E402
 from llmops.kube import Credentials, Kube  # noqa: E402
 
 # (file, a line of it, what to write after it): `{at}` is the moment, `{name}` what it is about.
@@ -70,12 +70,6 @@ def probed_copy(into: Path, source: Path = REPO / "operator") -> Path:
     return into
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def admin(plane: Path) -> Kube:
     config = json.loads((plane / "kubeconfig").read_text())
     cluster = config["clusters"][0]["cluster"]
@@ -106,17 +100,10 @@ def phases(log: Path, since: float) -> dict[str, dict[str, float]]:
     return out
 
 
-def exists(kube: Kube, path: str) -> bool:
+def exists(kube: Kube, api_version: str, kind: str, namespace: str, name: str) -> bool:
     async def get() -> bool:
         try:
-            from llmops.kube import ApiError
-            try:
-                await kube.request("GET", path)
-                return True
-            except ApiError as e:
-                if e.status == 404:
-                    return False
-                raise
+            return await kube.get(api_version, kind, namespace, name) is not None
         finally:
             await kube.close()
     return run_async(get())
@@ -135,8 +122,7 @@ def restart(args: argparse.Namespace, src: Path) -> list[dict[str, float]]:
         body["metadata"]["name"] = name
         run_async(create_all(admin(args.plane), [body], collection_path))
         created = time.time()
-        rayjob = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs/{name}-ft"
-        while not exists(admin(args.plane), rayjob):
+        while not exists(admin(args.plane), "ray.io/v1", "RayJob", namespace, f"{name}-ft"):
             time.sleep(0.05)
             if time.time() - created > 120:
                 raise SystemExit(f"no RayJob for {name} after 120 s; see {log}")
@@ -165,10 +151,10 @@ def burst(args: argparse.Namespace, src: Path) -> dict[str, dict[str, float]]:
     stop(proc)
     # gone before the next start, which would otherwise list them and, for another operator's code, mark them again
     run_async(delete_namespaces(admin(args.plane), [namespace], 300))
-    seen = phases(log, min(sent for sent, _, _ in made.values()))
+    t0 = min(sent for sent, _, _ in made.values())
+    seen = phases(log, t0)
     out: dict = {}
     if args.timeline:   # each FineTune's steps from the burst's first create, in the order they were created
-        t0 = min(sent for sent, _, _ in made.values())
         out["timeline"] = [[name, round(returned - t0, 3), *(round(seen.get(step, {}).get(name, float("nan")) - t0, 3)
                                                              for step in ("slot", "first_applied", "rest_applied"))]
                            for name, (_, returned, _) in sorted(made.items(), key=lambda kv: kv[1][1])]
