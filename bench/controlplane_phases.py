@@ -6,7 +6,9 @@
 A copy of operator/ gets timing lines at its phase boundaries (the process start, its start-up hook, each listing,
 the triggers, and per FineTune: watch event, reconcile start, reconcile slot, first round applied, the rest
 applied), runs against PLANE as the
-bench runs it (its ServiceAccount's kubeconfig), and the phases are printed and written to --out. The copy's
+bench runs it (its ServiceAccount's kubeconfig), and the phases are printed and written to --out. A burst also
+reports each process's CPU seconds from its first create to its last child (`cpu_s`: the plane's processes, the
+operator, this tool), which shows whether the machine's cores were the limit. The copy's
 lines write to stderr only; the operator's decisions are untouched. The kept plane must have a namespace
 `llmops-N` of the bench's FineTunes (the restart) or room for a new namespace (the burst, deleted afterwards so
 that the next start does not list it). `--operator-src` probes another copy of the operator (an A/B on one plane:
@@ -24,12 +26,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests"), str(REPO / "bench")]
 
+from controlplane_bench.measure import proc_cpu_s  # noqa: E402
 from controlplane_bench.plane import (collection_path, create_all, delete_namespaces, ensure_namespace,  # noqa: E402
                                      fine_tunes, run_async)
 from llmops.dev.processes import free_port  # noqa: E402
@@ -137,11 +141,46 @@ def restart(args: argparse.Namespace, src: Path) -> list[dict[str, float]]:
     return runs
 
 
+class CpuSampler(threading.Thread):
+    """Each process's CPU seconds so far, every few tens of milliseconds: what the machine's cores did during a
+    window that is known only afterwards (the burst, from its first create to its last child)."""
+
+    def __init__(self, pids: dict[str, int], every: float = 0.02):
+        super().__init__(daemon=True)
+        self.pids, self.every, self.samples = pids, every, []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            row = {"t": time.time()}
+            for name, pid in self.pids.items():
+                try:
+                    row[name] = proc_cpu_s(pid)
+                except OSError:
+                    pass
+            self.samples.append(row)
+            time.sleep(self.every)
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        self.join()
+        first = min(self.samples, key=lambda r: abs(r["t"] - t0))
+        last = min(self.samples, key=lambda r: abs(r["t"] - t1))
+        return {"window_s": round(last["t"] - first["t"], 3),
+                **{name: round(last[name] - first[name], 3) for name in self.pids if name in first and name in last}}
+
+
+def plane_pids(plane: Path) -> dict[str, int]:
+    state = json.loads((plane / "state.json").read_text())
+    return {p["name"]: p["pid"] for p in state["processes"] if Path(f"/proc/{p['pid']}").exists()}
+
+
 def burst(args: argparse.Namespace, src: Path) -> dict[str, dict[str, float]]:
     """One burst of new FineTunes in a new namespace: each one's steps, from the moment its create returned."""
     log = args.logs / "burst.log"
     proc = start(args.plane, src, log)
     time.sleep(args.pause)
+    sampler = CpuSampler({**plane_pids(args.plane), "llmops": proc.pid, "bench": os.getpid()})
+    sampler.start()
     namespace = f"phases-{int(time.time())}"
     run_async(ensure_namespace(admin(args.plane), namespace))
     time.sleep(1)
@@ -149,11 +188,15 @@ def burst(args: argparse.Namespace, src: Path) -> dict[str, dict[str, float]]:
     made = {f"{namespace}/{name}": times for name, times in made.items()}
     time.sleep(args.pause)
     stop(proc)
+    sampler.halt.set()
     # gone before the next start, which would otherwise list them and, for another operator's code, mark them again
     run_async(delete_namespaces(admin(args.plane), [namespace], 300))
     t0 = min(sent for sent, _, _ in made.values())
     seen = phases(log, t0)
     out: dict = {}
+    done = [seen.get("rest_applied", {}).get(name) for name in made]
+    if all(done):   # the cores' time from the first create to the last child
+        out["cpu_s"] = sampler.between(t0, max(done))
     if args.timeline:   # each FineTune's steps from the burst's first create, in the order they were created
         out["timeline"] = [[name, round(returned - t0, 3), *(round(seen.get(step, {}).get(name, float("nan")) - t0, 3)
                                                              for step in ("slot", "first_applied", "rest_applied"))]
@@ -199,6 +242,9 @@ def main() -> int:
     else:
         for step, figures in result.items():
             if step == "timeline":
+                continue
+            if step == "cpu_s":
+                print("cpu_s      " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()))
                 continue
             print(f"{step:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in figures.items()))
