@@ -11,6 +11,8 @@ import asyncio
 import base64
 import gc
 import json
+import logging
+import re
 import ssl
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +21,11 @@ from typing import Any
 import aiohttp
 
 from .api import GROUP, KINDS, VERSION
+
+log = logging.getLogger("llmops")
+
+WARNING = re.compile(r'\d{3} \S+ "((?:[^"\\]|\\.)*)"')   # code, agent, "text" (RFC 9111)
+WARNINGS_REMEMBERED = 256   # distinct texts logged once each; past that, at debug level
 
 PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
@@ -58,6 +65,10 @@ def collector_paused(freeze: bool = False):
             gc.enable()
 
 
+# A server-side apply that sets a field the installed CRD lacks: "(namespace/name; group/version, Kind=K): .path: ..."
+TYPED_PATCH = re.compile(r"failed to create typed patch object \([^;]*; /?([^,]+), Kind=([^)]+)\): (.+)")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, reason: str = ""):
         super().__init__(f"{status} {reason}: {message}")
@@ -66,8 +77,26 @@ class ApiError(Exception):
         self.message = message
 
     @property
+    def outdated_schema(self) -> tuple[str, str, str] | None:
+        """(apiVersion, kind, what it lacks) when an apply set a field that the installed CRD does not have (a CRD
+        older than the operator). The API server answers 500, but the request fails the same way until the CRD
+        changes."""
+        found = TYPED_PATCH.search(self.message) if self.status == 500 else None
+        return (found.group(1), found.group(2), found.group(3)) if found else None
+
+    @property
+    def namespace_ending(self) -> bool:
+        return self.status == 403 and "being terminated" in self.message
+
+    @property
     def transient(self) -> bool:
-        return self.status in (409, 429) or self.status >= 500
+        return (self.status in (409, 429) or self.status >= 500) and self.outdated_schema is None
+
+
+def warnings_of(values: list[str]) -> list[str]:
+    """The texts of a response's Warning headers: the API server's notes on deprecated APIs and on fields it
+    dropped from a request (an unknown field, e.g. one that an older KubeRay's CRD lacks)."""
+    return [re.sub(r"\\(.)", r"\1", m.group(1)) for value in values for m in WARNING.finditer(value)]
 
 
 def path_of(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -107,6 +136,7 @@ class Kube:
         self._session: aiohttp.ClientSession | None = None
         self._streams: aiohttp.ClientSession | None = None
         self.requests_by_verb: dict[str, int] = {}
+        self._warned: set[str] = set()
 
     def _ssl(self) -> ssl.SSLContext | bool:
         c = self.credentials
@@ -183,7 +213,20 @@ class Kube:
         extra = {"timeout": timeout} if timeout is not None else {}   # else the session's
         async with session.request(method, path, data=data, params=params, headers={"Content-Type": content_type},
                                    **extra) as response:
+            if "Warning" in response.headers:
+                self._warn(method, path, warnings_of(response.headers.getall("Warning")))
             return await self._answer(response, keep)
+
+    def _warn(self, method: str, path: str, texts: list[str]) -> None:
+        """Each distinct warning once: a burst of RayJobs would otherwise repeat one dropped field a thousand times."""
+        for text in texts:
+            if text in self._warned:
+                continue
+            if len(self._warned) >= WARNINGS_REMEMBERED:
+                log.debug("the API server warns about %s %s: %s", method, path, text)
+                continue
+            self._warned.add(text)
+            log.warning("the API server warns about %s %s: %s (each warning is logged once)", method, path, text)
 
     async def apply(self, obj: dict[str, Any], subresource: str = "") -> dict[str, Any]:
         """Server-side apply under the operator's field manager (force: the operator owns its children)."""

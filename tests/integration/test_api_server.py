@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
+import logging
 
 import pytest
 from kubernetes.client.rest import ApiException
 
 from integration.harness import GROUP, PLURALS, VERSION
+from llmops.kube import Credentials, Kube
 from manifests import INVALID, example, finetune
 
 pytestmark = pytest.mark.integration
@@ -103,3 +107,33 @@ def test_kubectl_get_llmops_lists_all_kinds(plane, cluster, ns):
     assert "finetune.llmops.dev/viggo" in out
     assert "batchinference.llmops.dev/viggo-eval" in out
     assert "llmservice.llmops.dev/viggo-serve" in out
+
+
+def test_api_server_warnings_reach_the_operator_log_once(plane, ns, caplog):
+    """The API server's Warning headers (deprecated APIs, names it advises against) reach the operator's log, each
+    distinct one once: here, a finalizer name without a domain on two RayJobs."""
+    config = json.loads(plane.kubeconfig.read_text())
+    server = config["clusters"][0]["cluster"]
+    kube = Kube(Credentials(server=server["server"], token=config["users"][0]["user"]["token"],
+                            ca_path=server["certificate-authority"]), "llmops")
+
+    def job(name: str, finalizers: list[str]) -> dict:
+        return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+                "metadata": {"name": name, "namespace": ns, "finalizers": finalizers},
+                "spec": {"entrypoint": "true", "suspend": True, "rayClusterSpec": {"headGroupSpec": {
+                    "rayStartParams": {}, "template": {"spec": {"containers": [{"name": "ray-head", "image": "ray"}]}}}}}}
+
+    async def apply(finalizers: list[str]) -> None:
+        try:
+            for name in ("one", "two"):
+                await kube.apply(job(name, finalizers))
+        finally:
+            await kube.close()
+
+    with caplog.at_level(logging.WARNING, logger="llmops"):
+        asyncio.run(apply(["plain"]))
+        asyncio.run(apply([]))   # the finalizer gone again, or the namespace could not go
+    warned = [r.getMessage() for r in caplog.records if "warns" in r.getMessage()]
+    assert warned == [f"the API server warns about PATCH /apis/ray.io/v1/namespaces/{ns}/rayjobs/one: "
+                      'metadata.finalizers: "plain": prefer a domain-qualified finalizer name to avoid accidental '
+                      "conflicts with other finalizer writers (each warning is logged once)"], warned

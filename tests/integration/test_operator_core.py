@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -94,3 +95,45 @@ def test_rayjob_deleted_while_the_operator_is_down(cluster, operator, ns):
              timeout=30, what="a reconcile of the touched FineTune")
     assert cluster.ray("rayjobs", ns, "orphaned-ft") is None
     assert phase(cluster.get("FineTune", ns, "orphaned")) == "Failed"
+
+
+def _without_backoff_limit(crd: dict) -> dict:
+    for version in crd["spec"]["versions"]:
+        version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"].pop("backoffLimit", None)
+    return crd
+
+
+def test_a_crd_older_than_the_operator_stalls_naming_the_field_then_recovers(plane, cluster, operator, ns):
+    """KubeRay's RayJob CRD without a field the operator writes (an older KubeRay; CRDs a Helm upgrade left as they
+    were): the API server fails every apply of it. The FineTune says so, Stalled with the field and the fix (it was
+    retried in silence, Pending for ever), and goes on once the CRD has the field again."""
+    def rayjob_crd() -> dict:
+        return json.loads(plane.kubectl("get", "crd", "rayjobs.ray.io", "-o", "json", quiet=True).stdout)
+
+    def refused() -> bool:   # the API server takes the new schema a moment after the CRD changes
+        probe = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "probe", "namespace": ns},
+                 "spec": {"entrypoint": "true", "backoffLimit": 0}}
+        applied = plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(probe),
+                                check=False, quiet=True)
+        return "field not declared in schema" in applied.stderr
+
+    original = rayjob_crd()
+    plane.kubectl("replace", "-f", "-", input=json.dumps(_without_backoff_limit(rayjob_crd())), quiet=True)
+    try:
+        wait_for(refused, timeout=30, what="the API server to take the CRD without spec.backoffLimit")
+        cluster.create(finetune("older-kuberay"), ns)
+        stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "CRDOutdated" else None)(
+            cluster.get("FineTune", ns, "older-kuberay")), timeout=60, what="Stalled CRDOutdated")
+        message = condition(stalled, "Stalled")["message"]
+        assert "ray.io/v1 RayJob" in message and ".spec.backoffLimit" in message and "KubeRay" in message, message
+        assert phase(stalled) == "Pending" and condition(stalled, "Ready")["status"] == "False"
+        assert cluster.ray_list("rayjobs", ns) == []
+    finally:
+        current = rayjob_crd()
+        original["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        plane.kubectl("replace", "-f", "-", input=json.dumps(original), quiet=True)
+    # Any change to the resource tries again at once (else the back-off's next retry, within minutes).
+    cluster.patch("FineTune", ns, "older-kuberay", {"metadata": {"annotations": {"retry": "now"}}})
+    wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=60, what="the RayJob")
+    wait_for(lambda: condition(cluster.get("FineTune", ns, "older-kuberay"), "Stalled").get("status") == "False",
+             timeout=60, what="Stalled=False")

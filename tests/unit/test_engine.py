@@ -35,6 +35,7 @@ class RecordingKube:
         self.fail: dict[tuple[str, ...], list[ApiError]] = {}   # (verb, kind[, name]) -> errors to raise, in order
         self.version = 0
         self.apis: dict[str, dict[str, Any]] = {}   # group/version -> its discovery document (absent: 404)
+        self.created: list[dict[str, Any]] = []   # what create() was given (Events)
 
     def _check(self, verb: str, kind: str, name: str) -> None:
         self.requests.append((verb, kind, name))
@@ -91,6 +92,7 @@ class RecordingKube:
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         self._check("create", obj["kind"], obj["metadata"].get("name", obj["metadata"].get("generateName", "")))
+        self.created.append(obj)
         return obj
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
@@ -360,6 +362,49 @@ def test_refused_child_is_stalled_and_not_retried_until_the_inputs_change(name, 
     watches.catch_up()
     run(engine.reconcile(key_of(doc)))
     assert ("apply", ray_kind, ray_name) in kube.writes()
+
+
+
+def outdated(api_version: str, kind: str, name: str, field: str) -> ApiError:
+    """What the API server answers a server-side apply that sets a field the installed CRD lacks."""
+    return ApiError(500, f"failed to create typed patch object (default/{name}; {api_version}, Kind={kind}): "
+                         f"{field}: field not declared in schema")
+
+
+def test_a_child_crd_older_than_the_operator_stalls_naming_it_and_is_retried():
+    doc = manifest("finetune")
+    engine, kube, watches = setup(doc)
+    kube.fail[("apply", "RayJob")] = [outdated("ray.io/v1", "RayJob", "viggo-ft", ".spec.backoffLimit")] * 2
+    assert run(engine.reconcile(key_of(doc))) is not None, "retried: a CRD upgrade fixes it with no change here"
+    assert [r for r in kube.requests if r[1] == "RayJob"] == [("apply", "RayJob", "viggo-ft")], "sent once, not retried at once"
+    stalled = next(c for c in kube.objects[key_of(doc)]["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "CRDOutdated"
+    assert "ray.io/v1 RayJob" in stalled["message"] and ".spec.backoffLimit" in stalled["message"]
+    assert "KubeRay" in stalled["message"]
+    watches.catch_up()
+    assert run(engine.reconcile(key_of(doc))) is not None
+    watches.catch_up()   # the CRD upgraded: the next try goes through
+    assert run(engine.reconcile(key_of(doc))) is None
+    assert ("apply", "RayJob", "viggo-ft") in kube.writes()
+    watches.catch_up()
+    run(engine.reconcile(key_of(doc)))
+    stalled = next(c for c in kube.objects[key_of(doc)]["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "False"
+
+
+def test_its_own_crd_older_than_the_operator_is_told_by_one_event():
+    """The status cannot say it (the status write is what fails): an Event does, once while it lasts."""
+    doc = manifest("finetune")
+    engine, kube, watches = setup(doc)
+    kube.fail[("status", "FineTune")] = [outdated("llmops.dev/v1alpha1", "FineTune", "viggo", ".status.newField")] * 6
+    for _ in range(3):
+        assert run(engine.reconcile(key_of(doc))) is not None
+        watches.catch_up()
+    [event] = kube.created
+    assert event["type"] == "Warning" and event["reason"] == "CRDOutdated"
+    assert "llmops.dev/v1alpha1 FineTune" in event["message"] and ".status.newField" in event["message"]
+    assert "apply the CRDs of this operator's version" in event["message"]
+    assert "status" not in kube.objects[key_of(doc)]
 
 
 def test_a_burst_of_triggers_costs_at_most_two_reconciles():

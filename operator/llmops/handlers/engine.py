@@ -24,7 +24,7 @@ from .caches import Caches, marked, plain
 from .discovery import Discovery
 from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
 from .kinds import RECONCILERS, Reconciler
-from .writes import event_for, status_for
+from .writes import attempt_of, event_for, outdated_crd, status_for
 from .metrics import Metrics
 from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
 from .slots import Gathered, Lull, Slots
@@ -174,7 +174,7 @@ class Engine:
             plan: Plan | None = None
             async with self._slots.slot(later=key in self._later):
                 outcome = self._decide(kind, body)
-                attempt = _attempt(outcome, body)
+                attempt = attempt_of(outcome, body)
                 if self.expected.was_refused(key, attempt):
                     return None  # already reported as Stalled; retrying the same request cannot succeed
                 if outcome.children:
@@ -195,10 +195,12 @@ class Engine:
                 return CACHE_LAG_RECHECK_SECONDS
             await self._write_status(body, outcome)
         except ApiError as e:
-            if _namespace_ending(e):
+            if e.namespace_ending:
                 return None  # the namespace is going away, and this resource with it
             self.metrics.api_errors[e.reason or str(e.status)] = self.metrics.api_errors.get(
                 e.reason or str(e.status), 0) + 1
+            if e.outdated_schema is not None:
+                return await self._outdated_crd(key, body, started, outdated_crd(*e.outdated_schema))
             if e.transient:
                 return self._retry(key, kind, started, f"transient API error: {e}")
             if e.status == 404 and self.discovery.invalidate():
@@ -234,6 +236,18 @@ class Engine:
         if outcome.verdict.phase in TERMINAL:   # the run is over: a pod it lost is no longer news
             self.caches.lost_pods.pop(body["metadata"]["uid"], None)
         return outcome
+
+    async def _outdated_crd(self, key: Key, body: dict[str, Any], started: float, verdict: Verdict) -> float:
+        """Said in the status, or, when the resource's own CRD is the old one, in an Event (the first time in a row);
+        tried again with back-off, as a CRD upgrade fixes it without a change here."""
+        log.warning("%s %s/%s: %s", key[0], key[1], key[2], verdict.message)
+        try:
+            await self._write_status(body, Outcome([], verdict))
+        except ApiError as e:
+            if e.outdated_schema is None or key in self._backoff:
+                return self._retry(key, key[0], started, f"status write failed: {e}")
+            await self._post_event(body, outdated_crd(*e.outdated_schema))
+        return self._retry(key, key[0], started, verdict.reason)
 
     def _retry(self, key: Key, kind: str, started: float, why: str) -> float:
         delay = min(self._backoff.get(key, 0.5) * 2, 300.0)
@@ -374,24 +388,12 @@ class Engine:
         self.expected.wrote_status(meta["uid"], meta.get("resourceVersion", ""), status)
         self.metrics.status_writes += 1
         if current.get("phase") != outcome.verdict.phase:
-            try:
-                await self.kube.create(event_for(body, outcome.verdict))
-            except ApiError as e:  # an event is best effort: status already says it
-                if not _namespace_ending(e):
-                    log.info("could not post event for %s: %s", meta["name"], e)
+            await self._post_event(body, outcome.verdict)
 
-
-def _namespace_ending(e: ApiError) -> bool:
-    return e.status == 403 and "being terminated" in e.message
-
-
-def _attempt(outcome: Outcome, body: dict[str, Any]) -> str:
-    """What a reconcile tried to write: a refused attempt is not repeated until something in it changes."""
-    verdict = outcome.verdict
-    said = {**vars(verdict), "fields": verdict.fields.wire() if verdict.fields is not None else None}
-    return short_hash([identity(outcome.children), said, meta_generation(body)], 16)
-
-
-def meta_generation(body: dict[str, Any]) -> int:
-    return body["metadata"].get("generation", 1)
+    async def _post_event(self, body: dict[str, Any], verdict: Verdict) -> None:
+        try:
+            await self.kube.create(event_for(body, verdict))
+        except ApiError as e:  # an event is best effort: status already says it
+            if not e.namespace_ending:
+                log.info("could not post event for %s: %s", body["metadata"]["name"], e)
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..api import KINDS
+from ..api import GROUP, KINDS
+from ..builders.common import short_hash
+from ..decide.common import Outcome
 from ..status import Verdict, conditions_for, rfc3339
+from .ordering import identity
 
 
 def without_none(value: Any) -> Any:
@@ -54,3 +57,21 @@ def event_for(body: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
         "source": {"component": "llmops-operator"},
         "firstTimestamp": now_rfc3339(), "lastTimestamp": now_rfc3339(), "count": 1,
     }
+
+
+def outdated_crd(api_version: str, kind: str, lacking: str) -> Verdict:
+    """Stalled on a CRD older than the operator: a field it writes is not in the installed schema."""
+    group = api_version.split("/")[0] if "/" in api_version else ""
+    fix = ("apply the CRDs of this operator's version (a Helm upgrade leaves CRDs as they were: docs/install.md)"
+           if group == GROUP else
+           f"upgrade {'KubeRay' if group == 'ray.io' else 'it'} to the version docs/compatibility.md lists")
+    return Verdict("Pending", "stalled", "CRDOutdated",
+                   f"the installed CRD of {api_version} {kind} lacks a field the operator writes ({lacking}): "
+                   f"{fix}. The operator tries again every few minutes, and at once on any change to this resource")
+
+
+def attempt_of(outcome: Outcome, body: dict[str, Any]) -> str:
+    """What a reconcile tried to write: a refused attempt is not repeated until something in it changes."""
+    verdict = outcome.verdict
+    said = {**vars(verdict), "fields": verdict.fields.wire() if verdict.fields is not None else None}
+    return short_hash([identity(outcome.children), said, body["metadata"].get("generation", 1)], 16)
