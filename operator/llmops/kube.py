@@ -85,6 +85,18 @@ class ApiError(Exception):
         return (found.group(1), found.group(2), found.group(3)) if found else None
 
     @property
+    def quota_exceeded(self) -> bool:
+        """A ResourceQuota of the namespace refused the object (over it, or not yet counted by the quota
+        controller): it may pass once the quota frees, is raised, or has been counted."""
+        return self.status == 403 and any(f"{why} quota" in self.message
+                                          for why in ("exceeded", "status unknown for", "insufficient"))
+
+    @property
+    def not_permitted(self) -> bool:
+        """RBAC refused the operator the request: it may pass once its roles grant it."""
+        return self.status == 403 and "is forbidden: User " in self.message and " cannot " in self.message
+
+    @property
     def namespace_ending(self) -> bool:
         return self.status == 403 and "being terminated" in self.message
 

@@ -137,3 +137,34 @@ def test_a_crd_older_than_the_operator_stalls_naming_the_field_then_recovers(pla
     wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=60, what="the RayJob")
     wait_for(lambda: condition(cluster.get("FineTune", ns, "older-kuberay"), "Stalled").get("status") == "False",
              timeout=60, what="Stalled=False")
+
+
+def test_a_quota_that_refuses_the_rayjob_stalls_then_passes_once_raised(plane, cluster, operator, ns):
+    """A namespace's object-count quota refuses the RayJob: Stalled, QuotaExceeded, quoting the quota (it was Failed,
+    ApplyFailed, and never tried again); raising the quota lets the FineTune go on with no change to it."""
+    def quota(jobs: int) -> None:
+        body = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "jobs", "namespace": ns},
+                "spec": {"hard": {"count/rayjobs.ray.io": str(jobs)}}}
+        plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(body), quiet=True)
+
+    def counted() -> bool:
+        """The quota controller counts a CRD's objects only once its periodic discovery has found the CRD, and
+        counts a quota made before that only at its next full resync (minutes): made again until counted."""
+        used = plane.kubectl("get", "resourcequota", "jobs", "-n", ns, "-o", "jsonpath={.status.used}",
+                             check=False, quiet=True).stdout
+        if "rayjobs" not in used:
+            plane.kubectl("delete", "resourcequota", "jobs", "-n", ns, "--ignore-not-found", quiet=True)
+            quota(0)
+        return "rayjobs" in used
+
+    quota(0)
+    wait_for(counted, timeout=120, interval=5, what="the quota controller to count RayJobs")
+    cluster.create(finetune("over-quota"), ns)
+    stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "QuotaExceeded" else None)(
+        cluster.get("FineTune", ns, "over-quota")), timeout=60, what="Stalled QuotaExceeded",
+        show=lambda: (cluster.get("FineTune", ns, "over-quota") or {}).get("status"))
+    assert phase(stalled) == "Pending" and "exceeded quota: jobs" in condition(stalled, "Stalled")["message"]
+    quota(1)
+    wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=90, what="the RayJob, once the quota allows it")
+    wait_for(lambda: condition(cluster.get("FineTune", ns, "over-quota"), "Stalled").get("status") == "False",
+             timeout=60, what="Stalled=False")

@@ -392,6 +392,30 @@ def test_a_child_crd_older_than_the_operator_stalls_naming_it_and_is_retried():
     assert stalled["status"] == "False"
 
 
+
+@pytest.mark.parametrize("message, reason, fix", [
+    ('rayjobs.ray.io "viggo-ft" is forbidden: exceeded quota: jobs, requested: count/rayjobs.ray.io=1, used: '
+     "count/rayjobs.ray.io=2, limited: count/rayjobs.ray.io=2", "QuotaExceeded", "free or raise the quota"),
+    ('rayjobs.ray.io "viggo-ft" is forbidden: status unknown for quota: jobs, resources: count/rayjobs.ray.io',
+     "QuotaExceeded", "free or raise the quota"),
+    ('rayjobs.ray.io "viggo-ft" is forbidden: User "system:serviceaccount:llmops:llmops" cannot patch resource '
+     '"rayjobs" in API group "ray.io" in the namespace "default"', "Forbidden", "grant its ServiceAccount"),
+], ids=["over-quota", "quota-not-counted-yet", "rbac"])
+def test_a_refusal_that_a_change_elsewhere_ends_stalls_and_is_retried_until_it_passes(message, reason, fix):
+    """Not the ApplyFailed of a refused spec (never sent again until the spec changes): a quota frees or is raised,
+    a role is granted, with no change to the resource."""
+    doc = manifest("finetune")
+    engine, kube, watches = setup(doc)
+    kube.fail[("apply", "RayJob")] = [ApiError(403, message, "Forbidden")]
+    assert run(engine.reconcile(key_of(doc))) is not None
+    status = kube.objects[key_of(doc)]["status"]
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (status["phase"], stalled["status"], stalled["reason"]) == ("Pending", "True", reason)
+    assert message in stalled["message"] and fix in stalled["message"]
+    watches.catch_up()
+    assert run(engine.reconcile(key_of(doc))) is None
+    assert ("apply", "RayJob", "viggo-ft") in kube.writes()
+
 def test_its_own_crd_older_than_the_operator_is_told_by_one_event():
     """The status cannot say it (the status write is what fails): an Event does, once while it lasts."""
     doc = manifest("finetune")

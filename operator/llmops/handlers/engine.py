@@ -24,7 +24,7 @@ from .caches import Caches, marked, plain
 from .discovery import Discovery
 from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
 from .kinds import RECONCILERS, Reconciler
-from .writes import attempt_of, event_for, outdated_crd, status_for
+from .writes import attempt_of, blocked_by, event_for, outdated_crd, status_for
 from .metrics import Metrics
 from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
 from .slots import Gathered, Lull, Slots
@@ -199,8 +199,9 @@ class Engine:
                 return None  # the namespace is going away, and this resource with it
             self.metrics.api_errors[e.reason or str(e.status)] = self.metrics.api_errors.get(
                 e.reason or str(e.status), 0) + 1
-            if e.outdated_schema is not None:
-                return await self._outdated_crd(key, body, started, outdated_crd(*e.outdated_schema))
+            blocked = blocked_by(e)
+            if blocked is not None:
+                return await self._blocked(key, body, started, blocked)
             if e.transient:
                 return self._retry(key, kind, started, f"transient API error: {e}")
             if e.status == 404 and self.discovery.invalidate():
@@ -237,9 +238,9 @@ class Engine:
             self.caches.lost_pods.pop(body["metadata"]["uid"], None)
         return outcome
 
-    async def _outdated_crd(self, key: Key, body: dict[str, Any], started: float, verdict: Verdict) -> float:
-        """Said in the status, or, when the resource's own CRD is the old one, in an Event (the first time in a row);
-        tried again with back-off, as a CRD upgrade fixes it without a change here."""
+    async def _blocked(self, key: Key, body: dict[str, Any], started: float, verdict: Verdict) -> float:
+        """A refusal that a change elsewhere ends: said in the status (or, when the resource's own CRD is too old
+        to hold it, in an Event, the first time in a row), and tried again with back-off."""
         log.warning("%s %s/%s: %s", key[0], key[1], key[2], verdict.message)
         try:
             await self._write_status(body, Outcome([], verdict))

@@ -9,6 +9,7 @@ from typing import Any
 from ..api import GROUP, KINDS
 from ..builders.common import short_hash
 from ..decide.common import Outcome
+from ..kube import ApiError
 from ..status import Verdict, conditions_for, rfc3339
 from .ordering import identity
 
@@ -59,6 +60,25 @@ def event_for(body: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
     }
 
 
+AGAIN = "The operator tries again every few minutes, and at once on any change to this resource"
+
+
+def blocked_by(e: ApiError) -> Verdict | None:
+    """The verdict on a refusal that a change outside the resource ends (a CRD upgraded, a quota freed or raised),
+    or None for other errors."""
+    if e.outdated_schema is not None:
+        return outdated_crd(*e.outdated_schema)
+    if e.quota_exceeded:
+        return Verdict("Pending", "stalled", "QuotaExceeded",
+                       f"a ResourceQuota of the namespace refuses a child object ({e.message}): free or raise the "
+                       f"quota. {AGAIN}")
+    if e.not_permitted:
+        return Verdict("Pending", "stalled", "Forbidden",
+                       f"the operator's roles do not let it write a child object ({e.message}): grant its "
+                       f"ServiceAccount that permission (the chart's roles: docs/install.md). {AGAIN}")
+    return None
+
+
 def outdated_crd(api_version: str, kind: str, lacking: str) -> Verdict:
     """Stalled on a CRD older than the operator: a field it writes is not in the installed schema."""
     group = api_version.split("/")[0] if "/" in api_version else ""
@@ -67,7 +87,7 @@ def outdated_crd(api_version: str, kind: str, lacking: str) -> Verdict:
            f"upgrade {'KubeRay' if group == 'ray.io' else 'it'} to the version docs/compatibility.md lists")
     return Verdict("Pending", "stalled", "CRDOutdated",
                    f"the installed CRD of {api_version} {kind} lacks a field the operator writes ({lacking}): "
-                   f"{fix}. The operator tries again every few minutes, and at once on any change to this resource")
+                   f"{fix}. {AGAIN}")
 
 
 def attempt_of(outcome: Outcome, body: dict[str, Any]) -> str:
