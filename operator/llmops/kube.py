@@ -75,6 +75,7 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+        self.missing: tuple[str, str] | None = None   # (apiVersion, kind) an apply found not served (404)
 
     @property
     def outdated_schema(self) -> tuple[str, str, str] | None:
@@ -246,8 +247,13 @@ class Kube:
         path = path_of(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         if subresource:
             path += f"/{subresource}"
-        return await self.request("PATCH", path, obj, "application/apply-patch+yaml",
-                                  {"fieldManager": self.field_manager, "force": "true"})
+        try:
+            return await self.request("PATCH", path, obj, "application/apply-patch+yaml",
+                                      {"fieldManager": self.field_manager, "force": "true"})
+        except ApiError as e:
+            if e.status == 404 and not subresource:   # an apply creates what is absent: the kind is not served
+                e.missing = (obj["apiVersion"], obj["kind"])
+            raise
 
     async def apply_status(self, api_version: str, kind: str, namespace: str, name: str,
                            status: dict[str, Any]) -> dict[str, Any]:

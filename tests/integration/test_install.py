@@ -9,6 +9,7 @@ chart's RBAC, and the audit log shows it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -16,9 +17,12 @@ import pytest
 import yaml
 from kubernetes import client
 
-from integration.harness import REPO, OperatorProcess, phase, wait_for
+from gitops import SnapshotContract
+from integration.harness import REPO, Cluster, OperatorProcess, condition, phase, wait_for
 from integration.rbac import ServiceAccount, allowed, audit_records, kubeconfig_for
-from llmops.dev.plane import BUILD_HINT, bin_dir
+from llmops.dev.install import install_crds
+from llmops.dev.nodes import Pool
+from llmops.dev.plane import BUILD_HINT, LocalPlane, bin_dir
 from llmops.dev.simulator import Simulator
 from manifests import finetune, llmservice
 
@@ -280,3 +284,33 @@ def test_kustomize_base_applies_server_side(plane, cluster):
         # Not `kubectl delete -k`: that would also delete the CRDs the rest of the session needs.
         plane.kubectl("delete", "namespace", "llmops-system", "--wait=false", quiet=True)
         plane.kubectl("delete", "clusterrole,clusterrolebinding", "llmops-operator", quiet=True)
+
+
+def test_a_cluster_without_kuberay_stalls_naming_it_until_it_is_installed(tmp_path):
+    """KubeRay left out (a newcomer's first mistake): the operator starts, each resource says what is missing
+    (before, the operator waited for ever to list RayJobs and nothing had a status), and once KubeRay's CRDs are
+    installed it goes on with no change to the resource. A plane of its own: the shared one's KubeRay stays."""
+    plane = LocalPlane(tmp_path / "plane", pools=(Pool("cpu", 1, cpu="8", memory="32Gi"),))
+    plane.start(with_kuberay=False)
+    operator = None
+    try:
+        plane.kubectl("delete", "crd", "rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io", quiet=True)
+        install_crds(plane)
+        cluster = Cluster(plane.kubeconfig, SnapshotContract())
+        operator = OperatorProcess(plane, tmp_path / "operator.log").start()
+        ns = cluster.namespace()
+        cluster.create(finetune("no-kuberay"), ns)
+        stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "CRDMissing" else None)(
+            cluster.get("FineTune", ns, "no-kuberay")), timeout=60, what="Stalled CRDMissing", show=operator.log)
+        assert "does not serve ray.io/v1 RayJob: install KubeRay" in condition(stalled, "Stalled")["message"]
+        assert "does not serve it (is its CRD installed?" in operator.log()
+        plane.install_kuberay_crds()
+        wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=120, what="the RayJob, once KubeRay's CRDs are in",
+                 show=operator.log)
+        wait_for(lambda: condition(cluster.get("FineTune", ns, "no-kuberay"), "Stalled").get("status") == "False",
+                 timeout=60, what="Stalled=False")
+    finally:
+        if operator is not None:
+            operator.stop()
+        plane.stop()
+        shutil.rmtree(tmp_path / "plane", ignore_errors=True)

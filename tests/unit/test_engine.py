@@ -416,6 +416,20 @@ def test_a_refusal_that_a_change_elsewhere_ends_stalls_and_is_retried_until_it_p
     assert run(engine.reconcile(key_of(doc))) is None
     assert ("apply", "RayJob", "viggo-ft") in kube.writes()
 
+
+def test_kuberay_not_installed_stalls_naming_it_and_is_retried():
+    doc = manifest("finetune")
+    engine, kube, watches = setup(doc)
+    not_served = ApiError(404, "the server could not find the requested resource", "NotFound")
+    not_served.missing = ("ray.io/v1", "RayJob")   # what Kube.apply adds to a 404
+    kube.fail[("apply", "RayJob")] = [not_served]
+    assert run(engine.reconcile(key_of(doc))) is not None
+    stalled = next(c for c in kube.objects[key_of(doc)]["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "CRDMissing" and "does not serve ray.io/v1 RayJob: install KubeRay" in stalled["message"]
+    watches.catch_up()
+    assert run(engine.reconcile(key_of(doc))) is None
+    assert ("apply", "RayJob", "viggo-ft") in kube.writes()
+
 def test_its_own_crd_older_than_the_operator_is_told_by_one_event():
     """The status cannot say it (the status write is what fails): an Event does, once while it lasts."""
     doc = manifest("finetune")

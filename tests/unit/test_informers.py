@@ -36,9 +36,9 @@ def test_index_reads_each_key_as_the_values_of_every_object_that_gave_it():
 
 class StreamingKube:
     """Lists and watch streams as scripted: `lists` answers the GETs in turn, `streams` the watches (a list of
-    events, or an exception to raise)."""
+    events, or, for either, an exception to raise)."""
 
-    def __init__(self, lists: list[dict], streams: list[Any]):
+    def __init__(self, lists: list[Any], streams: list[Any]):
         self.lists = lists
         self.streams = streams
         self.requests: list[tuple[str, dict]] = []
@@ -46,7 +46,10 @@ class StreamingKube:
     async def read(self, method: str, path: str, params: dict | None = None, body: Any = None,
                    keep: bool = False) -> dict:
         self.requests.append(("list", dict(params or {})))
-        return copy.deepcopy(self.lists.pop(0))
+        answer = self.lists.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return copy.deepcopy(answer)
 
     async def stream(self, path: str, params: dict, read_timeout: float):
         self.requests.append(("watch", dict(params)))
@@ -163,6 +166,29 @@ def test_a_failed_watch_backs_off_and_resumes_where_it_was(monkeypatch):
     run(go())
     assert [p["resourceVersion"] for what, p in kube.requests if what == "watch"][:2] == ["10", "10"]
 
+
+
+def test_a_resource_not_served_lists_as_none_and_is_watched_for_until_it_is(monkeypatch):
+    """KubeRay not installed: its kinds' listings answer 404. The operator starts anyway (its resources can say what
+    is missing), and once the CRD is there the watch starts with every object that exists."""
+    monkeypatch.setattr(informers_module, "ERROR_BACKOFFS", (0,))
+    seen = Seen()
+    w = watched(seen)
+    seen.index = w.index
+    not_served = ApiError(404, "the server could not find the requested resource", "NotFound")
+    kube = StreamingKube([not_served], [not_served, [{"type": "ADDED", "object": obj("a", "7")}]])
+
+    async def go():
+        informers = Informers(kube, [w], None)
+        task = asyncio.create_task(informers.run())
+        await informers.synced.wait()
+        assert len(w.index) == 0
+        await until(lambda: seen.events)
+        task.cancel()
+    run(go())
+    assert seen.events == [("ADDED", "a", {"a": ("7",)})]
+    assert [(what, p.get("resourceVersion")) for what, p in kube.requests][:3] == [("list", None), ("watch", ""),
+                                                                                  ("watch", "")]
 
 def test_one_informer_per_watched_namespace_or_one_for_all():
     w = watched(None)

@@ -84,9 +84,7 @@ class LocalPlane:
             self._start_controllers()
             self._start_kwok()
             nodes.register_pools(self, self.pools)
-            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(cache_dir() / "share" / "kuberay-crds"),
-                         quiet=True)
-            self.wait_crds_established(["rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io"])
+            self.install_kuberay_crds()
             self.install_gateway_api()
             if with_kuberay:
                 self.start_kuberay()
@@ -222,6 +220,11 @@ class LocalPlane:
             f"--server-address=127.0.0.1:{free_port()}", "--node-lease-duration-seconds=40",
             *(f"--config={s}" for s in stages),
         ])
+
+    def install_kuberay_crds(self) -> None:
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(cache_dir() / "share" / "kuberay-crds"),
+                     quiet=True)
+        self.wait_crds_established(["rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io"])
 
     def start_kuberay(self, *flags: str) -> None:
         """The KubeRay operator at its defaults, plus `flags` (`--reconcile-concurrency=32`)."""

@@ -133,7 +133,16 @@ class Informer:
 
     async def list(self) -> list[dict]:
         """List into the index (no triggers): the objects listed, for the caller to trigger once all are in."""
-        listing = await self.kube.read("GET", self.path, self._params(), keep=True)
+        try:
+            listing = await self.kube.read("GET", self.path, self._params(), keep=True)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            # Not served (its CRD is not installed, or was deleted): none exist. The watch is tried again until
+            # it is served, and then starts with every object there is.
+            log.error("cannot list %s: the API server does not serve it (is its CRD installed? docs/clusters.md "
+                      "lists what a cluster needs); watching for it", self)
+            listing = {"metadata": {"resourceVersion": ""}, "items": []}
         self.version = listing["metadata"]["resourceVersion"]
         items = listing.get("items") or []
         gone = set(self._known)

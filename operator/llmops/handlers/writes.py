@@ -68,6 +68,10 @@ def blocked_by(e: ApiError) -> Verdict | None:
     or None for other errors."""
     if e.outdated_schema is not None:
         return outdated_crd(*e.outdated_schema)
+    if e.missing is not None and e.missing[0].startswith("ray.io/"):   # optional APIs: handlers/discovery.py
+        return Verdict("Pending", "stalled", "CRDMissing",
+                       f"the API server does not serve {' '.join(e.missing)}: install KubeRay (the version "
+                       f"docs/compatibility.md lists; docs/clusters.md). {AGAIN}")
     if e.quota_exceeded:
         return Verdict("Pending", "stalled", "QuotaExceeded",
                        f"a ResourceQuota of the namespace refuses a child object ({e.message}): free or raise the "

@@ -32,6 +32,7 @@ WRITTEN: tuple[Written, ...] = (
     Written(EVERY_KIND, "Pending", "stalled", "ImagePullFailed"),
     Written(EVERY_KIND, "Pending", "stalled", GPU_DRIVER_TOO_OLD),
     Written(EVERY_KIND, "Pending", "stalled", "CRDOutdated"),   # a field the operator writes is not in a CRD
+    Written(EVERY_KIND, "Pending", "stalled", "CRDMissing"),   # KubeRay's CRDs are not installed
     Written(EVERY_KIND, "Pending", "stalled", "QuotaExceeded"),   # a ResourceQuota refuses a child
     Written(EVERY_KIND, "Pending", "stalled", "Forbidden"),   # RBAC refuses the operator a child
     Written(EVERY_KIND, "Suspended", "suspended", "Suspended"),
