@@ -168,3 +168,29 @@ def test_a_quota_that_refuses_the_rayjob_stalls_then_passes_once_raised(plane, c
     wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=90, what="the RayJob, once the quota allows it")
     wait_for(lambda: condition(cluster.get("FineTune", ns, "over-quota"), "Stalled").get("status") == "False",
              timeout=60, what="Stalled=False")
+
+
+def test_a_failing_webhook_is_said_in_the_status_and_passed_once_it_is_gone(plane, cluster, operator, ns):
+    """An admission webhook whose service is down (failurePolicy Fail) fails every RayJob write with a 500: the
+    operator retries as before, and the FineTune, not started yet, says why instead of showing nothing."""
+    webhook = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+               "metadata": {"name": f"down-{ns}"},
+               "webhooks": [{"name": "policy.example.com", "failurePolicy": "Fail", "sideEffects": "None",
+                             "admissionReviewVersions": ["v1"], "timeoutSeconds": 1,
+                             "clientConfig": {"service": {"name": "nowhere", "namespace": ns}},
+                             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                             "rules": [{"apiGroups": ["ray.io"], "apiVersions": ["v1"], "resources": ["rayjobs"],
+                                        "operations": ["CREATE", "UPDATE"]}]}]}
+    plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(webhook), quiet=True)
+    try:
+        cluster.create(finetune("behind-webhook"), ns)
+        retrying = wait_for(lambda: (lambda o: o if condition(o, "Reconciling").get("reason") == "RetryingAfterErrors"
+                                     else None)(cluster.get("FineTune", ns, "behind-webhook")), timeout=60,
+                            what="Reconciling RetryingAfterErrors")
+        assert 'failed calling webhook "policy.example.com"' in condition(retrying, "Reconciling")["message"]
+        assert condition(retrying, "Stalled")["status"] == "False" and cluster.ray_list("rayjobs", ns) == []
+    finally:
+        plane.kubectl("delete", "validatingwebhookconfiguration", f"down-{ns}", quiet=True)
+    wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=120, what="the RayJob, once the webhook is gone")
+    wait_for(lambda: condition(cluster.get("FineTune", ns, "behind-webhook"), "Reconciling").get("reason")
+             != "RetryingAfterErrors", timeout=60, what="a status past the errors")

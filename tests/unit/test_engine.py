@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import yaml
 from llmops.builders import finetune as finetune_builder
 from llmops.builders.common import ROLE_LABEL, BuildContext
 from llmops.handlers import main
+from llmops.handlers import engine as engine_module
 from llmops.handlers.engine import Engine, Outcome
 from llmops.builders.common import load_payloads
-from llmops.kube import ApiError
+from llmops.kube import ApiError, with_retries
 from llmops.settings import Settings
 from llmops.status import Verdict
 
@@ -317,7 +319,8 @@ def test_our_writes_coming_back_are_echoes_and_others_are_not():
     assert not engine.is_echo(rayjob)
 
 
-def test_crash_between_writes_applies_the_set_again_and_marks_it_last():
+def test_crash_between_writes_applies_the_set_again_and_marks_it_last(monkeypatch):
+    monkeypatch.setattr(engine_module, "with_retries", functools.partial(with_retries, first_delay=0))
     ft = manifest("finetune")
     engine, kube, watches = setup(ft)
     config = "viggo-ft-config"
@@ -429,6 +432,32 @@ def test_kuberay_not_installed_stalls_naming_it_and_is_retried():
     watches.catch_up()
     assert run(engine.reconcile(key_of(doc))) is None
     assert ("apply", "RayJob", "viggo-ft") in kube.writes()
+
+
+def test_errors_that_keep_coming_before_the_job_starts_are_said_in_the_status(monkeypatch):
+    """A failing webhook or an overloaded API server: retried with back-off as before, and from the third failure in
+    a row the status says why (before, a resource not yet started showed nothing at all)."""
+    monkeypatch.setattr(engine_module, "with_retries", functools.partial(with_retries, first_delay=0))
+    doc = manifest("finetune")
+    engine, kube, watches = setup(doc)
+    webhook = ApiError(500, 'Internal error occurred: failed calling webhook "policy.example.com": failed to call '
+                            'webhook: service "policy" not found', "InternalError")
+    kube.fail[("apply", "RayJob")] = [webhook] * 12   # outlasts the client's own retries, three times
+    for _ in range(2):
+        assert run(engine.reconcile(key_of(doc))) is not None
+        watches.catch_up()
+    assert "status" not in kube.objects[key_of(doc)], "one or two failures in a row are not news"
+    assert run(engine.reconcile(key_of(doc))) >= 4
+    status = kube.objects[key_of(doc)]["status"]
+    reconciling = next(c for c in status["conditions"] if c["type"] == "Reconciling")
+    assert (status["phase"], reconciling["status"], reconciling["reason"]) == ("Pending", "True", "RetryingAfterErrors")
+    assert 'failed calling webhook "policy.example.com"' in reconciling["message"]
+    kube.fail.clear()
+    watches.catch_up()
+    assert run(engine.reconcile(key_of(doc))) is None
+    watches.catch_up()
+    run(engine.reconcile(key_of(doc)))
+    assert kube.objects[key_of(doc)]["status"]["conditions"][0]["reason"] != "RetryingAfterErrors"
 
 def test_its_own_crd_older_than_the_operator_is_told_by_one_event():
     """The status cannot say it (the status write is what fails): an Event does, once while it lasts."""

@@ -24,7 +24,7 @@ from .caches import Caches, marked, plain
 from .discovery import Discovery
 from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
 from .kinds import RECONCILERS, Reconciler
-from .writes import attempt_of, blocked_by, event_for, outdated_crd, status_for
+from .writes import attempt_of, blocked_by, event_for, outdated_crd, retrying_after, status_for
 from .metrics import Metrics
 from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
 from .slots import Gathered, Lull, Slots
@@ -34,6 +34,7 @@ log = logging.getLogger("llmops")
 RECONCILE_SLOTS = 32            # reconciles deciding and applying at once (the API client has 32 connections)
 STATUS_DEFER_SECONDS = 2.0      # the most that other writes wait for Ray objects (and children) being applied
 QUIET_SECONDS = 0.1             # ... until none has been for this long (a burst's events come closer)
+SAY_RETRYING_SECONDS = 4.0      # a back-off this long (the third failure in a row) is said in the status
 CACHE_LAG_RECHECK_SECONDS = 2.0  # a child the watch lost but the API server still has: look again this soon
 LISTING_QUIET_SECONDS = 0.2     # listed resources start once no more have been listed for this long
 LISTING_LIMIT_SECONDS = 10.0    # ... or once they have waited this long
@@ -203,7 +204,11 @@ class Engine:
             if blocked is not None:
                 return await self._blocked(key, body, started, blocked)
             if e.transient:
-                return self._retry(key, kind, started, f"transient API error: {e}")
+                delay = self._retry(key, kind, started, f"transient API error: {e}")
+                if delay >= SAY_RETRYING_SECONDS and (body.get("status") or {}).get("phase") in (None, "Pending"):
+                    with contextlib.suppress(ApiError):   # not started yet: nothing else would say why
+                        await self._write_status(body, Outcome([], retrying_after(e)))
+                return delay
             if e.status == 404 and self.discovery.invalidate():
                 # An optional API seen earlier may be gone (its CRDs deleted): decide again on a fresh reading.
                 return self._retry(key, kind, started, f"not found, reading API discovery again: {e}")

@@ -83,6 +83,13 @@ def blocked_by(e: ApiError) -> Verdict | None:
     return None
 
 
+def retrying_after(e: ApiError) -> Verdict:
+    """Errors that may pass (a webhook that fails, an overloaded API server) and keep coming, before the job starts."""
+    return Verdict("Pending", "progressing", "RetryingAfterErrors",
+                   f"the API server keeps failing the operator's writes ({e}): trying again with back-off, every "
+                   f"few minutes at most")
+
+
 def outdated_crd(api_version: str, kind: str, lacking: str) -> Verdict:
     """Stalled on a CRD older than the operator: a field it writes is not in the installed schema."""
     group = api_version.split("/")[0] if "/" in api_version else ""

@@ -27,6 +27,7 @@ WRITTEN: tuple[Written, ...] = (
     # any kind
     Written(EVERY_KIND, "Pending", "progressing", "Creating"),
     Written(EVERY_KIND, "Pending", "progressing", "WaitingForPreviousRun"),
+    Written(EVERY_KIND, "Pending", "progressing", "RetryingAfterErrors"),   # transient errors that keep coming
     Written(EVERY_KIND, "Pending", "progressing", "Unschedulable"),   # within SCALE_UP_GRACE_SECONDS
     Written(EVERY_KIND, "Pending", "stalled", "Unschedulable"),
     Written(EVERY_KIND, "Pending", "stalled", "ImagePullFailed"),
