@@ -107,8 +107,8 @@ class ApiError(Exception):
 
 
 def warnings_of(values: list[str]) -> list[str]:
-    """The texts of a response's Warning headers: the API server's notes on deprecated APIs and on fields it
-    dropped from a request (an unknown field, e.g. one that an older KubeRay's CRD lacks)."""
+    """The texts of a response's Warning headers: the API server's notes on deprecated APIs, on names it advises
+    against, on unknown fields it dropped from a create or merge patch (a server-side apply fails on those)."""
     return [re.sub(r"\\(.)", r"\1", m.group(1)) for value in values for m in WARNING.finditer(value)]
 
 
@@ -231,7 +231,7 @@ class Kube:
             return await self._answer(response, keep)
 
     def _warn(self, method: str, path: str, texts: list[str]) -> None:
-        """Each distinct warning once: a burst of RayJobs would otherwise repeat one dropped field a thousand times."""
+        """Each distinct warning once: a burst of RayJobs would otherwise repeat one a thousand times."""
         for text in texts:
             if text in self._warned:
                 continue
