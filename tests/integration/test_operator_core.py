@@ -194,3 +194,39 @@ def test_a_failing_webhook_is_said_in_the_status_and_passed_once_it_is_gone(plan
     wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=120, what="the RayJob, once the webhook is gone")
     wait_for(lambda: condition(cluster.get("FineTune", ns, "behind-webhook"), "Reconciling").get("reason")
              != "RetryingAfterErrors", timeout=60, what="a status past the errors")
+
+
+def test_an_operator_newer_than_its_own_crd_says_which_field_then_recovers(plane, cluster, operator, ns):
+    """The FineTune CRD without a status field the operator writes (a Helm upgrade leaves CRDs as they were): the
+    FineTune says so, with the field and the fix, and goes on once the CRD has it again."""
+    def finetune_crd() -> dict:
+        return json.loads(plane.kubectl("get", "crd", "finetunes.llmops.dev", "-o", "json", quiet=True).stdout)
+
+    original = finetune_crd()
+    older = finetune_crd()
+    for version in older["spec"]["versions"]:
+        version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"].pop("rayJobName")
+    plane.kubectl("replace", "-f", "-", input=json.dumps(older), quiet=True)
+
+    def refused() -> bool:   # the API server takes the new schema a moment after the CRD changes
+        probe = {**finetune("probe"), "status": {"rayJobName": "x"}}
+        probe["metadata"]["namespace"] = ns
+        applied = plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(probe),
+                                check=False, quiet=True)
+        return "field not declared in schema" in applied.stderr
+
+    try:
+        wait_for(refused, timeout=30, what="the API server to take the CRD without status.rayJobName")
+        cluster.create(finetune("older-crd"), ns)
+        stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "CRDOutdated" else None)(
+            cluster.get("FineTune", ns, "older-crd")), timeout=60, what="Stalled CRDOutdated")
+        message = condition(stalled, "Stalled")["message"]
+        assert ".status.rayJobName" in message and "apply the CRDs of this operator's version" in message, message
+    finally:
+        current = finetune_crd()
+        original["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        plane.kubectl("replace", "-f", "-", input=json.dumps(original), quiet=True)
+    cluster.patch("FineTune", ns, "older-crd", {"metadata": {"annotations": {"retry": "now"}}})
+    done = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("rayJobName") else None)(
+        cluster.get("FineTune", ns, "older-crd")), timeout=60, what="status.rayJobName")
+    assert condition(done, "Stalled")["status"] == "False"
