@@ -210,7 +210,7 @@ def test_service_account_has_only_the_rights_it_needs(release, plane, cluster, n
 
     needed = [("list", "finetunes", "llmops.dev"), ("watch", "llmservices", "llmops.dev"),
               ("watch", "rayjobs", "ray.io"), ("create", "rayjobs", "ray.io"), ("patch", "rayjobs", "ray.io"),
-              ("delete", "rayservices", "ray.io"),
+              ("delete", "rayservices", "ray.io"), ("list", "rayclusters", "ray.io"),
               ("patch", "configmaps", ""), ("get", "configmaps", ""), ("create", "serviceaccounts", ""),
               ("create", "roles", "rbac.authorization.k8s.io"), ("patch", "rolebindings", "rbac.authorization.k8s.io"),
               ("watch", "pods", ""), ("create", "events", ""),

@@ -230,3 +230,21 @@ def test_an_operator_newer_than_its_own_crd_says_which_field_then_recovers(plane
     done = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("rayJobName") else None)(
         cluster.get("FineTune", ns, "older-crd")), timeout=60, what="status.rayJobName")
     assert condition(done, "Stalled")["status"] == "False"
+
+
+def test_ray_pods_that_kubernetes_refuses_are_said_in_the_status(cluster, operator):
+    """A namespace whose Pod Security level is `restricted` refuses the Ray pods (they need `baseline`): KubeRay
+    creates no pod and keeps trying, so nothing the operator watches changes. Once the pods are late it reads
+    KubeRay's reason from the RayCluster: Stalled, PodsRefused, quoting it (before: RayClusterStarting for ever)."""
+    ns = cluster.namespace("restricted")
+    cluster.core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    try:
+        cluster.create(finetune("refused-pods"), ns)
+        refused = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "PodsRefused" else None)(
+            cluster.get("FineTune", ns, "refused-pods")), timeout=150, what="Stalled PodsRefused",
+            show=lambda: (cluster.get("FineTune", ns, "refused-pods") or {}).get("status"))
+        message = condition(refused, "Stalled")["message"]
+        assert "KubeRay cannot create the pods of Ray cluster" in message and "PodSecurity" in message, message
+        assert phase(refused) == "Pending"
+    finally:
+        cluster.core.delete_namespace(ns)

@@ -17,10 +17,10 @@ from llmops.builders.common import BuildContext, Owner, built_from, load_payload
 from llmops.builders.exposure import HTTP_ROUTE
 from llmops.decide import batchinference, finetune, llmservice
 from llmops.decide.batchinference import BatchInferenceObservation, FineTuneSeen
-from llmops.decide.jobs import QUEUE_RECHECK_SECONDS, WORKLOAD_WAIT_SECONDS, JobObservation
+from llmops.decide.jobs import PODS_LATE_SECONDS, QUEUE_RECHECK_SECONDS, WORKLOAD_WAIT_SECONDS, JobObservation
 from llmops.decide.llmservice import ServiceObservation
 from llmops.settings import Settings
-from llmops.status import DEPENDENCY_RECHECK_SECONDS, rfc3339
+from llmops.status import DEPENDENCY_RECHECK_SECONDS, PODS_REFUSED, PodProblem, rfc3339
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "viggo"
 CTX = BuildContext(settings=Settings(), payloads=load_payloads())
@@ -228,3 +228,36 @@ def test_a_retried_attempt_keeps_running_and_counts_its_retries():
                                        applied_for=memo(finetune_obs())), CTX)
     assert (out.verdict.phase, out.verdict.state) == ("Running", "progressing")
     assert out.verdict.fields.retries.wire() == {"used": 1, "limit": 2}
+
+
+# ---- a Ray cluster short of pods ----------------------------------------------------------------------------
+def initializing(workers: int = 2) -> dict[str, Any]:
+    job = ray_job("Initializing", "")
+    job["spec"] = {"rayClusterSpec": {"workerGroupSpecs": [{"groupName": "gpu", "replicas": workers}]}}
+    return job
+
+
+def test_a_cluster_short_of_pods_is_looked_at_once_its_pods_are_late_and_not_before():
+    started = {"startTime": rfc3339(NOW - 10)}
+    early = finetune.decide(finetune_obs(status=started, ray=initializing(), ray_pods=1, applied_for="x"), CTX)
+    assert early.verdict.reason == "RayClusterStarting" and early.check_cluster is None
+    assert early.requeue_after == pytest.approx(PODS_LATE_SECONDS - 10 + 1)   # no event may come: a timer
+    late = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=1,
+                                        applied_for="x"), CTX)
+    assert late.check_cluster == "viggo-ft-abc" and late.requeue_after == PODS_LATE_SECONDS
+    whole = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=3,
+                                         applied_for="x"), CTX)
+    assert whole.check_cluster is None and whole.requeue_after is None, "every pod there: nothing to ask"
+
+
+def test_pods_kubernetes_refuses_stall_the_job_until_they_are_there():
+    why = PodProblem(PODS_REFUSED, 'pods "viggo-ft-abc-head" is forbidden: violates PodSecurity "restricted:latest"',
+                     "viggo-ft-abc")
+    refused = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=0,
+                                           problems=(why,), applied_for="x"), CTX)
+    assert (refused.verdict.phase, refused.verdict.state, refused.verdict.reason) == ("Pending", "stalled",
+                                                                                       PODS_REFUSED)
+    assert "violates PodSecurity" in refused.verdict.message and refused.check_cluster == "viggo-ft-abc"
+    created = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=3,
+                                           problems=(why,), applied_for="x"), CTX)
+    assert created.verdict.reason == "RayClusterStarting", "a refusal read before the pods came is old news"

@@ -52,6 +52,8 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
   - the operator grants each job's Ray pods get/patch on one ConfigMap, and RBAC lets it grant only rights it
     holds: hence `get` on configmaps;
   - RayServices are deleted while an LLMService is suspended; RayJobs are never deleted (suspend is a field);
+  - a job's RayCluster (KubeRay's) is listed by name only while its pods are late, to show why KubeRay cannot
+    create them (its ReplicaFailure condition: a Pod Security level or a quota refusing them);
   - Kueue Workloads are listed (by their job-uid label) only for a job waiting in a queue (spec.queueName), to
     show Kueue's reason; a cluster without Kueue answers 404 and nothing else needs them;
   - an LLMService's spec.expose: its HTTPRoute (Gateway API) and, with apiKey, Envoy Gateway's SecurityPolicy,
@@ -75,6 +77,9 @@ one Role per watched namespace. Each rule is what the code does (docs/install.md
 - apiGroups: [ray.io]
   resources: [rayservices]
   verbs: [list, watch, create, patch, delete]
+- apiGroups: [ray.io]
+  resources: [rayclusters]
+  verbs: [list]
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [list]

@@ -45,6 +45,7 @@ class Outcome:
     confirm_absent: tuple[str, str, str] | None = None   # (apiVersion, kind, name): the verdict holds only if
     # the API server has no such child of this owner either (the watch may lag behind it)
     queued: str | None = None   # the uid of a RayJob waiting in a Kueue queue: read its Workload, decide again
+    check_cluster: str | None = None   # a RayCluster short of pods: read its ReplicaFailure condition, decide again
 
 
 def invalid_spec(error: str, ray_kind: str = "RayJob") -> Outcome:

@@ -7,11 +7,14 @@ from typing import Any, Callable, Mapping
 
 from ..api.common import JobStatus, RetryBudget, StatusBase
 from ..builders.common import BuildContext, Owner, UnknownAccelerator, built_from
-from ..status import PodProblem, Retries, Verdict, job_verdict, queued_verdict, rfc3339, used_retries
+from ..status import (PODS_REFUSED, PodProblem, Retries, Verdict, job_verdict, pods_wanted, queued_verdict, rfc3339,
+                      used_retries)
+from ..status.conditions import _seconds_since
 from .common import Observation, Outcome
 
 TERMINAL = ("Succeeded", "Failed")
 QUEUE_RECHECK_SECONDS = 10.0   # how often a queued job's Workload is read again
+PODS_LATE_SECONDS = 60.0       # a Ray cluster still short of pods this long after the start: ask why, this often
 WORKLOAD_WAIT_SECONDS = 3.0    # ... while Kueue has made none yet (it makes one moments after the RayJob)
 
 
@@ -25,6 +28,7 @@ class JobObservation(Observation):
     queued_on: str = ""              # the RayJob's uid while it waits in a Kueue queue
     workload: Mapping[str, Any] | None = None   # ... and the Workload Kueue made for it, once read
     applied_for: str | None = None   # what the applied children were built from (`built_from`; None: unknown)
+    ray_pods: int = 0                # the current Ray cluster's pods seen
 
     @property
     def finished(self) -> bool:
@@ -66,7 +70,9 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
     retries = Retries(limit=spec.backoff_limit, used=used_retries(ray),
                       resumes=getattr(getattr(spec, "training", None), "resume", "never") == "auto")
     previous = status.retries.used if status.retries else None
-    verdict = job_verdict(kind, spec.suspend, ray, report, list(obs.problems), obs.now,
+    short = bool(current) and obs.ray_pods < pods_wanted(ray)   # what KubeRay could not create says nothing else
+    problems = [p for p in obs.problems if p.reason != PODS_REFUSED or short]
+    verdict = job_verdict(kind, spec.suspend, ray, report, problems, obs.now,
                           started=bool(status.start_time), ray_name=ray_name, retries=retries,
                           previous_reason=status_reason(status), previous_used=previous)
     if obs.queued_on:
@@ -103,5 +109,12 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
     if obs.queued_on:   # Kueue's reason changes without an event we watch: read it again now and then
         again = QUEUE_RECHECK_SECONDS if obs.workload else WORKLOAD_WAIT_SECONDS
         return Outcome(children, verdict, memo_key=memo_key, queued=obs.queued_on, requeue_after=again)
+    if short and verdict.reason in ("RayClusterStarting", PODS_REFUSED):
+        # Pods KubeRay cannot create send no event we watch: once they are late, ask its RayCluster now and then.
+        waited = _seconds_since(status.start_time, obs.now) if status.start_time else 0.0
+        if waited >= PODS_LATE_SECONDS:
+            return Outcome(children, verdict, memo_key=memo_key, check_cluster=current,
+                           requeue_after=PODS_LATE_SECONDS)
+        return Outcome(children, verdict, memo_key=memo_key, requeue_after=PODS_LATE_SECONDS - waited + 1)
     return Outcome(children, verdict, memo_key=memo_key, requeue_after=verdict.recheck_after)
 

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Mapping
 
-from ..builders.common import WORKLOAD_API, WORKLOAD_JOB_UID_LABEL, BuildContext, is_shared, short_hash
+from ..builders.common import BuildContext, is_shared, short_hash
 from ..decide.common import Outcome
 from ..decide.jobs import TERMINAL
 from ..kube import ApiError, Kube, with_retries
@@ -26,6 +26,7 @@ from .expectations import APPLIED_MEMORY_SECONDS, Expectations, Key
 from .kinds import RECONCILERS, Reconciler
 from .writes import attempt_of, blocked_by, event_for, outdated_crd, retrying_after, status_for
 from .metrics import Metrics
+from .reads import cluster_changed, workload_changed
 from .ordering import BUILT_ANNOTATION, HASH_ANNOTATION, Plan, apply_rounds, holds, identity, stateful
 from .slots import Gathered, Lull, Slots
 
@@ -53,6 +54,7 @@ class Engine:
         self.caches = caches or Caches()
         self.metrics = Metrics()
         self.workloads: dict[str, dict[str, Any] | None] = {}   # a queued RayJob's uid -> its Kueue Workload
+        self.clusters: dict[str, tuple[str, str]] = {}   # owner uid -> (its RayCluster, why pods fail), once read
         self.kinds = dict(kinds)
         self.discovery = Discovery(kube)
         self._running: dict[Key, asyncio.Task] = {}
@@ -99,6 +101,7 @@ class Engine:
         self.expected.forget(key, uid)
         if uid:
             self.caches.lost_pods.pop(uid, None)
+            self.clusters.pop(uid, None)
 
     # ---- what the caches do not show yet -------------------------------------------------------------------
     def ray_object(self, uid: str) -> dict[str, Any] | None:
@@ -190,8 +193,10 @@ class Engine:
             for api_version, child_kind, name in outcome.delete:
                 if child_kind != outcome.ray_kind or self.caches.ray_objects.get(body["metadata"]["uid"]) is not None:
                     await with_retries(lambda: self.kube.delete(api_version, child_kind, key[1], name))
-            if outcome.queued and await self._workload_changed(body, outcome.queued):
+            if outcome.queued and await workload_changed(self, body, outcome.queued):
                 outcome = self._decide(kind, body)   # decide again, with Kueue's current reason
+            if outcome.check_cluster and await cluster_changed(self, body, outcome.check_cluster):
+                outcome = self._decide(kind, body)   # decide again, with why KubeRay cannot create its pods
             if outcome.confirm_absent and await self._child_exists(body, *outcome.confirm_absent):
                 return CACHE_LAG_RECHECK_SECONDS
             await self._write_status(body, outcome)
@@ -342,21 +347,6 @@ class Engine:
             self._shared.pop(key, None)
             raise
         self._shared[key] = time.monotonic()   # until the watch shows it
-
-    async def _workload_changed(self, body: dict[str, Any], ray_uid: str) -> bool:
-        """Read the Workload Kueue made for a queued RayJob (read on demand, not watched: only queued jobs need
-        it, and a cluster without Kueue has no such resource); True when its conditions changed."""
-        try:
-            found = await with_retries(lambda: self.kube.list(
-                WORKLOAD_API, "Workload", body["metadata"]["namespace"], f"{WORKLOAD_JOB_UID_LABEL}={ray_uid}"))
-        except ApiError as e:
-            if e.status != 404:
-                raise
-            found = []   # no Kueue in this cluster: the status says the job waits for a Workload that never comes
-        workload = plain(found[0], spec=False) if found else None
-        before = self.workloads.get(ray_uid)
-        self.workloads[ray_uid] = workload
-        return ((before or {}).get("status") or {}) != ((workload or {}).get("status") or {})
 
     async def _child_exists(self, body: dict[str, Any], api_version: str, kind: str, name: str) -> bool:
         """True when the API server still has this owner's child, not being deleted (the cache lags)."""

@@ -19,7 +19,8 @@ from ..decide.common import CacheSeen
 from ..decide.jobs import JobObservation, status_reason
 from ..decide.llmservice import ServiceObservation
 from .caches import is_download, ray_pods
-from ..status import RAY_CLUSTER_LABEL, pod_problems, queued_verdict, result_report, zero_scaling
+from ..status import (PODS_REFUSED, RAY_CLUSTER_LABEL, PodProblem, pod_problems, queued_verdict, result_report,
+                      zero_scaling)
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -34,15 +35,20 @@ def _job(engine: Engine, observation: JobObservation) -> JobObservation:
     report = result_report(engine.caches.results.get(uid))
     current = ((ray or {}).get("status") or {}).get("rayClusterName")
     # Pods of an earlier attempt's cluster, still being deleted, say nothing about this attempt.
-    problems = pod_problems([p for p in ray_pods(engine.caches.pods.all(uid)) if not current
-                             or (p["metadata"].get("labels") or {}).get(RAY_CLUSTER_LABEL, current) == current])
+    pods = [p for p in ray_pods(engine.caches.pods.all(uid))
+            if not current or (p["metadata"].get("labels") or {}).get(RAY_CLUSTER_LABEL, current) == current]
+    problems = pod_problems(pods)
     lost = engine.caches.lost_pods.get(uid)
     if lost and lost[0] == current and lost[1] not in problems:
         problems.append(lost[1])
+    refused = engine.clusters.get(uid)   # (RayCluster, why KubeRay could not create its pods), once read
+    if refused and refused[0] == current and refused[1]:
+        problems.append(PodProblem(PODS_REFUSED, refused[1], current))
     queued_on = _waiting_in_queue(engine, observation.spec, ray, report)
     return dataclasses.replace(observation, ray=ray, report=report, problems=tuple(problems), queued_on=queued_on,
                                workload=engine.workloads.get(queued_on) if queued_on else None,
-                               applied_for=engine.applied_memo_key(uid) if ray is not None else None)
+                               applied_for=engine.applied_memo_key(uid) if ray is not None else None,
+                               ray_pods=len(pods))
 
 
 def _cache_seen(engine: Engine, body: Mapping[str, Any], spec: Any) -> CacheSeen:

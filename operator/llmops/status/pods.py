@@ -49,6 +49,7 @@ class PodProblem:
 
 
 PREEMPTED = "Preempted"
+PODS_REFUSED = "PodsRefused"   # KubeRay could not create a Ray pod (the RayCluster's ReplicaFailure condition)
 RAY_CLUSTER_LABEL = "ray.io/cluster"   # KubeRay's label: the RayCluster (one per attempt of a job) a Ray pod is in
 RAY_NODE_TYPE_LABEL = "ray.io/node-type"   # KubeRay's label: head or worker
 DISRUPTIONS = {
@@ -159,6 +160,13 @@ def pod_problem_verdict(problems: list[PodProblem], now: float | None, unschedul
                         image_hint: str) -> Verdict | None:
     """What the Ray pods' own problems say, in order: no node takes them, the GPU driver is too old, the image
     cannot be pulled; None when none applies. The hints end each message with the kind's own fix."""
+    refused = [p for p in problems if p.reason == PODS_REFUSED]
+    if refused:
+        p = refused[0]
+        return Verdict("Pending", "stalled", PODS_REFUSED,
+                       f"KubeRay cannot create the pods of Ray cluster {p.pod}: {_sentence(p.message)}. Check the "
+                       "namespace's Pod Security level (the Ray pods need baseline) and its ResourceQuotas "
+                       "(docs/clusters.md); KubeRay keeps trying")
     unschedulable = unschedulable_verdict(problems, now, unschedulable_hint)
     if unschedulable is not None:
         return unschedulable
@@ -181,3 +189,9 @@ def driver_verdict(problems: list[PodProblem]) -> Verdict | None:
                    f"pod {p.pod} cannot use its GPU: {p.message.strip()[-500:]}. The image's CUDA 13 needs NVIDIA "
                    f"driver {DRIVER_FLOOR} or newer on the GPU nodes: upgrade the node pool's driver "
                    "(docs/clusters.md) or use an image built for the CUDA the installed driver supports")
+
+
+def pods_wanted(ray: Mapping[str, Any] | None) -> int:
+    """How many pods the RayJob's cluster has when it is whole: the head and every worker group's replicas."""
+    spec = ((ray or {}).get("spec") or {}).get("rayClusterSpec") or {}
+    return 1 + sum(int(group.get("replicas") or 0) for group in spec.get("workerGroupSpecs") or [])

@@ -45,6 +45,7 @@ WRITTEN: tuple[Written, ...] = (
     Written(EVERY_KIND, "Failed", "stalled", "ModelCacheFailed"),
     # FineTune and BatchInference: one RayJob each
     Written(JOBS, "Pending", "progressing", "RayClusterStarting"),
+    Written(JOBS, "Pending", "stalled", "PodsRefused"),   # KubeRay cannot create a Ray pod
     Written(JOBS, "Queued", "progressing", "Queued"),   # with spec.queueName, until Kueue admits it
     Written(JOBS, "Running", "progressing", "JobRunning"),
     Written(JOBS, "Running", "progressing", "Retrying"),
