@@ -9,7 +9,7 @@ import json
 import pytest
 from kubernetes import client
 
-from integration.harness import condition, wait_for
+from integration.harness import condition, stalled_as, wait_for
 from llmops.dev.plane import ENVOY_GATEWAY_CRDS, GATEWAY_API_CRDS
 from manifests import llmservice
 
@@ -39,11 +39,6 @@ def _get(cluster, api, ns, name):
 
 def _status(cluster, ns, name):
     return (cluster.get("LLMService", ns, name) or {}).get("status") or {}
-
-
-def _reason(cluster, ns, name, reason):
-    obj = cluster.get("LLMService", ns, name)
-    return obj if condition(obj, "Stalled").get("reason") == reason else None
 
 
 @pytest.fixture()
@@ -114,8 +109,7 @@ def test_missing_gateway_api_is_stalled_then_picked_up_once_installed(plane, clu
     _remove_crds(plane, GATEWAY_API_CRDS)
     try:
         cluster.create(_exposed("early", EXPOSE), ns)
-        svc = wait_for(lambda: _reason(cluster, ns, "early", "GatewayAPIMissing"), timeout=60,
-                       what="Stalled GatewayAPIMissing")
+        svc = stalled_as(cluster, "LLMService", ns, "early", "GatewayAPIMissing")
         message = condition(svc, "Stalled")["message"]
         assert "spec.expose needs HTTPRoute (gateway.networking.k8s.io/v1)" in message
         assert "install the Gateway API CRDs" in message
@@ -137,8 +131,7 @@ def test_an_api_key_without_envoy_gateway_exposes_nothing(plane, cluster, operat
     _remove_crds(plane, ENVOY_GATEWAY_CRDS)
     try:
         cluster.patch("LLMService", ns, "keyed", {"spec": {"expose": {"apiKey": {"secretRef": {"name": api_keys}}}}})
-        svc = wait_for(lambda: _reason(cluster, ns, "keyed", "ApiKeyPolicyMissing"), timeout=60,
-                       what="Stalled ApiKeyPolicyMissing")
+        svc = stalled_as(cluster, "LLMService", ns, "keyed", "ApiKeyPolicyMissing")
         assert "spec.expose.apiKey needs SecurityPolicy (gateway.envoyproxy.io/v1alpha1)" in \
             condition(svc, "Stalled")["message"]
         wait_for(lambda: _get(cluster, ROUTES, ns, "keyed-llm") is None, what="the open route to be removed")

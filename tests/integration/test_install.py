@@ -18,7 +18,7 @@ import yaml
 from kubernetes import client
 
 from gitops import SnapshotContract
-from integration.harness import REPO, Cluster, OperatorProcess, condition, phase, wait_for
+from integration.harness import REPO, Cluster, OperatorProcess, condition, phase, stalled_as, wait_for
 from integration.rbac import ServiceAccount, allowed, audit_records, kubeconfig_for
 from llmops.dev.install import install_crds
 from llmops.dev.nodes import Pool
@@ -300,8 +300,7 @@ def test_a_cluster_without_kuberay_stalls_naming_it_until_it_is_installed(tmp_pa
         operator = OperatorProcess(plane, tmp_path / "operator.log").start()
         ns = cluster.namespace()
         cluster.create(finetune("no-kuberay"), ns)
-        stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "CRDMissing" else None)(
-            cluster.get("FineTune", ns, "no-kuberay")), timeout=60, what="Stalled CRDMissing", show=operator.log)
+        stalled = stalled_as(cluster, "FineTune", ns, "no-kuberay", "CRDMissing")
         assert "does not serve ray.io/v1 RayJob: install KubeRay" in condition(stalled, "Stalled")["message"]
         assert "does not serve it (is its CRD installed?" in operator.log()
         plane.install_kuberay_crds()

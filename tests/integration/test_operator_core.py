@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
 import pytest
 
-from integration.harness import OperatorProcess, condition, phase, wait_for
+from integration.harness import OperatorProcess, condition, phase, stalled_as, wait_for
 from manifests import batchinference, finetune
 from reliability.support import eventually_quiet
 
@@ -97,41 +98,46 @@ def test_rayjob_deleted_while_the_operator_is_down(cluster, operator, ns):
     assert phase(cluster.get("FineTune", ns, "orphaned")) == "Failed"
 
 
-def _without_backoff_limit(crd: dict) -> dict:
-    for version in crd["spec"]["versions"]:
-        version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"].pop("backoffLimit", None)
-    return crd
+@contextlib.contextmanager
+def crd_without(plane, crd: str, path: str, probe: dict):
+    """The CRD `crd` without the schema property at `path` ("spec.backoffLimit"), as an older version of it has,
+    until the block ends; `probe`, an object setting that field, is what the API server refuses once it has taken
+    the changed schema (a moment after the CRD changes)."""
+    def read() -> dict:
+        return json.loads(plane.kubectl("get", "crd", crd, "-o", "json", quiet=True).stdout)
+
+    def refused() -> bool:
+        applied = plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(probe),
+                                check=False, quiet=True)
+        return "field not declared in schema" in applied.stderr
+
+    original, older = read(), read()
+    section, field = path.split(".")
+    dropped = [version["schema"]["openAPIV3Schema"]["properties"][section]["properties"].pop(field, None)
+               for version in older["spec"]["versions"]]   # older versions of the CRD may lack it already
+    assert any(dropped), f"{crd} has no {path} to drop"
+    plane.kubectl("replace", "-f", "-", input=json.dumps(older), quiet=True)
+    try:
+        wait_for(refused, timeout=30, what=f"the API server to take {crd} without {path}")
+        yield
+    finally:
+        original["metadata"]["resourceVersion"] = read()["metadata"]["resourceVersion"]
+        plane.kubectl("replace", "-f", "-", input=json.dumps(original), quiet=True)
 
 
 def test_a_crd_older_than_the_operator_stalls_naming_the_field_then_recovers(plane, cluster, operator, ns):
     """KubeRay's RayJob CRD without a field the operator writes (an older KubeRay; CRDs a Helm upgrade left as they
     were): the API server fails every apply of it. The FineTune says so, Stalled with the field and the fix (it was
     retried in silence, Pending for ever), and goes on once the CRD has the field again."""
-    def rayjob_crd() -> dict:
-        return json.loads(plane.kubectl("get", "crd", "rayjobs.ray.io", "-o", "json", quiet=True).stdout)
-
-    def refused() -> bool:   # the API server takes the new schema a moment after the CRD changes
-        probe = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "probe", "namespace": ns},
-                 "spec": {"entrypoint": "true", "backoffLimit": 0}}
-        applied = plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(probe),
-                                check=False, quiet=True)
-        return "field not declared in schema" in applied.stderr
-
-    original = rayjob_crd()
-    plane.kubectl("replace", "-f", "-", input=json.dumps(_without_backoff_limit(rayjob_crd())), quiet=True)
-    try:
-        wait_for(refused, timeout=30, what="the API server to take the CRD without spec.backoffLimit")
+    probe = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "probe", "namespace": ns},
+             "spec": {"entrypoint": "true", "backoffLimit": 0}}
+    with crd_without(plane, "rayjobs.ray.io", "spec.backoffLimit", probe):
         cluster.create(finetune("older-kuberay"), ns)
-        stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "CRDOutdated" else None)(
-            cluster.get("FineTune", ns, "older-kuberay")), timeout=60, what="Stalled CRDOutdated")
+        stalled = stalled_as(cluster, "FineTune", ns, "older-kuberay", "CRDOutdated")
         message = condition(stalled, "Stalled")["message"]
         assert "ray.io/v1 RayJob" in message and ".spec.backoffLimit" in message and "KubeRay" in message, message
         assert phase(stalled) == "Pending" and condition(stalled, "Ready")["status"] == "False"
         assert cluster.ray_list("rayjobs", ns) == []
-    finally:
-        current = rayjob_crd()
-        original["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        plane.kubectl("replace", "-f", "-", input=json.dumps(original), quiet=True)
     # Any change to the resource tries again at once (else the back-off's next retry, within minutes).
     cluster.patch("FineTune", ns, "older-kuberay", {"metadata": {"annotations": {"retry": "now"}}})
     wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=60, what="the RayJob")
@@ -160,9 +166,7 @@ def test_a_quota_that_refuses_the_rayjob_stalls_then_passes_once_raised(plane, c
     quota(0)
     wait_for(counted, timeout=120, interval=5, what="the quota controller to count RayJobs")
     cluster.create(finetune("over-quota"), ns)
-    stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "QuotaExceeded" else None)(
-        cluster.get("FineTune", ns, "over-quota")), timeout=60, what="Stalled QuotaExceeded",
-        show=lambda: (cluster.get("FineTune", ns, "over-quota") or {}).get("status"))
+    stalled = stalled_as(cluster, "FineTune", ns, "over-quota", "QuotaExceeded")
     assert phase(stalled) == "Pending" and "exceeded quota: jobs" in condition(stalled, "Stalled")["message"]
     quota(1)
     wait_for(lambda: cluster.ray_list("rayjobs", ns), timeout=90, what="the RayJob, once the quota allows it")
@@ -199,33 +203,13 @@ def test_a_failing_webhook_is_said_in_the_status_and_passed_once_it_is_gone(plan
 def test_an_operator_newer_than_its_own_crd_says_which_field_then_recovers(plane, cluster, operator, ns):
     """The FineTune CRD without a status field the operator writes (a Helm upgrade leaves CRDs as they were): the
     FineTune says so, with the field and the fix, and goes on once the CRD has it again."""
-    def finetune_crd() -> dict:
-        return json.loads(plane.kubectl("get", "crd", "finetunes.llmops.dev", "-o", "json", quiet=True).stdout)
-
-    original = finetune_crd()
-    older = finetune_crd()
-    for version in older["spec"]["versions"]:
-        version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"].pop("rayJobName")
-    plane.kubectl("replace", "-f", "-", input=json.dumps(older), quiet=True)
-
-    def refused() -> bool:   # the API server takes the new schema a moment after the CRD changes
-        probe = {**finetune("probe"), "status": {"rayJobName": "x"}}
-        probe["metadata"]["namespace"] = ns
-        applied = plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(probe),
-                                check=False, quiet=True)
-        return "field not declared in schema" in applied.stderr
-
-    try:
-        wait_for(refused, timeout=30, what="the API server to take the CRD without status.rayJobName")
+    probe = {**finetune("probe"), "status": {"rayJobName": "x"}}
+    probe["metadata"]["namespace"] = ns
+    with crd_without(plane, "finetunes.llmops.dev", "status.rayJobName", probe):
         cluster.create(finetune("older-crd"), ns)
-        stalled = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "CRDOutdated" else None)(
-            cluster.get("FineTune", ns, "older-crd")), timeout=60, what="Stalled CRDOutdated")
+        stalled = stalled_as(cluster, "FineTune", ns, "older-crd", "CRDOutdated")
         message = condition(stalled, "Stalled")["message"]
         assert ".status.rayJobName" in message and "apply the CRDs of this operator's version" in message, message
-    finally:
-        current = finetune_crd()
-        original["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        plane.kubectl("replace", "-f", "-", input=json.dumps(original), quiet=True)
     cluster.patch("FineTune", ns, "older-crd", {"metadata": {"annotations": {"retry": "now"}}})
     done = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("rayJobName") else None)(
         cluster.get("FineTune", ns, "older-crd")), timeout=60, what="status.rayJobName")
@@ -240,9 +224,7 @@ def test_ray_pods_that_kubernetes_refuses_are_said_in_the_status(cluster, operat
     cluster.core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
     try:
         cluster.create(finetune("refused-pods"), ns)
-        refused = wait_for(lambda: (lambda o: o if condition(o, "Stalled").get("reason") == "PodsRefused" else None)(
-            cluster.get("FineTune", ns, "refused-pods")), timeout=150, what="Stalled PodsRefused",
-            show=lambda: (cluster.get("FineTune", ns, "refused-pods") or {}).get("status"))
+        refused = stalled_as(cluster, "FineTune", ns, "refused-pods", "PodsRefused", timeout=150)
         message = condition(refused, "Stalled")["message"]
         assert "KubeRay cannot create the pods of Ray cluster" in message and "PodSecurity" in message, message
         assert phase(refused) == "Pending"
