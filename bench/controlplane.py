@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         report["earlier_runs"] = [{k: earlier.get(k) for k in ("when", "machine", "versions", "command")},
                                   *earlier.get("earlier_runs", [])]
     for n in sizes:
-        report["results"].append(run_size(n, args))
+        # each size names its machine: --append may add sizes measured on another one
+        report["results"].append({**run_size(n, args), "machine": report["machine"]["summary"]})
         report["results"].sort(key=lambda r: r["n"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report.update(headlines(report["results"]))

@@ -207,7 +207,8 @@ def size_table(r: dict[str, Any]) -> list[str]:
         rows.append(("API requests/resource, whole life", f"{life:.2f}",
                      *(fmt((k["requests_lifecycle"] or {}).get("per_rayjob"), 2) for _, k in krs)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"N = {r['n']}" + (f" (skipped: {', '.join(r['skipped'])})" if r.get("skipped") else "")]
+    lines = [f"N = {r['n']}" + (f" (skipped: {', '.join(r['skipped'])})" if r.get("skipped") else "")
+             + (f" on {r['machine']}" if r.get("machine") else "")]
     lines += ["  " + "  ".join(c.ljust(wd) for c, wd in zip(row, widths)) for row in rows]
     w = b["writes"]
     lines += [
