@@ -130,6 +130,16 @@ class Settings(BaseModel):
     ray_service_account_annotations: dict[str, str] = Field(default_factory=dict)
     """Annotations on the ServiceAccounts the operator creates for Ray pods (`<name>-<ft|bi>-ray`), e.g.
     eks.amazonaws.com/role-arn for IRSA. A resource's spec.serviceAccountName uses an account of its own instead."""
+    ray_pod_security: Literal["baseline", "restricted"] = "baseline"
+    """The Pod Security Standard the Ray pods and the model download Job meet. `baseline` sets no more than
+    `ray_fs_group`; `restricted` also runs them as non-root (the image's USER must be numeric and not 0, as the
+    default images' 1000 is), with the runtime's default seccomp profile, no privilege escalation and no
+    capabilities: what a namespace labelled pod-security.kubernetes.io/enforce=restricted admits. docs/clusters.md."""
+    ray_fs_group: int | None = Field(default=100, ge=1)
+    """The group that owns the PersistentVolumeClaims a Ray pod writes (securityContext.fsGroup, changed only where
+    the claim's root does not match already), so that the images' non-root user (uid 1000, group 100) can write
+    a fresh claim: an adapter, checkpoints, a model cache. null leaves it to the platform (OpenShift's security
+    context constraints assign one)."""
     field_manager: str = "llmops"
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch; empty means all."""

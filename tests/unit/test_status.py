@@ -56,6 +56,8 @@ def rayjob(deployment="", job="", reason="", message="", **extra):
     (rayjob("Failed", "FAILED", "SomethingNew"), {}, [], False, ("Failed", "stalled", "JobFailed")),
     (rayjob("Initializing"), {}, [PodProblem("ImagePullBackOff", "not found", "h-1")], False,
      ("Pending", "stalled", "ImagePullFailed")),
+    (rayjob("Initializing"), {}, [PodProblem("CreateContainerConfigError", 'secret "hf" not found', "h-1")], False,
+     ("Pending", "stalled", "ContainerConfigError")),
 ])
 def test_job_verdicts(ray, report, problems, suspended, expected):
     verdict = job_verdict("FineTune", suspended, ray, report, problems, T0 + 60)
@@ -72,6 +74,14 @@ def test_messages_say_what_to_do():
     assert ".." not in stuck.message and "scheduling. A node pool" in stuck.message, stuck.message
     pull = job_verdict("FineTune", False, rayjob("Initializing"), {}, [PodProblem("ErrImagePull", "denied", "h")])
     assert "spec.image" in pull.message
+    # the kubelet's words (pkg/kubelet/kuberuntime/security_context_others.go) for a root image under runAsNonRoot
+    root = job_verdict("FineTune", False, rayjob("Initializing"), {}, [PodProblem(
+        "CreateContainerConfigError", "container has runAsNonRoot and image will run as root "
+        "(pod: \"h_ns(uid)\", container: ray-head)", "h")])
+    assert "ray_pod_security: baseline" in root.message and "USER is numeric" in root.message, root.message
+    secret = job_verdict("FineTune", False, rayjob("Initializing"), {},
+                         [PodProblem("CreateContainerConfigError", 'secret "hf" not found', "h")])
+    assert 'secret "hf" not found' in secret.message and "spec.secrets" in secret.message, secret.message
 
 
 def test_conditions_move_transition_time_only_on_flips():

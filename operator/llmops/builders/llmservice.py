@@ -57,7 +57,7 @@ def build(owner: Owner, spec: LLMServiceSpec, ctx: BuildContext, plan: AdapterPl
     resources = spec.resources.model_copy(update={"workers": spec.autoscaling.min_replicas * per_replica})
     cluster = ray_cluster_spec(owner, n, spec, resources, image(spec, ctx), ctx, pvc_claims(spec.model.source),
                                model_source=spec.model.source, autoscale_to=max_workers,
-                               read_only_claims=modelcache.read_only(cached))
+                               read_only_claims=modelcache.read_only(cached), writes_claims=False)
     # No job files or payloads for serving: drop the ConfigMap volumes the job kinds mount.
     for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
         pod = group["template"]["spec"]

@@ -27,7 +27,7 @@ from .common import (
     ray_account,
     result_channel,
 )
-from .raycluster import container, pod_env
+from .raycluster import container, pod_env, secured
 
 # The download pod streams files to disk: little CPU and memory, whatever the model's size.
 DOWNLOAD_REQUESTS = {"cpu": "1", "memory": "2Gi"}
@@ -100,9 +100,10 @@ def download_job(owner: Owner, model: CachedModel, spec: WorkloadControls, image
                   "spec": {"backoffLimit": 0,
                            # labelled like the Ray pods, so the status can say why the pod does not run
                            "template": {"metadata": {"labels": {**labels(owner), ROLE_LABEL: DOWNLOAD_ROLE}},
-                                        "spec": {"restartPolicy": "Never",
-                                                 "serviceAccountName": ray_account(names, spec),
-                                                 "containers": [pod], "volumes": vols}}}},
+                                        "spec": secured({"restartPolicy": "Never",
+                                                         "serviceAccountName": ray_account(names, spec),
+                                                         "containers": [pod], "volumes": vols},
+                                                        ctx.settings, writes_claims=True)}}},
                  owner, ctx.settings)
 
 

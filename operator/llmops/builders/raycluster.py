@@ -94,12 +94,45 @@ def container(name: str, image: str, env: list, env_from: list, mounts: list, re
     return c
 
 
+# What the `restricted` Pod Security Standard asks of each container; the pod's part is in pod_security.
+RESTRICTED_CONTAINER: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# KubeRay's default submitter pod's resources (its GetDefaultSubmitterContainer), kept when we template it.
+SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+
+
+def restricted(settings: Settings) -> bool:
+    return settings.ray_pod_security == "restricted"
+
+
+def pod_security(settings: Settings, writes_claims: bool) -> dict[str, Any]:
+    """A pod's securityContext: non-root under the runtime's seccomp profile where the settings ask for the
+    restricted standard; the claims' group (settings.ray_fs_group) where the pod writes a claim."""
+    context: dict[str, Any] = {}
+    if restricted(settings):
+        context.update(runAsNonRoot=True, seccompProfile={"type": "RuntimeDefault"})
+    if writes_claims and settings.ray_fs_group is not None:
+        context.update(fsGroup=settings.ray_fs_group, fsGroupChangePolicy="OnRootMismatch")
+    return context
+
+
+def secured(pod: dict[str, Any], settings: Settings, writes_claims: bool) -> dict[str, Any]:
+    """`pod` (a pod spec) with the securityContexts the settings ask for; by default only a written claim's group."""
+    if context := pod_security(settings, writes_claims):
+        pod["securityContext"] = context
+    if restricted(settings):
+        for c in pod["containers"]:
+            c["securityContext"] = copy.deepcopy(RESTRICTED_CONTAINER)
+    return pod
+
+
 def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resources: Resources, image: str,
                      ctx: BuildContext, claims: list[str], *, model_source: str,
                      autoscale_to: int | None = None, scratch: str | None = None,
-                     read_only_claims: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool."""
+                     read_only_claims: frozenset[str] = frozenset(), writes_claims: bool = True) -> dict[str, Any]:
+    """A CPU head (no GPU work there) and one GPU worker group on the accelerator's node pool. `writes_claims`:
+    the pods may write the claims they mount read-write (a job's output); serving only reads them."""
     settings = ctx.settings
+    writes = writes_claims and any(claim not in read_only_claims for claim in claims)
     profile = profile_for(resources, settings)
     env, env_from = pod_env(names, spec)
     vols, mounts = volumes(names, payloads_name(ctx.payloads), claims, scratch, read_only_claims)
@@ -130,6 +163,8 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
         "nodeSelector": {**profile.node_selector, **(resources.node_selector or {})},
         "tolerations": [*profile.tolerations, *(t.wire() for t in resources.tolerations or [])],
     }
+    secured(head_pod, settings, writes)
+    secured(worker_pod, settings, writes)
     replicas = resources.workers
     worker_group: dict[str, Any] = {
         "groupName": "gpu",
@@ -148,6 +183,8 @@ def ray_cluster_spec(owner: Owner, names: Names, spec: WorkloadControls, resourc
     }
     if autoscale_to is not None:
         cluster["enableInTreeAutoscaling"] = True
+        if restricted(settings):   # KubeRay adds the autoscaler container to the head pod
+            cluster["autoscalerOptions"] = {"securityContext": copy.deepcopy(RESTRICTED_CONTAINER)}
     return cluster
 
 
@@ -191,10 +228,20 @@ def ray_job(owner: Owner, names: Names, spec: JobControls, cluster: dict[str, An
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     if spec.priority_class_name:
         cluster = with_priority_class(cluster, spec.priority_class_name)
+    if restricted(settings):
+        job_spec["submitterPodTemplate"] = submitter_template(cluster, settings)
     job_spec["rayClusterSpec"] = cluster
     queue = {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
     return owned({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": names.ray}, "spec": job_spec},
                  owner, settings, queue)
+
+
+def submitter_template(cluster: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """KubeRay's default submitter pod (the head's image, KubeRay's resources; KubeRay adds the command) under the
+    restricted standard: KubeRay's own sets no securityContext, and a restricted namespace refuses it."""
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    submitter = {"name": "ray-job-submitter", "image": head["image"], "resources": copy.deepcopy(SUBMITTER_RESOURCES)}
+    return {"spec": secured({"restartPolicy": "Never", "containers": [submitter]}, settings, writes_claims=False)}
 
 
 def with_priority_class(cluster: dict[str, Any], name: str) -> dict[str, Any]:

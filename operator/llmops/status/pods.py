@@ -126,11 +126,33 @@ def pod_problems(pods: list[Mapping[str, Any]]) -> list[PodProblem]:
             problems.append(PodProblem(PREEMPTED, status.get("message") or "its node shut down", name))
         for cs in status.get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff"):
+            if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff",
+                                         CONTAINER_CONFIG):
                 problems.append(PodProblem(waiting["reason"], waiting.get("message", ""), name))
             if driver_error := _driver_error(cs):
                 problems.append(PodProblem(GPU_DRIVER_TOO_OLD, driver_error, name))
     return problems
+
+
+# ---- the kubelet cannot make the container: a Secret it names is missing, or it would run as root ---------------
+CONTAINER_CONFIG = "CreateContainerConfigError"
+CONTAINER_CONFIG_FAILED = "ContainerConfigError"
+
+
+def container_config_verdict(problems: list[PodProblem]) -> Verdict | None:
+    found = [p for p in problems if p.reason == CONTAINER_CONFIG]
+    if not found:
+        return None
+    p = found[0]
+    if "runAsNonRoot" in p.message:
+        fix = ("The operator setting ray_pod_security: restricted runs the Ray pods as non-root: use an image whose "
+               "USER is numeric and not 0 (spec.image, or the operator's image settings), or set ray_pod_security: "
+               "baseline where the namespace allows it (docs/clusters.md)")
+    else:
+        fix = ("Create what it names (a Secret spec.secrets names, or a key in it); the kubelet keeps "
+               "trying and the pod starts by itself")
+    return Verdict("Pending", "stalled", CONTAINER_CONFIG_FAILED,
+                   f"pod {p.pod} cannot start its container: {_sentence(p.message)}. {fix}")
 
 
 # ---- the GPU driver is older than the image's CUDA ------------------------------------------------------------
@@ -165,13 +187,16 @@ def pod_problem_verdict(problems: list[PodProblem], now: float | None, unschedul
         p = refused[0]
         return Verdict("Pending", "stalled", PODS_REFUSED,
                        f"KubeRay cannot create the pods of Ray cluster {p.pod}: {_sentence(p.message)}. Check the "
-                       "namespace's Pod Security level (the Ray pods need baseline) and its ResourceQuotas "
+                       "namespace's Pod Security level (the Ray pods meet baseline; the operator setting "
+                       "ray_pod_security: restricted makes them meet restricted) and its ResourceQuotas "
                        "(docs/clusters.md); KubeRay keeps trying")
     unschedulable = unschedulable_verdict(problems, now, unschedulable_hint)
     if unschedulable is not None:
         return unschedulable
     if driver := driver_verdict(problems):
         return driver
+    if config := container_config_verdict(problems):
+        return config
     pulling = [p for p in problems if p.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")]
     if pulling:
         p = pulling[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .jobs import RAY_JOB_FAILURES
-from .pods import GPU_DRIVER_TOO_OLD, PREEMPTED
+from .pods import CONTAINER_CONFIG_FAILED, GPU_DRIVER_TOO_OLD, PREEMPTED
 from .services import RAY_SERVICE_WAITING, SCALED_TO_ZERO, SCALING_UP_FROM_ZERO
 
 
@@ -32,6 +32,7 @@ WRITTEN: tuple[Written, ...] = (
     Written(EVERY_KIND, "Pending", "stalled", "Unschedulable"),
     Written(EVERY_KIND, "Pending", "stalled", "ImagePullFailed"),
     Written(EVERY_KIND, "Pending", "stalled", GPU_DRIVER_TOO_OLD),
+    Written(EVERY_KIND, "Pending", "stalled", CONTAINER_CONFIG_FAILED),   # a missing Secret, a root image
     Written(EVERY_KIND, "Pending", "stalled", "CRDOutdated"),   # a field the operator writes is not in a CRD
     Written(EVERY_KIND, "Pending", "stalled", "CRDMissing"),   # KubeRay's CRDs are not installed
     Written(EVERY_KIND, "Pending", "stalled", "QuotaExceeded"),   # a ResourceQuota refuses a child
