@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                               "results": []}
     if args.append and Path(args.out).exists():
         earlier = json.loads(Path(args.out).read_text())
-        report["results"] = [r for r in earlier["results"] if r["n"] not in sizes]
+        # sizes kept from the earlier file keep naming the machine that measured them
+        report["results"] = [{"machine": earlier["machine"]["summary"], **r} for r in earlier["results"]
+                             if r["n"] not in sizes]
         report["earlier_runs"] = [{k: earlier.get(k) for k in ("when", "machine", "versions", "command")},
                                   *earlier.get("earlier_runs", [])]
     for n in sizes:
