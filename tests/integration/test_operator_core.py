@@ -216,6 +216,30 @@ def test_an_operator_newer_than_its_own_crd_says_which_field_then_recovers(plane
     assert condition(done, "Stalled")["status"] == "False"
 
 
+def test_workers_a_gpu_quota_refuses_are_said_in_the_status_then_run_once_raised(plane, cluster, operator, ns):
+    """A quota of no GPUs: KubeRay creates the head (it asks for none) but not the workers, so the job is short of
+    pods rather than without any: Stalled, PodsRefused, quoting the quota; raised, the workers come and the job
+    runs, with no change to the FineTune."""
+    def quota(gpus: int) -> None:
+        body = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "gpus", "namespace": ns},
+                "spec": {"hard": {"requests.nvidia.com/gpu": str(gpus)}}}
+        plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(body), quiet=True)
+
+    quota(0)
+    wait_for(lambda: plane.kubectl("get", "resourcequota", "gpus", "-n", ns, "-o", "jsonpath={.status.hard}",
+                                   quiet=True).stdout, what="the quota counted")
+    cluster.create(finetune("no-gpus"), ns)
+    refused = stalled_as(cluster, "FineTune", ns, "no-gpus", "PodsRefused", timeout=150)
+    message = condition(refused, "Stalled")["message"]
+    assert "exceeded quota: gpus" in message, message
+    pods = cluster.core.list_namespaced_pod(ns, label_selector="ray.io/node-type").items
+    assert [p.metadata.labels["ray.io/node-type"] for p in pods] == ["head"], [p.metadata.name for p in pods]
+    quota(2)
+    wait_for(lambda: phase(cluster.get("FineTune", ns, "no-gpus")) == "Running", timeout=120,
+             what="the FineTune Running once the quota allows its workers")
+    assert condition(cluster.get("FineTune", ns, "no-gpus"), "Stalled")["status"] == "False"
+
+
 def test_ray_pods_that_kubernetes_refuses_are_said_in_the_status(cluster, operator):
     """A namespace whose Pod Security level is `restricted` refuses the Ray pods (they need `baseline`): KubeRay
     creates no pod and keeps trying, so nothing the operator watches changes. Once the pods are late it reads

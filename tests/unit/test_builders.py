@@ -414,3 +414,16 @@ def _render_with(settings, *docs):
     objects, errors = render_manifests(list(docs), BuildContext(settings=settings, payloads=load_payloads()))
     assert not errors, errors
     return objects
+
+
+def test_a_jobs_cluster_is_whole_with_its_head_and_spec_workers():
+    """decide counts a job's pods against 1 + spec.resources.workers (the cached RayJob has no spec): the builder
+    must give the cluster exactly that many."""
+    docs = (example("viggo/finetune.yaml"), example("viggo/batchinference.yaml"), finetune("two"))
+    wanted = {d["metadata"]["name"]: 1 + d["spec"]["resources"]["workers"] for d in docs}
+    jobs = [o for o in _render(*docs) if o["kind"] == "RayJob"]
+    assert len(jobs) == len(docs)
+    for job in jobs:
+        cluster = job["spec"]["rayClusterSpec"]
+        owner = job["metadata"]["ownerReferences"][0]["name"]
+        assert 1 + sum(g["replicas"] for g in cluster["workerGroupSpecs"]) == wanted[owner], owner

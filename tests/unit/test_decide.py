@@ -231,10 +231,12 @@ def test_a_retried_attempt_keeps_running_and_counts_its_retries():
 
 
 # ---- a Ray cluster short of pods ----------------------------------------------------------------------------
-def initializing(workers: int = 2) -> dict[str, Any]:
-    job = ray_job("Initializing", "")
-    job["spec"] = {"rayClusterSpec": {"workerGroupSpecs": [{"groupName": "gpu", "replicas": workers}]}}
-    return job
+def initializing() -> dict[str, Any]:
+    """The RayJob as the cache holds it: its status, no spec (ray_entries keeps none)."""
+    return ray_job("Initializing", "")
+
+
+WHOLE = 1 + example("finetune")["spec"]["resources"]["workers"]   # the head and spec.resources.workers
 
 
 def test_a_cluster_short_of_pods_is_looked_at_once_its_pods_are_late_and_not_before():
@@ -242,10 +244,11 @@ def test_a_cluster_short_of_pods_is_looked_at_once_its_pods_are_late_and_not_bef
     early = finetune.decide(finetune_obs(status=started, ray=initializing(), ray_pods=1, applied_for="x"), CTX)
     assert early.verdict.reason == "RayClusterStarting" and early.check_cluster is None
     assert early.requeue_after == pytest.approx(PODS_LATE_SECONDS - 10 + 1)   # no event may come: a timer
-    late = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=1,
-                                        applied_for="x"), CTX)
-    assert late.check_cluster == "viggo-ft-abc" and late.requeue_after == PODS_LATE_SECONDS
-    whole = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=3,
+    for short in (0, 1, WHOLE - 1):   # no pod, the head alone (a GPU quota refusing the workers), one worker short
+        late = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(),
+                                            ray_pods=short, applied_for="x"), CTX)
+        assert late.check_cluster == "viggo-ft-abc" and late.requeue_after == PODS_LATE_SECONDS, short
+    whole = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=WHOLE,
                                          applied_for="x"), CTX)
     assert whole.check_cluster is None and whole.requeue_after is None, "every pod there: nothing to ask"
 
@@ -258,6 +261,6 @@ def test_pods_kubernetes_refuses_stall_the_job_until_they_are_there():
     assert (refused.verdict.phase, refused.verdict.state, refused.verdict.reason) == ("Pending", "stalled",
                                                                                        PODS_REFUSED)
     assert "violates PodSecurity" in refused.verdict.message and refused.check_cluster == "viggo-ft-abc"
-    created = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=3,
+    created = finetune.decide(finetune_obs(status={"startTime": rfc3339(NOW - 90)}, ray=initializing(), ray_pods=WHOLE,
                                            problems=(why,), applied_for="x"), CTX)
     assert created.verdict.reason == "RayClusterStarting", "a refusal read before the pods came is old news"

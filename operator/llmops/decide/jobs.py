@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 
 from ..api.common import JobStatus, RetryBudget, StatusBase
 from ..builders.common import BuildContext, Owner, UnknownAccelerator, built_from
-from ..status import (PODS_REFUSED, PodProblem, Retries, Verdict, job_verdict, pods_wanted, queued_verdict, rfc3339,
+from ..status import (PODS_REFUSED, PodProblem, Retries, Verdict, job_verdict, queued_verdict, rfc3339,
                       used_retries)
 from ..status.conditions import _seconds_since
 from .common import Observation, Outcome
@@ -70,7 +70,10 @@ def decide_job(obs: JobObservation, ctx: BuildContext, kind: str, ray_name: str,
     retries = Retries(limit=spec.backoff_limit, used=used_retries(ray),
                       resumes=getattr(getattr(spec, "training", None), "resume", "never") == "auto")
     previous = status.retries.used if status.retries else None
-    short = bool(current) and obs.ray_pods < pods_wanted(ray)   # what KubeRay could not create says nothing else
+    # A job's cluster is whole with its head and spec.resources.workers workers (the builder's one worker group;
+    # the cached Ray object carries no spec to count them from). Short of that, what KubeRay could not create
+    # says nothing else.
+    short = bool(current) and obs.ray_pods < 1 + spec.resources.workers
     problems = [p for p in obs.problems if p.reason != PODS_REFUSED or short]
     verdict = job_verdict(kind, spec.suspend, ray, report, problems, obs.now,
                           started=bool(status.start_time), ray_name=ray_name, retries=retries,

@@ -37,7 +37,6 @@ from .pods import (
     driver_verdict,
     pod_problem_verdict,
     pod_problems,
-    pods_wanted,
     preemption_verdict,
     unschedulable_verdict,
 )
@@ -105,7 +104,6 @@ __all__ = [
     "job_verdict",
     "pod_problem_verdict",
     "pod_problems",
-    "pods_wanted",
     "preemption_verdict",
     "queued_verdict",
     "ray_job_deleted",

@@ -214,9 +214,3 @@ def driver_verdict(problems: list[PodProblem]) -> Verdict | None:
                    f"pod {p.pod} cannot use its GPU: {p.message.strip()[-500:]}. The image's CUDA 13 needs NVIDIA "
                    f"driver {DRIVER_FLOOR} or newer on the GPU nodes: upgrade the node pool's driver "
                    "(docs/clusters.md) or use an image built for the CUDA the installed driver supports")
-
-
-def pods_wanted(ray: Mapping[str, Any] | None) -> int:
-    """How many pods the RayJob's cluster has when it is whole: the head and every worker group's replicas."""
-    spec = ((ray or {}).get("spec") or {}).get("rayClusterSpec") or {}
-    return 1 + sum(int(group.get("replicas") or 0) for group in spec.get("workerGroupSpecs") or [])
