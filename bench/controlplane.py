@@ -85,7 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                         "(at N=5000, following 5000 jobs at its concurrency of 1 takes hours)")
     p.add_argument("--append", action="store_true",
                    help="add these sizes to the results already in --out (same N replaced)")
+    p.add_argument("--merge", default="",
+                   help="run nothing: add the sizes of this result file (a run on another machine, e.g. by "
+                        "bench/controlplane_device.sh) to --out, as --append would have")
     args = p.parse_args(argv)
+    if args.merge:
+        run = json.loads(Path(args.merge).read_text())
+        report = with_earlier({k: v for k, v in run.items() if k not in ("earlier_runs", "verdicts")},
+                              json.loads(Path(args.out).read_text()), {r["n"] for r in run["results"]})
+        report.update(headlines(report["results"]))
+        report["verdicts"] = verdicts(report["results"])
+        Path(args.out).write_text(compact(report))
+        print(table(report))
+        return 0
     # an interrupt stops the planes (the `finally`s), also in a run started in the background, which ignores it
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sizes = args.n or [100, 1000]
@@ -105,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "deleted",
                               "results": []}
     if args.append and Path(args.out).exists():
-        earlier = json.loads(Path(args.out).read_text())
-        # sizes kept from the earlier file keep naming the machine that measured them
-        report["results"] = [{"machine": earlier["machine"]["summary"], **r} for r in earlier["results"]
-                             if r["n"] not in sizes]
-        report["earlier_runs"] = [{k: earlier.get(k) for k in ("when", "machine", "versions", "command")},
-                                  *earlier.get("earlier_runs", [])]
+        report = with_earlier(report, json.loads(Path(args.out).read_text()), set(sizes))
     for n in sizes:
         # each size names its machine: --append may add sizes measured on another one
         report["results"].append({**run_size(n, args), "machine": report["machine"]["summary"]})
@@ -122,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     log(f"wrote {args.out}")
     return 0
+
+
+def with_earlier(report: dict[str, Any], earlier: dict[str, Any], sizes: set[int]) -> dict[str, Any]:
+    """`report` with the sizes of an earlier result that it does not measure again, and that run's header."""
+    # sizes kept from the earlier file keep naming the machine that measured them
+    kept = [{"machine": earlier["machine"]["summary"], **r} for r in earlier["results"] if r["n"] not in sizes]
+    results = sorted([*kept, *report["results"]], key=lambda r: r["n"])
+    return {**report, "results": results,
+            "earlier_runs": [{k: earlier.get(k) for k in ("when", "machine", "versions", "command")},
+                             *earlier.get("earlier_runs", [])]}
 
 
 if __name__ == "__main__":

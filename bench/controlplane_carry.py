@@ -36,10 +36,11 @@ from llmops.dev.processes import cache_dir  # noqa: E402
 
 # Distributions the operator, the bench and its harness import that the device's image lacks, at the versions of
 # this checkout's .venv (read from it, so the two sides run the same code).
-NEEDED = ("kopf", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "python-json-logger",
-          "iso8601", "kubernetes", "durationpy", "google-auth", "cachetools", "pyasn1", "pyasn1-modules", "rsa",
-          "websocket-client", "requests-oauthlib", "oauthlib")
-SHARE = ("kuberay-crds", "kwok-stages")
+NEEDED = ("kopf", "jsonpatch", "jsonpointer", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+          "python-json-logger", "iso8601", "kubernetes", "durationpy", "google-auth", "cachetools", "pyasn1",
+          "pyasn1-modules", "rsa", "websocket-client", "requests-oauthlib", "oauthlib")
+# every CRD folder the plane installs at start, and kwok's stages
+SHARE = ("kuberay-crds", "gateway-api-crds", "envoy-gateway-crds", "kueue-crds", "kwok-stages")
 
 
 def venv_versions() -> dict[str, str]:
@@ -61,6 +62,9 @@ def gather(root: Path) -> None:
                 sys.exit(f"{file} is missing: build the plane first (python3 tools/controlplane/build.py)")
             shutil.copy2(file, root / "cache" / "bin" / file.name)
     for name in SHARE:
+        if not (cache_dir() / "share" / name).is_dir():
+            sys.exit(f"{cache_dir() / 'share' / name} is missing: build the plane first "
+                     "(python3 tools/controlplane/build.py)")
         shutil.copytree(cache_dir() / "share" / name, root / "cache" / "share" / name)
     versions = venv_versions()
     pins = [f"{name}=={versions[normalize(name)]}" for name in NEEDED
