@@ -4,9 +4,11 @@ Kueue's reason until one finishes, then runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from integration.harness import phase, wait_for
+from integration.harness import OperatorProcess, phase, wait_for
 from llmops.builders.common import QUEUE_LABEL
 from llmops.dev.simulator import Simulator
 from manifests import finetune
@@ -25,7 +27,6 @@ def kueue(plane):
 
 
 def _apply(plane, *objects: dict) -> None:
-    import json
     plane.kubectl("apply", "--server-side", "-f", "-", quiet=True,
                   input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
 
@@ -97,3 +98,28 @@ def test_queue_admits_two_and_the_third_when_one_finishes(cluster, operator, kue
         assert phase(cluster.get("FineTune", ns, running[1])) == "Running"
     finally:
         kueue.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False, quiet=True)
+
+
+def test_a_queued_job_under_restricted_pod_security_is_admitted_and_runs(plane, cluster, kueue, tmp_path, alone):
+    """`ray_pod_security: restricted` gives the RayJob a submitter pod template: Kueue takes it as the job's
+    submitter pod set, admits the job, and the restricted namespace admits every pod (docs/clusters.md)."""
+    ns = cluster.namespace("queued-restricted")
+    cluster.core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    cluster_queue = _queue(kueue, ns)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("ray_pod_security: restricted\n")
+    operator = OperatorProcess(plane, tmp_path / "operator.log", args=("-n", ns),
+                               env_extra={"LLMOPS_SETTINGS_FILE": str(settings)}).start()
+    try:
+        cluster.create(_queued_finetune("q"), ns)
+        wait_for(lambda: phase(cluster.get("FineTune", ns, "q")) == "Running", timeout=150,
+                 what="the queued FineTune admitted by Kueue and Running")
+        workload = json.loads(kueue.kubectl("get", "workloads", "-n", ns, "-o", "json", quiet=True).stdout)["items"][0]
+        assert "submitter" in [s["name"] for s in workload["spec"]["podSets"]], workload["spec"]["podSets"]
+        submitter = wait_for(lambda: cluster.core.list_namespaced_pod(ns, label_selector="job-name=q-ft").items,
+                             timeout=60, what="KubeRay's submitter pod, admitted")
+        assert submitter[0].spec.security_context.run_as_non_root is True
+    finally:
+        operator.stop()
+        kueue.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False, quiet=True)
+        cluster.core.delete_namespace(ns)
