@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -169,6 +170,23 @@ def stalled_as(cluster: "Cluster", kind: str, namespace: str, name: str, reason:
         return obj if condition(obj, "Stalled").get("reason") == reason else None
     return wait_for(read, timeout=timeout, what=f"{kind} {name} Stalled {reason}",
                     show=lambda: (cluster.get(kind, namespace, name) or {}).get("status"))
+
+
+@contextlib.contextmanager
+def restricted_operator(plane: LocalPlane, cluster: "Cluster", folder: Path, prefix: str) -> Iterator[str]:
+    """A namespace that enforces the `restricted` Pod Security level, and an operator for it alone whose settings
+    ask for restricted Ray pods (ray_pod_security); yields the namespace, and removes both afterwards."""
+    ns = cluster.namespace(prefix)
+    cluster.core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    settings = folder / "settings.yaml"
+    settings.write_text("ray_pod_security: restricted\n")
+    operator = OperatorProcess(plane, folder / "operator.log", args=("-n", ns),
+                               env_extra={"LLMOPS_SETTINGS_FILE": str(settings)}).start()
+    try:
+        yield ns
+    finally:
+        operator.stop()
+        cluster.core.delete_namespace(ns)
 
 
 class ClientWait:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from integration.harness import OperatorProcess, phase, wait_for
+from integration.harness import phase, restricted_operator, wait_for
 from llmops.builders.common import QUEUE_LABEL
 from llmops.dev.simulator import Simulator
 from manifests import finetune
@@ -103,23 +103,17 @@ def test_queue_admits_two_and_the_third_when_one_finishes(cluster, operator, kue
 def test_a_queued_job_under_restricted_pod_security_is_admitted_and_runs(plane, cluster, kueue, tmp_path, alone):
     """`ray_pod_security: restricted` gives the RayJob a submitter pod template: Kueue takes it as the job's
     submitter pod set, admits the job, and the restricted namespace admits every pod (docs/clusters.md)."""
-    ns = cluster.namespace("queued-restricted")
-    cluster.core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    cluster_queue = _queue(kueue, ns)
-    settings = tmp_path / "settings.yaml"
-    settings.write_text("ray_pod_security: restricted\n")
-    operator = OperatorProcess(plane, tmp_path / "operator.log", args=("-n", ns),
-                               env_extra={"LLMOPS_SETTINGS_FILE": str(settings)}).start()
-    try:
-        cluster.create(_queued_finetune("q"), ns)
-        wait_for(lambda: phase(cluster.get("FineTune", ns, "q")) == "Running", timeout=150,
-                 what="the queued FineTune admitted by Kueue and Running")
-        workload = json.loads(kueue.kubectl("get", "workloads", "-n", ns, "-o", "json", quiet=True).stdout)["items"][0]
-        assert "submitter" in [s["name"] for s in workload["spec"]["podSets"]], workload["spec"]["podSets"]
-        submitter = wait_for(lambda: cluster.core.list_namespaced_pod(ns, label_selector="job-name=q-ft").items,
-                             timeout=60, what="KubeRay's submitter pod, admitted")
-        assert submitter[0].spec.security_context.run_as_non_root is True
-    finally:
-        operator.stop()
-        kueue.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False, quiet=True)
-        cluster.core.delete_namespace(ns)
+    with restricted_operator(plane, cluster, tmp_path, "queued-restricted") as ns:
+        cluster_queue = _queue(kueue, ns)
+        try:
+            cluster.create(_queued_finetune("q"), ns)
+            wait_for(lambda: phase(cluster.get("FineTune", ns, "q")) == "Running", timeout=150,
+                     what="the queued FineTune admitted by Kueue and Running")
+            workloads = kueue.kubectl("get", "workloads", "-n", ns, "-o", "json", quiet=True).stdout
+            pod_sets = json.loads(workloads)["items"][0]["spec"]["podSets"]
+            assert "submitter" in [s["name"] for s in pod_sets], pod_sets
+            submitter = wait_for(lambda: cluster.core.list_namespaced_pod(ns, label_selector="job-name=q-ft").items,
+                                 timeout=60, what="KubeRay's submitter pod, admitted")
+            assert submitter[0].spec.security_context.run_as_non_root is True
+        finally:
+            kueue.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False, quiet=True)

@@ -5,7 +5,7 @@ default setting the same namespace refuses them (test_operator_core: PodsRefused
 
 from __future__ import annotations
 
-from integration.harness import OperatorProcess, phase, wait_for
+from integration.harness import phase, restricted_operator, wait_for
 from manifests import finetune, llmservice
 
 
@@ -14,13 +14,7 @@ def _pods(cluster, ns: str, selector: str) -> list:
 
 
 def test_restricted_pods_pass_the_restricted_admission(plane, cluster, tmp_path, alone):
-    ns = cluster.namespace("restricted")
-    cluster.core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    settings = tmp_path / "settings.yaml"
-    settings.write_text("ray_pod_security: restricted\n")
-    operator = OperatorProcess(plane, tmp_path / "operator.log", args=("-n", ns),
-                               env_extra={"LLMOPS_SETTINGS_FILE": str(settings)}).start()
-    try:
+    with restricted_operator(plane, cluster, tmp_path, "restricted") as ns:
         cluster.create(finetune("ft"), ns)
         cluster.create(llmservice("svc"), ns)
         job = wait_for(lambda: cluster.get("FineTune", ns, "ft") if phase(cluster.get("FineTune", ns, "ft"))
@@ -41,6 +35,3 @@ def test_restricted_pods_pass_the_restricted_admission(plane, cluster, tmp_path,
             for c in [*pod.spec.containers, *(pod.spec.init_containers or [])]:
                 assert c.security_context.allow_privilege_escalation is False, (pod.metadata.name, c.name)
                 assert c.security_context.capabilities.drop == ["ALL"], (pod.metadata.name, c.name)
-    finally:
-        operator.stop()
-        cluster.core.delete_namespace(ns)
