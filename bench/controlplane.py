@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         run = json.loads(Path(args.merge).read_text())
         report = with_earlier({k: v for k, v in run.items() if k not in ("earlier_runs", "verdicts")},
                               json.loads(Path(args.out).read_text()), {r["n"] for r in run["results"]})
-        report.update(headlines(report["results"]))
-        report["verdicts"] = verdicts(report["results"])
-        Path(args.out).write_text(compact(report))
+        save(report, Path(args.out))
         print(table(report))
         return 0
     # an interrupt stops the planes (the `finally`s), also in a run started in the background, which ignores it
@@ -122,13 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         # each size names its machine: --append may add sizes measured on another one
         report["results"].append({**run_size(n, args), "machine": report["machine"]["summary"]})
         report["results"].sort(key=lambda r: r["n"])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        report.update(headlines(report["results"]))
-        report["verdicts"] = verdicts(report["results"])
-        Path(args.out).write_text(compact(report))
+        save(report, Path(args.out))
     print(table(report))
     log(f"wrote {args.out}")
     return 0
+
+
+def save(report: dict[str, Any], out: Path) -> None:
+    """The headline figures and verdicts computed again over every size, then the file written."""
+    report.update(headlines(report["results"]))
+    report["verdicts"] = verdicts(report["results"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(compact(report))
 
 
 def with_earlier(report: dict[str, Any], earlier: dict[str, Any], sizes: set[int]) -> dict[str, Any]:
