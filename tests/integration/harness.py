@@ -162,14 +162,15 @@ def phase(obj: dict[str, Any] | None) -> str | None:
     return ((obj or {}).get("status") or {}).get("phase")
 
 
-def stalled_as(cluster: "Cluster", kind: str, namespace: str, name: str, reason: str, timeout: float = 60
-               ) -> dict[str, Any]:
-    """The resource once it is Stalled with `reason` (failing with its status if it never is)."""
+def stalled_as(cluster: "Cluster", kind: str, namespace: str, name: str, reason: str, timeout: float = 60,
+               show: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """The resource once it is Stalled with `reason` (failing with its status, or what `show` gives, if it never
+    is)."""
     def read() -> dict[str, Any] | None:
         obj = cluster.get(kind, namespace, name)
         return obj if condition(obj, "Stalled").get("reason") == reason else None
     return wait_for(read, timeout=timeout, what=f"{kind} {name} Stalled {reason}",
-                    show=lambda: (cluster.get(kind, namespace, name) or {}).get("status"))
+                    show=show or (lambda: (cluster.get(kind, namespace, name) or {}).get("status")))
 
 
 @contextlib.contextmanager

@@ -300,7 +300,7 @@ def test_a_cluster_without_kuberay_stalls_naming_it_until_it_is_installed(tmp_pa
         operator = OperatorProcess(plane, tmp_path / "operator.log").start()
         ns = cluster.namespace()
         cluster.create(finetune("no-kuberay"), ns)
-        stalled = stalled_as(cluster, "FineTune", ns, "no-kuberay", "CRDMissing")
+        stalled = stalled_as(cluster, "FineTune", ns, "no-kuberay", "CRDMissing", show=operator.log)
         assert "does not serve ray.io/v1 RayJob: install KubeRay" in condition(stalled, "Stalled")["message"]
         assert "does not serve it (is its CRD installed?" in operator.log()
         plane.install_kuberay_crds()
